@@ -1,0 +1,112 @@
+"""CiliumMesh: installs Cilium and applies the app, Ingress, traffic and network policy in order.
+
+Deploy order (destroy runs it backwards):
+
+    namespace ─────────────────────────────┐
+    nodes + LB controller ─> Cilium chart ─┼─> network policy, Ingress, CiliumEnvoyConfig ─> app workloads
+                                           └─> ingress hostname (output)
+
+Cilium waits for its agents and operator (chart ``wait``), so its CRDs exist
+before the CiliumEnvoyConfig and CiliumNetworkPolicies are applied, and every
+app pod starts under Cilium. On destroy the app goes first, then policies,
+Ingress and CiliumEnvoyConfig, then Cilium with its ``cilium-ingress``
+Service, while the load balancer controller still runs to delete the NLB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_cdk import Duration, Fn
+from aws_cdk import aws_eks_v2 as eks
+from constructs import Construct, IConstruct
+
+from .manifests import (
+    INGRESS_FILE,
+    NAMESPACE_FILE,
+    NETWORK_POLICY_FILE,
+    WORKLOAD_FILES,
+    load_documents,
+)
+from .traffic import TrafficPolicy
+from .values import cilium_values
+from .versions import CILIUM_HELM_REPOSITORY
+
+CHART_TIMEOUT = Duration.minutes(15)
+
+
+@dataclass(frozen=True)
+class CiliumMeshProps:
+    """What CiliumMesh needs.
+
+    cluster:                  cluster with a kubectl provider.
+    nodes:                    the node group; Cilium's chart waits for pods, so it needs nodes.
+    load_balancer_controller: must outlive the ``cilium-ingress`` Service on destroy.
+    cilium_version:           Cilium chart version, one of versions.CILIUM_RELEASES.
+    traffic_policy:           L7 policy for catalogdetail.
+    kube_proxy_replacement:   Cilium replaces kube-proxy (default True: kube-proxy is not installed).
+    network_policy:           apply manifests/policy/ (default True: default-deny plus the app's call graph).
+    """
+
+    cluster: eks.Cluster
+    nodes: IConstruct
+    load_balancer_controller: IConstruct
+    cilium_version: str
+    traffic_policy: TrafficPolicy
+    kube_proxy_replacement: bool = True
+    network_policy: bool = True
+
+
+class CiliumMesh(Construct):
+    """Cilium (Helm) and the Product Catalog app with its Ingress and policies (kubectl)."""
+
+    def __init__(self, scope: Construct, id: str, props: CiliumMeshProps) -> None:
+        super().__init__(scope, id)
+        cluster = props.cluster
+        api_server_host = Fn.select(1, Fn.split("//", cluster.cluster_endpoint))
+
+        self.namespace = eks.KubernetesManifest(
+            self, "Namespace", cluster=cluster, manifest=load_documents(NAMESPACE_FILE)
+        )
+
+        self.cilium = eks.HelmChart(
+            self,
+            "Cilium",
+            cluster=cluster,
+            chart="cilium",
+            release="cilium",
+            repository=CILIUM_HELM_REPOSITORY,
+            version=props.cilium_version,
+            namespace="kube-system",
+            values=cilium_values(props.kube_proxy_replacement, api_server_host),
+            wait=True,
+            timeout=CHART_TIMEOUT,
+        )
+        self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
+
+        routing = [
+            ("Ingress", load_documents(INGRESS_FILE)),
+            ("TrafficPolicy", [props.traffic_policy.cilium_envoy_config()]),
+        ]
+        if props.network_policy:
+            routing.append(("NetworkPolicy", load_documents(NETWORK_POLICY_FILE)))
+        self.routing = [
+            eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents) for name, documents in routing
+        ]
+        for manifest in self.routing:
+            manifest.node.add_dependency(self.cilium, self.namespace)
+
+        self.app = eks.KubernetesManifest(self, "App", cluster=cluster, manifest=load_documents(*WORKLOAD_FILES))
+        self.app.node.add_dependency(*self.routing)
+
+        self.ingress_hostname = eks.KubernetesObjectValue(
+            self,
+            "IngressHostname",
+            cluster=cluster,
+            object_type="service",
+            object_name="cilium-ingress",
+            object_namespace="kube-system",
+            json_path=".status.loadBalancer.ingress[0].hostname",
+            timeout=CHART_TIMEOUT,
+        )
+        self.ingress_hostname.node.add_dependency(self.cilium)

@@ -1,0 +1,412 @@
+"""L7 traffic policy for one Kubernetes Service, rendered as a CiliumEnvoyConfig.
+
+A policy splits requests across version Services by integer weight, pins
+requests that carry a header to one version, retries, times out, and ejects
+failing hosts. With ``failover`` on (the default), each weighted destination is
+an Envoy aggregate cluster: its own version first, the other versions behind
+it. A version that is down, answering errors, or scaled to zero then hands its
+share to the others instead of failing it, while the split is unchanged as
+long as every version is healthy.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_HTTP_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
+_RETRY_CONDITIONS = frozenset(
+    {
+        "5xx",
+        "gateway-error",
+        "reset",
+        "reset-before-request",
+        "connect-failure",
+        "envoy-ratelimited",
+        "retriable-4xx",
+        "refused-stream",
+        "retriable-status-codes",
+        "retriable-headers",
+        "http3-post-connect-failure",
+    }
+)
+
+LISTENER_NAME = "listener"
+ROUTE_NAME = "route"
+
+
+class TrafficPolicyError(ValueError):
+    """A traffic policy that Envoy or Cilium would reject, or that cannot work."""
+
+
+def _type(name: str) -> str:
+    return f"type.googleapis.com/{name}"
+
+
+def _seconds(milliseconds: int) -> str:
+    return f"{milliseconds / 1000:g}s"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of one request. A retry goes to another host and, with failover, another version."""
+
+    retry_on: tuple[str, ...] = ("5xx", "reset", "connect-failure", "refused-stream")
+    num_retries: int = 2
+    per_try_timeout_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Passive health: hosts that keep failing are ejected for a while."""
+
+    consecutive_5xx: int = 5
+    consecutive_local_origin_failure: int = 2
+    interval_ms: int = 5000
+    base_ejection_time_ms: int = 30000
+    max_ejection_percent: int = 100
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """Traffic policy for ``service`` across its version Services ``<service><version>``.
+
+    weights:            version -> integer weight, e.g. {"v1": 90, "v2": 10}.
+    pin_header:         a request with ``<pin_header>: <version>`` goes to that version
+                        only (no split, no failover); None turns header routes off.
+    failover:           weighted destinations fall back to the other versions.
+    request_timeout_ms: the whole request, retries included.
+    """
+
+    weights: Mapping[str, int]
+    service: str = "catalogdetail"
+    namespace: str = "workshop"
+    port: int = 3000
+    pin_header: str | None = "x-catalog-version"
+    failover: bool = True
+    request_timeout_ms: int = 5000
+    connect_timeout_ms: int = 2000
+    retries: RetryPolicy = field(default_factory=RetryPolicy)
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    split_local_origin_errors: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
+        self._validate()
+
+    @classmethod
+    def walkthrough(cls) -> TrafficPolicy:
+        """The walkthrough's hand-written 50/50 policy, kept to compare against."""
+        return cls(
+            weights={"v1": 50, "v2": 50},
+            pin_header=None,
+            failover=False,
+            request_timeout_ms=15000,
+            retries=RetryPolicy(retry_on=("5xx",), num_retries=3, per_try_timeout_ms=1000),
+            outlier_detection=OutlierDetection(
+                consecutive_5xx=5,
+                consecutive_local_origin_failure=2,
+                interval_ms=10000,
+                base_ejection_time_ms=30000,
+                max_ejection_percent=10,
+            ),
+        )
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}-traffic"
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        return tuple(self.weights)
+
+    def version_service(self, version: str) -> str:
+        return f"{self.service}{version}"
+
+    def eds_cluster(self, version: str) -> str:
+        """The cluster Cilium fills with the endpoints of a backend Service (``namespace/name``)."""
+        return f"{self.namespace}/{self.version_service(version)}"
+
+    def failover_cluster(self, version: str) -> str:
+        return f"{self.service}-{version}-failover"
+
+    def _validate(self) -> None:
+        for label, value in (("service", self.service), ("namespace", self.namespace)):
+            if not isinstance(value, str) or not _DNS_LABEL.match(value) or len(value) > 63:
+                raise TrafficPolicyError(f"{label} {value!r} is not a DNS-1123 label (a-z, 0-9, '-', at most 63)")
+        if not self.weights:
+            raise TrafficPolicyError("weights must name at least one version")
+        for version, weight in self.weights.items():
+            service = self.version_service(version) if isinstance(version, str) else None
+            if service is None or not _DNS_LABEL.match(version) or len(service) > 63:
+                raise TrafficPolicyError(
+                    f"version {version!r} must make a DNS-1123 Service name '{self.service}<version>' (a-z, 0-9, '-')"
+                )
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+                raise TrafficPolicyError(f"weight of {version} must be a non-negative integer (got {weight!r})")
+        if sum(self.weights.values()) <= 0:
+            raise TrafficPolicyError("weights must have a positive sum (got all zero)")
+        if self.pin_header is not None and not _HTTP_HEADER.match(self.pin_header):
+            raise TrafficPolicyError(f"pin_header {self.pin_header!r} must be a lower-case HTTP header name")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise TrafficPolicyError(f"port must be 1-65535 (got {self.port!r})")
+        positive = {
+            "request_timeout_ms": self.request_timeout_ms,
+            "connect_timeout_ms": self.connect_timeout_ms,
+            "retries.num_retries": self.retries.num_retries,
+            "retries.per_try_timeout_ms": self.retries.per_try_timeout_ms,
+            "outlier_detection.consecutive_5xx": self.outlier_detection.consecutive_5xx,
+            "outlier_detection.consecutive_local_origin_failure": self.outlier_detection.consecutive_local_origin_failure,
+            "outlier_detection.interval_ms": self.outlier_detection.interval_ms,
+            "outlier_detection.base_ejection_time_ms": self.outlier_detection.base_ejection_time_ms,
+        }
+        for label, value in positive.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise TrafficPolicyError(f"{label} must be a positive integer (got {value!r})")
+        if not 1 <= self.outlier_detection.max_ejection_percent <= 100:
+            raise TrafficPolicyError("outlier_detection.max_ejection_percent must be 1-100")
+        unknown = sorted(set(self.retries.retry_on) - _RETRY_CONDITIONS)
+        if unknown or not self.retries.retry_on:
+            raise TrafficPolicyError(
+                f"retries.retry_on {unknown or '[]'} not allowed; use some of {sorted(_RETRY_CONDITIONS)}"
+            )
+
+    def check_services(self, services: set[str]) -> None:
+        """Every version must have its Service (``<service><version>``) among ``services``."""
+        missing = [v for v in self.versions if self.version_service(v) not in services]
+        if missing:
+            raise TrafficPolicyError(
+                f"no Service {', '.join(self.version_service(v) for v in missing)} in namespace "
+                f"{self.namespace} for version {', '.join(missing)}; versions with a Service: "
+                f"{', '.join(sorted(s[len(self.service):] for s in services if s.startswith(self.service) and s != self.service)) or 'none'}"
+            )
+
+    def _retry_policy(self) -> dict:
+        policy: dict = {
+            "retry_on": ",".join(self.retries.retry_on),
+            "num_retries": self.retries.num_retries,
+            "per_try_timeout": _seconds(self.retries.per_try_timeout_ms),
+        }
+        if self.failover:
+            policy.update(
+                {
+                    "retry_host_predicate": [
+                        {
+                            "name": "envoy.retry_host_predicates.previous_hosts",
+                            "typed_config": {
+                                "@type": _type("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")
+                            },
+                        }
+                    ],
+                    "host_selection_retry_max_attempts": 3,
+                    "retry_priority": {
+                        "name": "envoy.retry_priorities.previous_priorities",
+                        "typed_config": {
+                            "@type": _type(
+                                "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
+                            ),
+                            "update_frequency": 1,
+                        },
+                    },
+                }
+            )
+        return policy
+
+    def _route_action(self, **destination) -> dict:
+        return {**destination, "timeout": _seconds(self.request_timeout_ms), "retry_policy": self._retry_policy()}
+
+    def _weighted_destination(self, version: str) -> str:
+        return self.failover_cluster(version) if self.failover else self.eds_cluster(version)
+
+    def route_configuration(self) -> dict:
+        routes = []
+        if self.pin_header:
+            for version in self.versions:
+                routes.append(
+                    {
+                        "name": f"pin-{version}",
+                        "match": {
+                            "prefix": "/",
+                            "headers": [{"name": self.pin_header, "string_match": {"exact": version}}],
+                        },
+                        "route": self._route_action(cluster=self.eds_cluster(version)),
+                    }
+                )
+        split = [
+            {"name": self._weighted_destination(v), "weight": w} for v, w in self.weights.items() if w > 0
+        ]
+        routes.append(
+            {
+                "name": "split",
+                "match": {"prefix": "/"},
+                "route": self._route_action(weighted_clusters={"clusters": split}),
+            }
+        )
+        return {
+            "@type": _type("envoy.config.route.v3.RouteConfiguration"),
+            "name": ROUTE_NAME,
+            "virtual_hosts": [{"name": self.service, "domains": ["*"], "routes": routes}],
+        }
+
+    def listener(self) -> dict:
+        return {
+            "@type": _type("envoy.config.listener.v3.Listener"),
+            "name": LISTENER_NAME,
+            "filter_chains": [
+                {
+                    "filters": [
+                        {
+                            "name": "envoy.filters.network.http_connection_manager",
+                            "typed_config": {
+                                "@type": _type(
+                                    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+                                ),
+                                "stat_prefix": self.name,
+                                "rds": {"route_config_name": ROUTE_NAME},
+                                "http_filters": [
+                                    {
+                                        "name": "envoy.filters.http.router",
+                                        "typed_config": {"@type": _type("envoy.extensions.filters.http.router.v3.Router")},
+                                    }
+                                ],
+                            },
+                        }
+                    ]
+                }
+            ],
+        }
+
+    def _eds_cluster_resource(self, version: str) -> dict:
+        od = self.outlier_detection
+        return {
+            "@type": _type("envoy.config.cluster.v3.Cluster"),
+            "name": self.eds_cluster(version),
+            "type": "EDS",
+            "connect_timeout": _seconds(self.connect_timeout_ms),
+            "lb_policy": "ROUND_ROBIN",
+            "outlier_detection": {
+                "consecutive_5xx": od.consecutive_5xx,
+                "split_external_local_origin_errors": self.split_local_origin_errors,
+                "consecutive_local_origin_failure": od.consecutive_local_origin_failure,
+                "interval": _seconds(od.interval_ms),
+                "base_ejection_time": _seconds(od.base_ejection_time_ms),
+                "max_ejection_percent": od.max_ejection_percent,
+            },
+        }
+
+    def _failover_order(self, version: str) -> list[str]:
+        """Own version first, then the others by weight (heaviest first), then name."""
+        others = sorted((v for v in self.versions if v != version), key=lambda v: (-self.weights[v], v))
+        return [self.eds_cluster(v) for v in (version, *others)]
+
+    def _failover_cluster_resource(self, version: str) -> dict:
+        return {
+            "@type": _type("envoy.config.cluster.v3.Cluster"),
+            "name": self.failover_cluster(version),
+            "connect_timeout": _seconds(self.connect_timeout_ms),
+            "lb_policy": "CLUSTER_PROVIDED",
+            "cluster_type": {
+                "name": "envoy.clusters.aggregate",
+                "typed_config": {
+                    "@type": _type("envoy.extensions.clusters.aggregate.v3.ClusterConfig"),
+                    "clusters": self._failover_order(version),
+                },
+            },
+        }
+
+    def envoy_resources(self) -> list[dict]:
+        """The Envoy resources as written in the CiliumEnvoyConfig (before Cilium qualifies names)."""
+        resources = [self.listener(), self.route_configuration()]
+        resources += [self._eds_cluster_resource(v) for v in self.versions]
+        if self.failover:
+            resources += [self._failover_cluster_resource(v) for v in self.versions if self.weights[v] > 0]
+        return resources
+
+    def cilium_envoy_config(self) -> dict:
+        return {
+            "apiVersion": "cilium.io/v2",
+            "kind": "CiliumEnvoyConfig",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {"app.kubernetes.io/managed-by": "cilium-mesh-eks"},
+            },
+            "spec": {
+                "services": [{"name": self.service, "namespace": self.namespace, "listener": LISTENER_NAME}],
+                "backendServices": [
+                    {"name": self.version_service(v), "namespace": self.namespace} for v in self.versions
+                ],
+                "resources": self.envoy_resources(),
+            },
+        }
+
+
+def qualified_name(namespace: str, cec_name: str, name: str, force_namespace: bool = False) -> str:
+    """Cilium's ResourceQualifiedName (pkg/policy/api, 1.18-1.20).
+
+    A name without '/' becomes 'namespace/cec/name'. With force_namespace, a name
+    with '/' is prefixed too unless its first part is the namespace.
+    """
+    if not name:
+        return name
+    slash = name.find("/")
+    if slash >= 0 and (not force_namespace or name[:slash] == namespace):
+        return name
+    return f"{namespace}/{cec_name}/{name}"
+
+
+def qualify_like_cilium(resources: list[dict], namespace: str, cec_name: str) -> list[dict]:
+    """The resource names Envoy sees after Cilium parses a CiliumEnvoyConfig.
+
+    Mirrors pkg/ciliumenvoyconfig/cec_resource_parser.go for the fields this
+    project uses: listener, route configuration and virtual host names
+    (forced), RDS and route cluster references, cluster names. It does not
+    touch the clusters listed inside an aggregate cluster, and neither does
+    Cilium, which is why those must already be qualified ('namespace/service').
+    """
+    def q(name: str, force: bool = False) -> str:
+        return qualified_name(namespace, cec_name, name, force)
+
+    out = copy.deepcopy(resources)
+    for res in out:
+        kind = res["@type"].rsplit(".", 1)[-1]
+        if kind == "Listener":
+            res["name"] = q(res["name"], force=True)
+            for chain in res.get("filter_chains", []):
+                for flt in chain.get("filters", []):
+                    rds = flt.get("typed_config", {}).get("rds")
+                    if rds and rds.get("route_config_name"):
+                        rds["route_config_name"] = q(rds["route_config_name"], force=True)
+        elif kind == "RouteConfiguration":
+            res["name"] = q(res["name"], force=True)
+            for vhost in res.get("virtual_hosts", []):
+                vhost["name"] = q(vhost["name"], force=True)
+                for route in vhost.get("routes", []):
+                    action = route.get("route", {})
+                    if "cluster" in action:
+                        action["cluster"] = q(action["cluster"])
+                    for wc in action.get("weighted_clusters", {}).get("clusters", []):
+                        wc["name"] = q(wc["name"])
+        elif kind == "Cluster":
+            res["name"] = q(res["name"])
+    return out
+
+
+def cluster_references(resources: list[dict]) -> set[str]:
+    """Every cluster name that routes and aggregate clusters point at."""
+    refs: set[str] = set()
+    for res in resources:
+        for vhost in res.get("virtual_hosts", []):
+            for route in vhost.get("routes", []):
+                action = route.get("route", {})
+                if "cluster" in action:
+                    refs.add(action["cluster"])
+                refs.update(wc["name"] for wc in action.get("weighted_clusters", {}).get("clusters", []))
+        cluster_type = res.get("cluster_type", {})
+        if cluster_type.get("name") == "envoy.clusters.aggregate":
+            refs.update(cluster_type["typed_config"]["clusters"])
+    return refs

@@ -1,0 +1,39 @@
+"""Cilium Helm values: manifests/cilium/values.yaml plus what depends on the cluster."""
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from .manifests import CILIUM_VALUES_FILE
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge ``override`` over ``base`` (maps merge, everything else replaces)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def cluster_values(kube_proxy_replacement: bool, api_server_host: str) -> dict:
+    """Values that depend on the cluster.
+
+    Without kube-proxy nothing routes the ``kubernetes`` Service until Cilium
+    runs, so Cilium must reach the API server by its endpoint. With kube-proxy
+    kept, Cilium leaves Services to it and only needs NodePort for its Ingress.
+    """
+    if kube_proxy_replacement:
+        return {"kubeProxyReplacement": True, "k8sServiceHost": api_server_host, "k8sServicePort": 443}
+    return {"kubeProxyReplacement": False, "nodePort": {"enabled": True}}
+
+
+def cilium_values(
+    kube_proxy_replacement: bool, api_server_host: str, values_file: Path = CILIUM_VALUES_FILE
+) -> dict:
+    with values_file.open() as stream:
+        base = yaml.safe_load(stream)
+    return merge(base, cluster_values(kube_proxy_replacement, api_server_host))

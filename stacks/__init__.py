@@ -1,0 +1,14 @@
+"""Stacks of this app.
+
+The construct library lives in ``constructs/cilium_mesh``. ``constructs/`` is a
+source folder, not a package (it has no ``__init__.py``): a package named
+``constructs`` here would shadow the ``constructs`` library that aws-cdk-lib
+imports. Its folder goes on the import path as ``cilium_mesh``'s root.
+"""
+
+import sys
+from pathlib import Path
+
+_CONSTRUCTS_ROOT = str(Path(__file__).resolve().parent.parent / "constructs")
+if _CONSTRUCTS_ROOT not in sys.path:
+    sys.path.append(_CONSTRUCTS_ROOT)

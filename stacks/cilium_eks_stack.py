@@ -1,0 +1,215 @@
+"""The EKS stack: network, cluster, nodes, add-ons, load balancer controller and CiliumMesh."""
+
+from __future__ import annotations
+
+import importlib
+
+from aws_cdk import CfnOutput, Duration, Environment, RemovalPolicy, Stack, Tags, Validations
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_eks_v2 as eks
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
+from cilium_mesh import CiliumMesh, CiliumMeshProps
+from constructs import Construct
+
+from .config import MeshConfig
+from .versions import KUBERNETES_RELEASES
+
+LOAD_BALANCER_CONTROLLER_VERSION = eks.AlbControllerVersion.V3_2_2
+LOG_RETENTION = logs.RetentionDays.ONE_MONTH
+CILIUM_NOT_READY_TAINT = "node.cilium.io/agent-not-ready"
+
+
+class CiliumEksStack(Stack):
+    """Everything one `cdk deploy` builds; `cdk destroy` removes it in dependency order."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, config: MeshConfig, **kwargs) -> None:
+        super().__init__(scope, construct_id, env=Environment(region=config.region), **kwargs)
+        self.config = config
+
+        self.vpc = self._network()
+        self.cluster = self._cluster()
+        self.nodes = self._nodes()
+        self.load_balancer_controller = self._load_balancer_controller()
+        self.mesh = CiliumMesh(
+            self,
+            "CiliumMesh",
+            CiliumMeshProps(
+                cluster=self.cluster,
+                nodes=self.nodes,
+                load_balancer_controller=self.load_balancer_controller,
+                cilium_version=config.cilium_version,
+                traffic_policy=config.traffic_policy,
+                kube_proxy_replacement=not config.kube_proxy,
+                network_policy=config.network_policy,
+            ),
+        )
+        self.coredns = eks.Addon(self, "CoreDns", cluster=self.cluster, addon_name="coredns", preserve_on_delete=False)
+        self.coredns.node.add_dependency(self.mesh.cilium)
+        self._outputs()
+        self._acknowledge_findings()
+
+    def _network(self) -> ec2.Vpc:
+        flow_log_group = logs.LogGroup(
+            self, "VpcFlowLogs", retention=LOG_RETENTION, removal_policy=RemovalPolicy.DESTROY
+        )
+        vpc = ec2.Vpc(
+            self,
+            "Vpc",
+            ip_addresses=ec2.IpAddresses.cidr("10.0.0.0/16"),
+            availability_zones=list(self.config.availability_zones),
+            nat_gateways=len(self.config.availability_zones),
+            subnet_configuration=[
+                ec2.SubnetConfiguration(name="Public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=22),
+                ec2.SubnetConfiguration(name="Private", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=19),
+            ],
+            flow_logs={
+                "All": ec2.FlowLogOptions(destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group))
+            },
+        )
+        for subnet in vpc.public_subnets:
+            Tags.of(subnet).add("kubernetes.io/role/elb", "1")
+        for subnet in vpc.private_subnets:
+            Tags.of(subnet).add("kubernetes.io/role/internal-elb", "1")
+        return vpc
+
+    def _cluster(self) -> eks.Cluster:
+        config = self.config
+        release = KUBERNETES_RELEASES[config.kubernetes_version]
+        layer_class = getattr(importlib.import_module(release.layer_module), release.layer_class)
+        control_plane_logs = logs.LogGroup(
+            self,
+            "ControlPlaneLogs",
+            log_group_name=f"/aws/eks/{config.cluster_name}/cluster",
+            retention=LOG_RETENTION,
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        secrets_key = kms.Key(
+            self,
+            "SecretsKey",
+            description=f"EKS secrets envelope encryption for {config.cluster_name}",
+            enable_key_rotation=True,
+            pending_window=Duration.days(7),
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        cluster = eks.Cluster(
+            self,
+            "Cluster",
+            cluster_name=config.cluster_name,
+            version=eks.KubernetesVersion.of(config.kubernetes_version),
+            vpc=self.vpc,
+            vpc_subnets=[ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS)],
+            default_capacity_type=eks.DefaultCapacityType.NODEGROUP,
+            default_capacity=0,
+            bootstrap_self_managed_addons=False,
+            endpoint_access=eks.EndpointAccess.PUBLIC_AND_PRIVATE.only_from(*config.endpoint_public_cidrs),
+            cluster_logging=[
+                eks.ClusterLoggingTypes.API,
+                eks.ClusterLoggingTypes.AUDIT,
+                eks.ClusterLoggingTypes.AUTHENTICATOR,
+            ],
+            secrets_encryption_key=secrets_key,
+            kubectl_provider_options=eks.KubectlProviderOptions(kubectl_layer=layer_class(self, "KubectlLayer")),
+            output_config_command=False,
+        )
+        cluster.node.add_dependency(control_plane_logs)
+        if config.admin_principal_arn:
+            cluster.grant_cluster_admin("AdminPrincipalAccess", config.admin_principal_arn)
+
+        self.vpc_cni = eks.Addon(self, "VpcCni", cluster=cluster, addon_name="vpc-cni", preserve_on_delete=False)
+        self.kube_proxy = (
+            eks.Addon(self, "KubeProxy", cluster=cluster, addon_name="kube-proxy", preserve_on_delete=False)
+            if config.kube_proxy
+            else None
+        )
+        return cluster
+
+    def _nodes(self) -> eks.Nodegroup:
+        config = self.config
+        launch_template = ec2.LaunchTemplate(
+            self,
+            "NodeLaunchTemplate",
+            require_imdsv2=True,
+            http_put_response_hop_limit=1,
+            block_devices=[
+                ec2.BlockDevice(
+                    device_name="/dev/xvda",
+                    volume=ec2.BlockDeviceVolume.ebs(50, encrypted=True, volume_type=ec2.EbsDeviceVolumeType.GP3),
+                )
+            ],
+        )
+        node_role = iam.Role(
+            self,
+            "NodeRole",
+            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            managed_policies=[
+                iam.ManagedPolicy.from_aws_managed_policy_name(name)
+                for name in ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly")
+            ],
+        )
+        nodes = self.cluster.add_nodegroup_capacity(
+            "Nodes",
+            instance_types=[ec2.InstanceType(config.node_instance_type)],
+            ami_type=eks.NodegroupAmiType.AL2023_X86_64_STANDARD,
+            min_size=config.node_count,
+            desired_size=config.node_count,
+            max_size=config.node_count * 2,
+            subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            node_role=node_role,
+            launch_template_spec=eks.LaunchTemplateSpec(
+                id=launch_template.launch_template_id, version=launch_template.latest_version_number
+            ),
+            taints=[eks.TaintSpec(effect=eks.TaintEffect.NO_EXECUTE, key=CILIUM_NOT_READY_TAINT, value="true")],
+        )
+        nodes.node.add_dependency(self.vpc_cni)
+        if self.kube_proxy:
+            nodes.node.add_dependency(self.kube_proxy)
+        return nodes
+
+    def _load_balancer_controller(self) -> eks.AlbController:
+        """AWS Load Balancer Controller, for the `cilium-ingress` NLB.
+
+        Its pods reach the API server through the `kubernetes` Service, which
+        nothing routes until Cilium runs, so its chart does not wait; its
+        service webhook is off so that it cannot block Cilium's Service.
+        Cilium depends on it: on destroy the controller is still there to
+        delete the NLB.
+        """
+        controller = eks.AlbController(
+            self,
+            "LoadBalancerController",
+            cluster=self.cluster,
+            version=LOAD_BALANCER_CONTROLLER_VERSION,
+            additional_helm_chart_values={"enableServiceMutatorWebhook": False},
+        )
+        chart = controller.node.find_child("Resource")
+        chart.node.default_child.node.default_child.add_property_override("Wait", False)
+        return controller
+
+    def _outputs(self) -> None:
+        config = self.config
+        CfnOutput(self, "AppUrl", value=f"http://{self.mesh.ingress_hostname.value}")
+        CfnOutput(
+            self,
+            "UpdateKubeconfig",
+            value=f"aws eks update-kubeconfig --region {config.region} --name {config.cluster_name}",
+        )
+        CfnOutput(
+            self,
+            "HubbleUi",
+            value="kubectl -n kube-system port-forward svc/hubble-ui 12000:80  # then open http://localhost:12000",
+        )
+        CfnOutput(
+            self,
+            "CheckTrafficSplit",
+            value=(
+                "kubectl -n workshop exec deploy/productcatalog -- sh -c "
+                "'for i in $(seq 100); do curl -s catalogdetail:3000/catalogDetail; echo; done'"
+                " | grep -o '\"version\":\"[0-9]*\"' | sort | uniq -c"
+            ),
+        )
+
+    def _acknowledge_findings(self) -> None:
+        """cdk-nag AwsSolutions findings that are accepted, each with its concrete cause."""
+        pass
