@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from aws_cdk import CfnOutput, Duration, Environment, RemovalPolicy, Stack, Tags, Validations
+from aws_cdk import Acknowledgment, CfnOutput, Duration, Environment, RemovalPolicy, Stack, Tags, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
@@ -211,5 +211,80 @@ class CiliumEksStack(Stack):
         )
 
     def _acknowledge_findings(self) -> None:
-        """cdk-nag AwsSolutions findings that are accepted, each with its concrete cause."""
-        pass
+        """cdk-nag AwsSolutions findings that are accepted, each on its construct, with its concrete cause."""
+        kubectl_provider = self.cluster.node.find_child("KubectlProvider")
+        handler = kubectl_provider.node.find_child("Handler")
+        framework = kubectl_provider.node.find_child("Provider").node.find_child("framework-onEvent")
+        controller_role = self.load_balancer_controller.node.find_child("alb-sa").node.find_child("Role")
+        lambda_in_vpc = ["service-role/AWSLambdaBasicExecutionRole", "service-role/AWSLambdaVPCAccessExecutionRole"]
+        ecr_public = (
+            '{"Fn::If":["ClusterKubectlProviderHandlerHasEcrPublic69E09706",{"Fn::Join":["",["arn:",'
+            '{"Ref":"AWS::Partition"},":iam::aws:policy/AmazonElasticContainerRegistryPublicReadOnly"]]},'
+            '{"Ref":"AWS::NoValue"}]}'
+        )
+        elb = "arn:<AWS::Partition>:elasticloadbalancing:*:*:"
+        acknowledgements = [
+            (
+                self.cluster.role,
+                [_managed_policy("AmazonEKSClusterPolicy")],
+                "EKS requires the AWS managed AmazonEKSClusterPolicy on the cluster service role.",
+            ),
+            (
+                self.nodes.role,
+                [
+                    _managed_policy(name)
+                    for name in ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly")
+                ],
+                "Nodes need exactly AmazonEKSWorkerNodePolicy (join the cluster), AmazonEKS_CNI_Policy "
+                "(the VPC CNI assigns pod IPs) and AmazonEC2ContainerRegistryReadOnly (pull images).",
+            ),
+            (
+                handler.role,
+                [_managed_policy(name) for name in (*lambda_in_vpc, "AmazonEC2ContainerRegistryReadOnly")]
+                + [f"AwsSolutions-IAM4[Policy::{ecr_public}]"],
+                "The kubectl provider's Lambda (aws_eks_v2.KubectlProvider) runs in the VPC with "
+                "AWSLambdaBasicExecutionRole and AWSLambdaVPCAccessExecutionRole, and reads its image layers "
+                "with the ECR read-only policies.",
+            ),
+            (
+                handler,
+                ["AwsSolutions-L1"],
+                "aws-cdk-lib pins the kubectl provider's runtime to the one its kubectl and helm layer supports.",
+            ),
+            (
+                framework.role,
+                [_managed_policy(name) for name in lambda_in_vpc],
+                "The CDK custom-resource framework Lambda behind the kubectl provider runs in the VPC with "
+                "AWSLambdaBasicExecutionRole and AWSLambdaVPCAccessExecutionRole.",
+            ),
+            (
+                framework.role,
+                ["AwsSolutions-IAM5[Resource::<ClusterKubectlProviderHandler2E05C68A.Arn>:*]"],
+                "The custom-resource framework invokes every version (':*') of the kubectl provider's own handler.",
+            ),
+            (
+                controller_role,
+                [
+                    f"AwsSolutions-IAM5[Resource::{resource}]"
+                    for resource in (
+                        "*",
+                        "arn:<AWS::Partition>:ec2:*:*:security-group/*",
+                        f"{elb}targetgroup/*/*",
+                        f"{elb}loadbalancer/net/*/*",
+                        f"{elb}loadbalancer/app/*/*",
+                        f"{elb}listener/net/*/*/*",
+                        f"{elb}listener/app/*/*/*",
+                        f"{elb}listener-rule/net/*/*/*",
+                        f"{elb}listener-rule/app/*/*/*",
+                    )
+                ],
+                "The AWS Load Balancer Controller's published IAM policy (v3.2.2, bundled by aws-cdk-lib) "
+                "manages load balancers, target groups and security groups whose names it picks at run time.",
+            ),
+        ]
+        for construct, findings, reason in acknowledgements:
+            Validations.of(construct).acknowledge(*(Acknowledgment(id=f, reason=reason) for f in findings))
+
+
+def _managed_policy(name: str) -> str:
+    return f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/{name}]"
