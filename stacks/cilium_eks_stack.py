@@ -103,6 +103,7 @@ class CiliumEksStack(Stack):
             default_capacity_type=eks.DefaultCapacityType.NODEGROUP,
             default_capacity=0,
             bootstrap_self_managed_addons=False,
+            bootstrap_cluster_creator_admin_permissions=True,
             endpoint_access=eks.EndpointAccess.PUBLIC_AND_PRIVATE.only_from(*config.endpoint_public_cidrs),
             cluster_logging=[
                 eks.ClusterLoggingTypes.API,

@@ -1,0 +1,101 @@
+"""Shared fixtures: the app is synthesized once per session, with cdk-nag attached."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import aws_cdk as cdk  # noqa: E402
+import stacks  # noqa: E402,F401  (puts constructs/ on the import path)
+from aws_cdk import Validations  # noqa: E402
+from aws_cdk.assertions import Template  # noqa: E402
+from cdk_nag import AwsSolutionsChecks  # noqa: E402
+from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
+from stacks.config import load_config  # noqa: E402
+
+CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
+STACK_NAME = "CiliumMeshEks"
+TOKEN = "<TOKEN>"
+
+
+@dataclass
+class Synth:
+    stack: CiliumEksStack
+    template: dict
+    assertions: Template
+    outdir: Path
+    nag_report: dict
+
+    def resources(self, type_: str) -> dict[str, dict]:
+        return {k: r for k, r in self.template["Resources"].items() if r["Type"] == type_}
+
+    def logical_id(self, construct) -> str:
+        """The logical ID of a construct's CloudFormation resource (through wrapper constructs)."""
+        while not isinstance(construct, cdk.CfnElement):
+            construct = construct.node.default_child
+        return self.stack.get_logical_id(construct)
+
+    def resource(self, construct) -> dict:
+        return self.template["Resources"][self.logical_id(construct)]
+
+
+def synthesize(outdir: Path, **overrides) -> Synth:
+    app = cdk.App(context={**CONTEXT, **overrides}, outdir=str(outdir))
+    stack = CiliumEksStack(app, STACK_NAME, config=load_config(app.node.try_get_context))
+    Validations.of(app).add_plugins(AwsSolutionsChecks(app))
+    try:
+        app.synth()
+    except RuntimeError as error:
+        if "ValidationFailed" not in str(error):
+            raise
+    template = json.loads((outdir / f"{STACK_NAME}.template.json").read_text())
+    report = json.loads((outdir / "validation-report.json").read_text())
+    return Synth(stack, template, Template.from_json(template), outdir, report)
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory) -> Synth:
+    return synthesize(tmp_path_factory.mktemp("cdk.out"))
+
+
+@pytest.fixture(scope="session")
+def synth_variant(tmp_path_factory) -> Synth:
+    """The other side of every switch: kube-proxy kept, no network policy, an admin principal, 90/10."""
+    return synthesize(
+        tmp_path_factory.mktemp("cdk.out.variant"),
+        kube_proxy=True,
+        network_policy=False,
+        admin_principal_arn="arn:aws:iam::123456789012:role/PlatformAdmin",
+        traffic_weights={"v1": 90, "v2": 10},
+    )
+
+
+def resolve_join(value) -> str:
+    """A string property that holds tokens, with every token replaced by <TOKEN>."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "Fn::Join" in value:
+        separator, parts = value["Fn::Join"]
+        return separator.join(resolve_join(part) for part in parts)
+    return TOKEN
+
+
+def manifest_documents(resource: dict) -> list[dict]:
+    return json.loads(resolve_join(resource["Properties"]["Manifest"]))
+
+
+def helm_values(resource: dict) -> dict:
+    return json.loads(resolve_join(resource["Properties"]["Values"]))
+
+
+def normalize_assets(text: str) -> str:
+    """Asset hashes change with any byte of a bundled asset; the snapshot keeps their place only."""
+    return re.sub(r"[0-9a-f]{64}", "<ASSET_HASH>", text)

@@ -1,0 +1,185 @@
+"""What one `cdk deploy` builds, asserted on the synthesized template."""
+
+import json
+import os
+
+from aws_cdk.assertions import Match
+from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_assets
+
+SNAPSHOT = ROOT / "tests" / "snapshots" / "CiliumMeshEks.template.json"
+
+
+def kinds(documents):
+    return sorted(f"{d['kind']}/{d['metadata']['name']}" for d in documents)
+
+
+def test_vpc_spans_three_zones_with_tagged_subnets_and_nat(synth):
+    subnets = synth.resources("AWS::EC2::Subnet").values()
+    zones = sorted({s["Properties"]["AvailabilityZone"] for s in subnets})
+    assert zones == ["us-west-2a", "us-west-2b", "us-west-2c"]
+    tags = [{t["Key"]: t["Value"] for t in s["Properties"]["Tags"]} for s in subnets]
+    assert sum(t.get("kubernetes.io/role/elb") == "1" for t in tags) == 3
+    assert sum(t.get("kubernetes.io/role/internal-elb") == "1" for t in tags) == 3
+    synth.assertions.resource_count_is("AWS::EC2::NatGateway", 3)
+    synth.assertions.has_resource_properties("AWS::EC2::FlowLog", {"TrafficType": "ALL"})
+
+
+def test_cluster_is_native_eks_without_auto_mode_or_self_managed_addons(synth):
+    synth.assertions.has_resource_properties(
+        "AWS::EKS::Cluster",
+        {
+            "Name": "cilium-mesh",
+            "Version": "1.35",
+            "BootstrapSelfManagedAddons": False,
+            "ComputeConfig": {"Enabled": False},
+            "AccessConfig": {"AuthenticationMode": "API"},
+            "Logging": {
+                "ClusterLogging": {"EnabledTypes": [{"Type": "api"}, {"Type": "audit"}, {"Type": "authenticator"}]}
+            },
+            "ResourcesVpcConfig": Match.object_like(
+                {"EndpointPrivateAccess": True, "EndpointPublicAccess": True, "PublicAccessCidrs": ["0.0.0.0/0"]}
+            ),
+            "EncryptionConfig": [{"Provider": {"KeyArn": Match.any_value()}, "Resources": ["secrets"]}],
+        },
+    )
+    synth.assertions.has_resource_properties("AWS::KMS::Key", {"EnableKeyRotation": True})
+    synth.assertions.has_resource_properties(
+        "AWS::Logs::LogGroup", {"LogGroupName": "/aws/eks/cilium-mesh/cluster", "RetentionInDays": 30}
+    )
+
+
+def test_kubectl_provider_uses_the_layer_of_the_cluster_version(synth):
+    layers = synth.resources("AWS::Lambda::LayerVersion").values()
+    descriptions = [layer["Properties"].get("Description", "") for layer in layers]
+    assert any(d.startswith("/opt/kubectl/kubectl 1.35.") for d in descriptions), descriptions
+    synth.assertions.resource_count_is("Custom::AWSCDK-EKS-HelmChart", 2)
+
+
+def test_managed_node_group_is_x86_private_imdsv2_and_tainted_until_cilium(synth):
+    nodegroup = synth.resource(synth.stack.nodes)["Properties"]
+    assert nodegroup["AmiType"] == "AL2023_x86_64_STANDARD"
+    assert nodegroup["InstanceTypes"] == ["m6i.large"]
+    assert nodegroup["ScalingConfig"]["MinSize"] == 2
+    private = {synth.stack.get_logical_id(s.node.default_child) for s in synth.stack.vpc.private_subnets}
+    assert {ref["Ref"] for ref in nodegroup["Subnets"]} == private
+    assert nodegroup["Taints"] == [{"Effect": "NO_EXECUTE", "Key": "node.cilium.io/agent-not-ready", "Value": "true"}]
+    synth.assertions.has_resource_properties(
+        "AWS::EC2::LaunchTemplate",
+        {
+            "LaunchTemplateData": Match.object_like(
+                {"MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1}}
+            )
+        },
+    )
+    role = synth.resource(synth.stack.nodes.role)["Properties"]
+    policies = sorted(p["Fn::Join"][1][-1].rsplit("/", 1)[-1] for p in role["ManagedPolicyArns"])
+    assert policies == ["AmazonEC2ContainerRegistryReadOnly", "AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy"]
+
+
+def test_addons_are_managed_and_kube_proxy_is_off_by_default(synth, synth_variant):
+    names = sorted(a["Properties"]["AddonName"] for a in synth.resources("AWS::EKS::Addon").values())
+    assert names == ["coredns", "vpc-cni"]
+    names = sorted(a["Properties"]["AddonName"] for a in synth_variant.resources("AWS::EKS::Addon").values())
+    assert names == ["coredns", "kube-proxy", "vpc-cni"]
+
+
+def test_load_balancer_controller_installs_without_waiting_or_service_webhook(synth):
+    chart = synth.resource(synth.stack.load_balancer_controller.node.find_child("Resource"))
+    assert chart["Properties"]["Chart"] == "aws-load-balancer-controller"
+    assert chart["Properties"]["Wait"] is False
+    values = helm_values(chart)
+    assert values["enableServiceMutatorWebhook"] is False
+    assert values["clusterName"] == TOKEN or values["clusterName"] == "cilium-mesh"
+
+
+def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
+    chart = synth.resource(synth.stack.mesh.cilium)["Properties"]
+    assert chart["Repository"] == "https://helm.cilium.io/"
+    assert chart["Version"] == "1.19.6"
+    assert chart["Namespace"] == "kube-system"
+    assert chart["Wait"] is True
+    values = helm_values(synth.resource(synth.stack.mesh.cilium))
+    assert values["cni"] == {"chainingMode": "aws-cni", "exclusive": False}
+    assert values["routingMode"] == "native"
+    assert values["enableIPv4Masquerade"] is False and values["bpf"]["masquerade"] is False
+    assert values["kubeProxyReplacement"] is True
+    assert values["k8sServiceHost"] == TOKEN and values["k8sServicePort"] == 443
+    hubble = values["hubble"]
+    assert hubble["relay"]["enabled"] and hubble["ui"]["enabled"] and hubble["tls"]["auto"]["enabled"]
+    assert hubble["metrics"]["enabled"] == ["dns", "drop", "tcp", "flow", "icmp", "http"]
+    ingress = values["ingressController"]
+    assert ingress["enabled"] and ingress["loadbalancerMode"] == "shared"
+    assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "ip"
+    assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internet-facing"
+    assert values["encryption"]["enabled"] is False
+    assert values["envoyConfig"]["enabled"] is True
+    assert "strict" not in json.dumps(values)
+
+
+def test_cilium_reads_the_api_server_endpoint_without_scheme(synth):
+    values = synth.resource(synth.stack.mesh.cilium)["Properties"]["Values"]
+    host = json.dumps(values)
+    assert '"Fn::Select": [1, {"Fn::Split": ["//", {"Fn::GetAtt": [' in host and '"Endpoint"]' in host
+
+
+def test_kube_proxy_kept_turns_the_replacement_off(synth_variant):
+    values = helm_values(synth_variant.resource(synth_variant.stack.mesh.cilium))
+    assert values["kubeProxyReplacement"] is False
+    assert "k8sServiceHost" not in values
+    assert values["nodePort"] == {"enabled": True}
+
+
+def test_manifests_are_applied_as_written(synth):
+    mesh = synth.stack.mesh
+    assert kinds(manifest_documents(synth.resource(mesh.namespace))) == ["Namespace/workshop"]
+    app = manifest_documents(synth.resource(mesh.app))
+    assert kinds(app) == sorted(
+        [f"Deployment/{n}" for n in ("frontend", "productcatalog", "catalogdetail", "catalogdetail2")]
+        + [f"Service/{n}" for n in ("frontend", "productcatalog", "catalogdetail", "catalogdetailv1", "catalogdetailv2")]
+        + [f"ServiceAccount/{n}" for n in ("frontend", "productcatalog", "catalogdetail")]
+    )
+    routing = {d["kind"]: d for r in mesh.routing for d in manifest_documents(synth.resource(r))}
+    assert routing["Ingress"]["spec"]["ingressClassName"] == "cilium"
+    assert routing["CiliumEnvoyConfig"]["spec"]["services"][0]["name"] == "catalogdetail"
+    assert "CiliumNetworkPolicy" in routing
+
+
+def test_network_policy_switch_and_weights_from_configuration(synth_variant):
+    mesh = synth_variant.stack.mesh
+    documents = [d for r in mesh.routing for d in manifest_documents(synth_variant.resource(r))]
+    assert not [d for d in documents if d["kind"] == "CiliumNetworkPolicy"]
+    cec = next(d for d in documents if d["kind"] == "CiliumEnvoyConfig")
+    route = next(r for r in cec["spec"]["resources"] if r["@type"].endswith("RouteConfiguration"))
+    split = route["virtual_hosts"][0]["routes"][-1]["route"]["weighted_clusters"]["clusters"]
+    assert [c["weight"] for c in split] == [90, 10]
+
+
+def test_admin_principal_gets_a_cluster_admin_access_entry(synth, synth_variant):
+    arn = "arn:aws:iam::123456789012:role/PlatformAdmin"
+    entries = [e["Properties"] for e in synth_variant.resources("AWS::EKS::AccessEntry").values()]
+    admin = [e for e in entries if e["PrincipalArn"] == arn]
+    assert len(admin) == 1 and "AmazonEKSClusterAdminPolicy" in json.dumps(admin[0]["AccessPolicies"])
+    assert arn not in json.dumps(synth.template)
+    cluster = next(iter(synth.resources("AWS::EKS::Cluster").values()))["Properties"]
+    assert cluster["AccessConfig"]["BootstrapClusterCreatorAdminPermissions"] is True
+
+
+def test_outputs_tell_how_to_reach_and_check_the_mesh(synth):
+    outputs = synth.template["Outputs"]
+    app_url = json.dumps(outputs["AppUrl"]["Value"])
+    assert "http://" in app_url and synth.logical_id(synth.stack.mesh.ingress_hostname) in app_url
+    hostname = synth.resource(synth.stack.mesh.ingress_hostname)["Properties"]
+    assert hostname["ObjectName"] == "cilium-ingress" and hostname["ObjectNamespace"] == "kube-system"
+    assert hostname["JsonPath"] == ".status.loadBalancer.ingress[0].hostname"
+    assert outputs["UpdateKubeconfig"]["Value"] == "aws eks update-kubeconfig --region us-west-2 --name cilium-mesh"
+    assert "hubble-ui" in outputs["HubbleUi"]["Value"]
+    check = outputs["CheckTrafficSplit"]["Value"]
+    assert "deploy/productcatalog" in check and "catalogdetail:3000/catalogDetail" in check and "uniq -c" in check
+
+
+def test_template_matches_the_reviewed_snapshot(synth):
+    current = normalize_assets(json.dumps(synth.template, indent=1, sort_keys=True)) + "\n"
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(current)
+    assert current == SNAPSHOT.read_text(), "template changed: review, then UPDATE_SNAPSHOTS=1 pytest"
