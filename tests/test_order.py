@@ -1,0 +1,131 @@
+"""Deploy and destroy order, read from the synthesized dependency graph.
+
+CloudFormation creates a resource after everything it depends on (DependsOn,
+Ref, Fn::GetAtt) and deletes it before them, so one graph proves both orders.
+"""
+
+from functools import cache
+
+import pytest
+
+KUBERNETES_STEP = ("Custom::AWSCDK-EKS-HelmChart", "Custom::AWSCDK-EKS-KubernetesResource", "Custom::AWSCDK-EKS-KubernetesObjectValue")
+
+
+def references(value) -> set[str]:
+    if isinstance(value, dict):
+        found = set()
+        for key, inner in value.items():
+            if key == "Ref" and isinstance(inner, str):
+                found.add(inner)
+            elif key == "Fn::GetAtt":
+                found.add(inner[0] if isinstance(inner, list) else inner.split(".")[0])
+            else:
+                found |= references(inner)
+        return found
+    if isinstance(value, list):
+        return set().union(*map(references, value)) if value else set()
+    return set()
+
+
+class Graph:
+    def __init__(self, template: dict):
+        self.resources = template["Resources"]
+        self.direct = {
+            name: (set(res.get("DependsOn", [])) | references(res.get("Properties", {}))) & self.resources.keys()
+            for name, res in self.resources.items()
+        }
+
+    @cache  # noqa: B019 (one graph per session)
+    def after(self, name: str) -> frozenset[str]:
+        """Everything ``name`` is created after (and deleted before)."""
+        closure = set()
+        for dep in self.direct[name]:
+            closure |= {dep} | self.after(dep)
+        return frozenset(closure)
+
+    def longest_chain(self, members: set[str]) -> list[str]:
+        """The longest run of members each created after the next one (last: created first)."""
+
+        def chain(name: str) -> list[str]:
+            below = [chain(d) for d in self.after(name) & members]
+            return [name, *max(below, key=len, default=[])]
+
+        return max((chain(m) for m in members), key=len, default=[])
+
+
+@pytest.fixture(scope="module")
+def graph(synth):
+    return Graph(synth.template)
+
+
+@pytest.fixture(scope="module")
+def ids(synth):
+    stack, mesh = synth.stack, synth.stack.mesh
+    routing = {r.node.id: synth.logical_id(r) for r in mesh.routing}
+    return {
+        "vpc": synth.logical_id(stack.vpc),
+        "cluster": synth.logical_id(stack.cluster),
+        "vpc_cni": synth.logical_id(stack.vpc_cni),
+        "nodes": synth.logical_id(stack.nodes),
+        "lbc": synth.logical_id(stack.load_balancer_controller.node.find_child("Resource")),
+        "namespace": synth.logical_id(mesh.namespace),
+        "cilium": synth.logical_id(mesh.cilium),
+        "ingress": routing["Ingress"],
+        "traffic": routing["TrafficPolicy"],
+        "policy": routing["NetworkPolicy"],
+        "app": synth.logical_id(mesh.app),
+        "hostname": synth.logical_id(mesh.ingress_hostname),
+        "coredns": synth.logical_id(stack.coredns),
+    }
+
+
+# (later, earlier): `later` is created after `earlier` and deleted before it.
+EDGES = [
+    ("nodes", "vpc_cni"),  # pods need the CNI Cilium chains onto
+    ("cilium", "nodes"),  # the chart waits for its pods
+    ("cilium", "lbc"),  # destroy: the controller deletes the NLB of cilium-ingress
+    ("ingress", "cilium"),
+    ("traffic", "cilium"),  # CiliumEnvoyConfig CRD is registered by a ready Cilium
+    ("policy", "cilium"),  # CiliumNetworkPolicy CRD likewise
+    ("ingress", "namespace"),
+    ("traffic", "namespace"),
+    ("policy", "namespace"),
+    ("app", "policy"),  # pods start under Cilium and their policy; go first on destroy
+    ("app", "traffic"),
+    ("app", "ingress"),
+    ("hostname", "cilium"),
+    ("coredns", "cilium"),  # DNS pods are created by, and managed by, Cilium
+    ("cluster", "vpc"),
+    ("nodes", "cluster"),
+]
+
+
+@pytest.mark.parametrize(("later", "earlier"), EDGES, ids=[f"{a}-after-{b}" for a, b in EDGES])
+def test_edge(graph, ids, later, earlier):
+    assert ids[earlier] in graph.after(ids[later])
+    assert ids[later] not in graph.after(ids[earlier])
+
+
+def test_destroy_order_app_then_routing_then_cilium_then_controller_and_nodes_then_cluster(graph, ids):
+    """Delete order is the reverse of creation: each group goes before everything it depends on."""
+    order = [["app"], ["policy", "ingress", "traffic"], ["cilium"], ["lbc", "nodes"], ["cluster"], ["vpc"]]
+    for earlier_group, later_group in zip(order, order[1:]):
+        for deleted_first in earlier_group:
+            for deleted_after in later_group:
+                assert ids[deleted_after] in graph.after(ids[deleted_first]), (deleted_first, deleted_after)
+
+
+def test_load_balancer_controller_does_not_wait_for_nodes(graph, ids):
+    """It installs while nodes come up; its pods start once Cilium routes Services."""
+    assert ids["nodes"] not in graph.after(ids["lbc"])
+
+
+def test_at_most_three_kubernetes_steps_after_the_node_group(synth, graph, ids):
+    steps = {
+        name
+        for name, res in graph.resources.items()
+        if res["Type"] in KUBERNETES_STEP and ids["nodes"] in graph.after(name)
+    }
+    chain = graph.longest_chain(steps)
+    assert chain == [ids["app"], chain[1], ids["cilium"]] and chain[1] in {ids["policy"], ids["ingress"], ids["traffic"]}
+    assert len(chain) <= 3
