@@ -1,0 +1,111 @@
+"""The real tools that will act on this app: the CDK CLI, cfn-lint, cdk-nag; and the layout they rely on."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import aws_cdk as cdk
+import constructs
+import pytest
+from aws_cdk import aws_iam as iam
+from cdk_nag import AwsSolutionsChecks
+from conftest import ROOT, STACK_NAME
+
+CDK_CLI = ROOT / "node_modules" / ".bin" / "cdk"
+
+
+def test_constructs_folder_does_not_shadow_the_constructs_library():
+    import cilium_mesh
+    from constructs import Construct
+
+    assert "site-packages" in constructs.__file__
+    assert Construct.__module__.startswith("constructs")
+    assert not (ROOT / "constructs" / "__init__.py").exists()
+    assert cilium_mesh.__file__ == str(ROOT / "constructs" / "cilium_mesh" / "__init__.py")
+
+
+def test_cdk_cli_synthesizes_without_credentials_or_lookups(tmp_path):
+    if not CDK_CLI.exists():
+        pytest.fail("node_modules/.bin/cdk missing: run the README's set-up command (npm ci)")
+    work = tmp_path / "app"
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and not k.startswith("CDK_")}
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+        AWS_CONFIG_FILE=str(tmp_path / "none"),
+        PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}",
+    )
+    result = subprocess.run(
+        [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--output", str(tmp_path / "out"), "--app", f"{sys.executable} app.py"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    template = json.loads((tmp_path / "out" / f"{STACK_NAME}.template.json").read_text())
+    assert "AWS::EKS::Cluster" in {r["Type"] for r in template["Resources"].values()}
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert not manifest.get("missing"), "a context lookup would need AWS at synth"
+    assert not (work / "cdk.context.json").exists()
+
+
+def test_cfn_lint_finds_no_errors(synth, synth_variant):
+    templates = [str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant)]
+    cfn_lint = os.path.join(os.path.dirname(sys.executable), "cfn-lint")
+    result = subprocess.run(
+        [cfn_lint, "--format", "json", *templates],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    findings = json.loads(result.stdout or "[]")
+    errors = [f for f in findings if f["Level"] == "Error"]
+    assert errors == [], errors
+    assert result.returncode in (0, 4), result.stderr  # 4: warnings only
+
+
+def nag_violations(report: dict) -> list[str]:
+    return [
+        f"{violation['ruleName']} {construct['constructPath']}"
+        for plugin in report["pluginReports"]
+        if plugin["pluginName"] == "AwsSolutions"
+        for violation in plugin["violations"]
+        for construct in violation["violatingConstructs"]
+    ]
+
+
+def test_cdk_nag_aws_solutions_has_no_unsuppressed_findings(synth, synth_variant):
+    for result in (synth, synth_variant):
+        assert nag_violations(result.nag_report) == []
+        assert all(plugin["conclusion"] == "success" for plugin in result.nag_report["pluginReports"])
+
+
+def test_cdk_nag_reports_what_is_not_acknowledged(tmp_path):
+    """The same plugin on a role with a managed policy: proves the check above is live."""
+    app = cdk.App(outdir=str(tmp_path))
+    stack = cdk.Stack(app, "Probe")
+    iam.Role(
+        stack,
+        "Role",
+        assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+        managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonEKSWorkerNodePolicy")],
+    )
+    cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
+    with pytest.raises(RuntimeError, match="ValidationFailed"):
+        app.synth()
+    report = json.loads((tmp_path / "validation-report.json").read_text())
+    assert any("AwsSolutions-IAM4" in v for v in nag_violations(report))
+
+
+def test_every_acknowledgement_names_its_cause(synth):
+    """Ours are the AwsSolutions ones (CDK itself acknowledges a few CloudFormation-Validate rules)."""
+    acknowledged = {
+        rule: reason
+        for construct in synth.stack.node.find_all()
+        for entry in construct.node.metadata
+        if entry.type == "aws:cdk:acknowledged-rules"
+        for rule, reason in entry.data.items()
+        if "AwsSolutions-" in rule
+    }
+    assert len(acknowledged) >= 15
+    for rule, reason in acknowledged.items():
+        assert len(reason) > 60 and any(word in reason for word in ("Amazon", "AWS", "kubectl", "Controller")), rule
