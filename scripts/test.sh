@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite: template assertions and snapshot, dependency order,
+# Kubernetes schemas, cfn-lint, cdk-nag, the CDK CLI, and the traffic policy
+# in a real Envoy on loopback. Run scripts/setup.sh once first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+exec python -m pytest "$@"
