@@ -125,8 +125,7 @@ def test_cilium_reads_the_api_server_endpoint_without_scheme(synth):
 def test_kube_proxy_kept_turns_the_replacement_off(synth_variant):
     values = helm_values(synth_variant.resource(synth_variant.stack.mesh.cilium))
     assert values["kubeProxyReplacement"] is False
-    assert "k8sServiceHost" not in values
-    assert values["nodePort"] == {"enabled": True}
+    assert "k8sServiceHost" not in values and "k8sServicePort" not in values
 
 
 def test_manifests_are_applied_as_written(synth):

@@ -24,11 +24,12 @@ def cluster_values(kube_proxy_replacement: bool, api_server_host: str) -> dict:
 
     Without kube-proxy nothing routes the ``kubernetes`` Service until Cilium
     runs, so Cilium must reach the API server by its endpoint. With kube-proxy
-    kept, Cilium leaves Services to it and only needs NodePort for its Ingress.
+    kept, Cilium leaves Services to it (its Ingress and CiliumEnvoyConfig only
+    need the switch set explicitly).
     """
     if kube_proxy_replacement:
         return {"kubeProxyReplacement": True, "k8sServiceHost": api_server_host, "k8sServicePort": 443}
-    return {"kubeProxyReplacement": False, "nodePort": {"enabled": True}}
+    return {"kubeProxyReplacement": False}
 
 
 def cilium_values(
