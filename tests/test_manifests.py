@@ -17,94 +17,85 @@ from cilium_mesh.manifests import (
 from conftest import CONTEXT, manifest_documents
 from tools.render_traffic_policy import render
 
+def custom_resource(spec: dict, defs: dict) -> dict:
+    """A cilium.io/v2 object whose spec has exactly the fields this project uses."""
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "cilium.io/v2"},
+            "metadata": {"type": "object", "required": ["name", "namespace"]},
+            "spec": {"type": "object", "additionalProperties": False, **spec},
+        },
+        "$defs": defs,
+    }
+
+
+SERVICE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name", "namespace"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "listener": {"type": "string"},
+        "ports": {"type": "array"},
+    },
+}
+PORT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port", "protocol"],
+    "properties": {"port": {"type": "string", "pattern": "^[0-9]+$"}, "protocol": {"enum": ["TCP", "UDP", "ANY"]}},
+}
+RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "fromEndpoints": {"type": "array"},
+        "toEndpoints": {"type": "array"},
+        "fromEntities": {"type": "array", "items": {"enum": ["ingress", "host", "world", "cluster"]}},
+        "toPorts": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "ports": {"type": "array", "items": PORT},
+                    "rules": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"http": {"type": "array"}, "dns": {"type": "array"}},
+                    },
+                },
+            },
+        },
+    },
+}
 CUSTOM_RESOURCE_SCHEMAS = {
-    "CiliumEnvoyConfig": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "cilium.io/v2"},
-            "metadata": {"type": "object", "required": ["name", "namespace"]},
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["services", "backendServices", "resources"],
-                "properties": {
-                    "services": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/service"}},
-                    "backendServices": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/service"}},
-                    "resources": {
-                        "type": "array",
-                        "items": {"type": "object", "required": ["@type", "name"]},
-                    },
-                },
+    "CiliumEnvoyConfig": custom_resource(
+        {
+            "required": ["services", "backendServices", "resources"],
+            "properties": {
+                "services": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/service"}},
+                "backendServices": {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/service"}},
+                "resources": {"type": "array", "items": {"type": "object", "required": ["@type", "name"]}},
             },
         },
-        "$defs": {
-            "service": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["name", "namespace"],
-                "properties": {
-                    "name": {"type": "string"},
-                    "namespace": {"type": "string"},
-                    "listener": {"type": "string"},
-                    "ports": {"type": "array"},
-                },
-            }
-        },
-    },
-    "CiliumNetworkPolicy": {
-        "type": "object",
-        "required": ["apiVersion", "kind", "metadata", "spec"],
-        "properties": {
-            "apiVersion": {"const": "cilium.io/v2"},
-            "metadata": {"type": "object", "required": ["name", "namespace"]},
-            "spec": {
-                "type": "object",
-                "additionalProperties": False,
-                "required": ["endpointSelector"],
-                "properties": {
-                    "description": {"type": "string"},
-                    "endpointSelector": {"type": "object"},
-                    "ingress": {"type": "array", "items": {"$ref": "#/$defs/rule"}},
-                    "egress": {"type": "array", "items": {"$ref": "#/$defs/rule"}},
-                },
+        {"service": SERVICE},
+    ),
+    "CiliumNetworkPolicy": custom_resource(
+        {
+            "required": ["endpointSelector"],
+            "properties": {
+                "description": {"type": "string"},
+                "endpointSelector": {"type": "object"},
+                "ingress": {"type": "array", "items": {"$ref": "#/$defs/rule"}},
+                "egress": {"type": "array", "items": {"$ref": "#/$defs/rule"}},
             },
         },
-        "$defs": {
-            "rule": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "fromEndpoints": {"type": "array"},
-                    "toEndpoints": {"type": "array"},
-                    "fromEntities": {"type": "array", "items": {"enum": ["ingress", "host", "world", "cluster"]}},
-                    "toPorts": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "additionalProperties": False,
-                            "properties": {
-                                "ports": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "additionalProperties": False,
-                                        "required": ["port", "protocol"],
-                                        "properties": {
-                                            "port": {"type": "string", "pattern": "^[0-9]+$"},
-                                            "protocol": {"enum": ["TCP", "UDP", "ANY"]},
-                                        },
-                                    },
-                                },
-                                "rules": {"type": "object", "additionalProperties": False,
-                                          "properties": {"http": {"type": "array"}, "dns": {"type": "array"}}},
-                            },
-                        },
-                    },
-                },
-            }
-        },
-    },
+        {"rule": RULE},
+    ),
 }
 
 FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, TRAFFIC_POLICY_FILE]
