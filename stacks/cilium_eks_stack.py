@@ -175,7 +175,8 @@ class CiliumEksStack(Stack):
         nothing routes until Cilium runs, so its chart does not wait; its
         service webhook is off so that it cannot block Cilium's Service.
         Cilium depends on it: on destroy the controller is still there to
-        delete the NLB.
+        delete the NLB. The chart (not its service account and IAM role,
+        which need no nodes) comes after the nodes, so it goes before them.
         """
         controller = eks.AlbController(
             self,
@@ -186,6 +187,7 @@ class CiliumEksStack(Stack):
         )
         chart = controller.node.find_child("Resource")
         chart.node.default_child.node.default_child.add_property_override("Wait", False)
+        chart.node.add_dependency(self.nodes)
         return controller
 
     def _outputs(self) -> None:

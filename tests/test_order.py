@@ -61,7 +61,6 @@ def graph(synth):
 @pytest.fixture(scope="module")
 def ids(synth):
     stack, mesh = synth.stack, synth.stack.mesh
-    routing = {r.node.id: synth.logical_id(r) for r in mesh.routing}
     return {
         "vpc": synth.logical_id(stack.vpc),
         "cluster": synth.logical_id(stack.cluster),
@@ -70,10 +69,10 @@ def ids(synth):
         "lbc": synth.logical_id(stack.load_balancer_controller.node.find_child("Resource")),
         "namespace": synth.logical_id(mesh.namespace),
         "cilium": synth.logical_id(mesh.cilium),
-        "ingress": routing["Ingress"],
-        "traffic": routing["TrafficPolicy"],
-        "policy": routing["NetworkPolicy"],
-        "app": synth.logical_id(mesh.app),
+        "ingress": synth.logical_id(mesh.manifests["Ingress"]),
+        "traffic": synth.logical_id(mesh.manifests["TrafficPolicy"]),
+        "policy": synth.logical_id(mesh.manifests["NetworkPolicy"]),
+        "app": synth.logical_id(mesh.manifests["App"]),
         "hostname": synth.logical_id(mesh.ingress_hostname),
         "coredns": synth.logical_id(stack.coredns),
     }
@@ -82,17 +81,17 @@ def ids(synth):
 # (later, earlier): `later` is created after `earlier` and deleted before it.
 EDGES = [
     ("nodes", "vpc_cni"),  # pods need the CNI Cilium chains onto
+    ("lbc", "nodes"),  # destroy: the controller goes before the nodes
     ("cilium", "nodes"),  # the chart waits for its pods
     ("cilium", "lbc"),  # destroy: the controller deletes the NLB of cilium-ingress
+    ("app", "cilium"),  # pods start under Cilium
     ("ingress", "cilium"),
     ("traffic", "cilium"),  # CiliumEnvoyConfig CRD is registered by a ready Cilium
     ("policy", "cilium"),  # CiliumNetworkPolicy CRD likewise
+    ("app", "namespace"),
     ("ingress", "namespace"),
     ("traffic", "namespace"),
     ("policy", "namespace"),
-    ("app", "policy"),  # pods start under Cilium and their policy; go first on destroy
-    ("app", "traffic"),
-    ("app", "ingress"),
     ("hostname", "cilium"),
     ("coredns", "cilium"),  # DNS pods are created by, and managed by, Cilium
     ("cluster", "vpc"),
@@ -106,26 +105,26 @@ def test_edge(graph, ids, later, earlier):
     assert ids[later] not in graph.after(ids[earlier])
 
 
-def test_destroy_order_app_then_routing_then_cilium_then_controller_and_nodes_then_cluster(graph, ids):
+def test_destroy_order_app_and_routing_then_cilium_then_controller_then_nodes_cluster_vpc(graph, ids):
     """Delete order is the reverse of creation: each group goes before everything it depends on."""
-    order = [["app"], ["policy", "ingress", "traffic"], ["cilium"], ["lbc", "nodes"], ["cluster"], ["vpc"]]
+    order = [["app", "policy", "ingress", "traffic"], ["cilium"], ["lbc"], ["nodes"], ["cluster"], ["vpc"]]
     for earlier_group, later_group in zip(order, order[1:]):
         for deleted_first in earlier_group:
             for deleted_after in later_group:
                 assert ids[deleted_after] in graph.after(ids[deleted_first]), (deleted_first, deleted_after)
 
 
-def test_load_balancer_controller_does_not_wait_for_nodes(graph, ids):
-    """It installs while nodes come up; its pods start once Cilium routes Services."""
-    assert ids["nodes"] not in graph.after(ids["lbc"])
+def test_controller_service_account_does_not_wait_for_nodes(synth, graph, ids):
+    """Only the controller's chart waits for nodes; its IAM role and service account come up alongside them."""
+    account = synth.logical_id(synth.stack.load_balancer_controller.node.find_child("alb-sa").node.find_child("manifest-alb-saServiceAccountResource"))
+    assert ids["nodes"] not in graph.after(account)
 
 
-def test_at_most_three_kubernetes_steps_after_the_node_group(synth, graph, ids):
+def test_at_most_three_kubernetes_steps_after_the_node_group(graph, ids):
     steps = {
         name
         for name, res in graph.resources.items()
         if res["Type"] in KUBERNETES_STEP and ids["nodes"] in graph.after(name)
     }
     chain = graph.longest_chain(steps)
-    assert chain == [ids["app"], chain[1], ids["cilium"]] and chain[1] in {ids["policy"], ids["ingress"], ids["traffic"]}
-    assert len(chain) <= 3
+    assert len(chain) == 3 and chain[1:] == [ids["cilium"], ids["lbc"]], chain

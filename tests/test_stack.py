@@ -131,21 +131,25 @@ def test_kube_proxy_kept_turns_the_replacement_off(synth_variant):
 def test_manifests_are_applied_as_written(synth):
     mesh = synth.stack.mesh
     assert kinds(manifest_documents(synth.resource(mesh.namespace))) == ["Namespace/workshop"]
-    app = manifest_documents(synth.resource(mesh.app))
+    assert sorted(mesh.manifests) == ["App", "Ingress", "NetworkPolicy", "TrafficPolicy"]
+    app = manifest_documents(synth.resource(mesh.manifests["App"]))
     assert kinds(app) == sorted(
         [f"Deployment/{n}" for n in ("frontend", "productcatalog", "catalogdetail", "catalogdetail2")]
         + [f"Service/{n}" for n in ("frontend", "productcatalog", "catalogdetail", "catalogdetailv1", "catalogdetailv2")]
         + [f"ServiceAccount/{n}" for n in ("frontend", "productcatalog", "catalogdetail")]
     )
-    routing = {d["kind"]: d for r in mesh.routing for d in manifest_documents(synth.resource(r))}
-    assert routing["Ingress"]["spec"]["ingressClassName"] == "cilium"
-    assert routing["CiliumEnvoyConfig"]["spec"]["services"][0]["name"] == "catalogdetail"
-    assert "CiliumNetworkPolicy" in routing
+    def kinds_of(name):
+        return {d["kind"] for d in manifest_documents(synth.resource(mesh.manifests[name]))}
+
+    assert kinds_of("Ingress") == {"Ingress"}
+    assert kinds_of("TrafficPolicy") == {"CiliumEnvoyConfig"}
+    assert kinds_of("NetworkPolicy") == {"CiliumNetworkPolicy"}
 
 
 def test_network_policy_switch_and_weights_from_configuration(synth_variant):
     mesh = synth_variant.stack.mesh
-    documents = [d for r in mesh.routing for d in manifest_documents(synth_variant.resource(r))]
+    assert "NetworkPolicy" not in mesh.manifests
+    documents = [d for r in mesh.manifests.values() for d in manifest_documents(synth_variant.resource(r))]
     assert not [d for d in documents if d["kind"] == "CiliumNetworkPolicy"]
     cec = next(d for d in documents if d["kind"] == "CiliumEnvoyConfig")
     route = next(r for r in cec["spec"]["resources"] if r["@type"].endswith("RouteConfiguration"))

@@ -2,15 +2,17 @@
 
 Deploy order (destroy runs it backwards):
 
-    namespace ─────────────────────────────┐
-    nodes + LB controller ─> Cilium chart ─┼─> network policy, Ingress, CiliumEnvoyConfig ─> app workloads
-                                           └─> ingress hostname (output)
+    namespace ──────────────────────────────────────┐
+    nodes ─> LB controller chart ─> Cilium chart ───┼─> app workloads
+                                                    ├─> network policy, Ingress, CiliumEnvoyConfig
+                                                    └─> ingress hostname (output)
 
 Cilium waits for its agents and operator (chart ``wait``), so its CRDs exist
 before the CiliumEnvoyConfig and CiliumNetworkPolicies are applied, and every
-app pod starts under Cilium. On destroy the app goes first, then policies,
-Ingress and CiliumEnvoyConfig, then Cilium with its ``cilium-ingress``
-Service, while the load balancer controller still runs to delete the NLB.
+app pod starts under Cilium. On destroy the app, policies, Ingress and
+CiliumEnvoyConfig go first, then Cilium: its ``helm uninstall --wait``
+returns once the ``cilium-ingress`` Service is gone, which the load balancer
+controller, still running, allows only after deleting the NLB.
 """
 
 from __future__ import annotations
@@ -84,20 +86,19 @@ class CiliumMesh(Construct):
         )
         self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
 
-        routing = [
-            ("Ingress", load_documents(INGRESS_FILE)),
-            ("TrafficPolicy", [props.traffic_policy.cilium_envoy_config()]),
-        ]
+        manifests = {
+            "App": load_documents(*WORKLOAD_FILES),
+            "Ingress": load_documents(INGRESS_FILE),
+            "TrafficPolicy": [props.traffic_policy.cilium_envoy_config()],
+        }
         if props.network_policy:
-            routing.append(("NetworkPolicy", load_documents(NETWORK_POLICY_FILE)))
-        self.routing = [
-            eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents) for name, documents in routing
-        ]
-        for manifest in self.routing:
+            manifests["NetworkPolicy"] = load_documents(NETWORK_POLICY_FILE)
+        self.manifests = {
+            name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents)
+            for name, documents in manifests.items()
+        }
+        for manifest in self.manifests.values():
             manifest.node.add_dependency(self.cilium, self.namespace)
-
-        self.app = eks.KubernetesManifest(self, "App", cluster=cluster, manifest=load_documents(*WORKLOAD_FILES))
-        self.app.node.add_dependency(*self.routing)
 
         self.ingress_hostname = eks.KubernetesObjectValue(
             self,
