@@ -15,7 +15,7 @@ from cilium_mesh.traffic import (
     qualify_like_cilium,
 )
 from conftest import ROOT
-from tools.envoy_harness import Fault, local_bootstrap, run, validate_bootstrap
+from tools.envoy_harness import Fault, deployed_form_bootstrap, local_bootstrap, run, validate_bootstrap
 
 DEFAULT = TrafficPolicy(weights={"v1": 50, "v2": 50})
 CANARY = TrafficPolicy(weights={"v1": 90, "v2": 10})
@@ -124,8 +124,12 @@ def test_a_version_needs_its_service():
 
 
 @pytest.mark.parametrize("policy", [DEFAULT, CANARY, TrafficPolicy.walkthrough()], ids=["default", "canary", "walkthrough"])
-def test_real_envoy_accepts_the_deployed_resources(policy):
-    result = validate_bootstrap(local_bootstrap(policy, PORTS))
+@pytest.mark.parametrize("form", ["as-deployed", "local"])
+def test_real_envoy_accepts_the_deployed_resources(policy, form):
+    """As deployed: listener, EDS clusters and aggregates with Cilium's RDS/EDS sources; local: the
+    route configuration inline and endpoints on loopback, as the preview runs them."""
+    bootstrap = deployed_form_bootstrap(policy) if form == "as-deployed" else local_bootstrap(policy, PORTS)
+    result = validate_bootstrap(bootstrap)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -141,6 +145,32 @@ def test_real_envoy_rejects_a_typo(path, typo):
     result = validate_bootstrap(bootstrap)
     assert result.returncode != 0
     assert typo in result.stderr + result.stdout
+
+
+def test_real_envoy_rejects_a_typo_in_a_deployed_cluster():
+    bootstrap = deployed_form_bootstrap(DEFAULT)
+    eds = next(c for c in bootstrap["static_resources"]["clusters"] if c.get("type") == "EDS")
+    eds["outlier_detection"]["consecutive_5xxx"] = 5
+    result = validate_bootstrap(bootstrap)
+    assert result.returncode != 0 and "consecutive_5xxx" in result.stderr + result.stdout
+
+
+def test_walkthrough_policy_is_the_walkthroughs_yaml():
+    """Step 11's CiliumEnvoyConfig: 50/50, retry on 5xx three times with 1s per try, local-origin ejection after 2."""
+    resources = TrafficPolicy.walkthrough().envoy_resources()
+    route = next(r for r in resources if r["@type"].endswith("RouteConfiguration"))
+    (split,) = route["virtual_hosts"][0]["routes"]
+    assert split["route"]["weighted_clusters"]["clusters"] == [
+        {"name": "workshop/catalogdetailv1", "weight": 50},
+        {"name": "workshop/catalogdetailv2", "weight": 50},
+    ]
+    assert split["route"]["retry_policy"] == {"retry_on": "5xx", "num_retries": 3, "per_try_timeout": "1s"}
+    clusters = [r for r in resources if r["@type"].endswith(".Cluster")]
+    assert [c["name"] for c in clusters] == ["workshop/catalogdetailv1", "workshop/catalogdetailv2"]
+    for cluster in clusters:
+        assert cluster["connect_timeout"] == "2s" and cluster["lb_policy"] == "ROUND_ROBIN"
+        assert cluster["outlier_detection"]["split_external_local_origin_errors"] is True
+        assert cluster["outlier_detection"]["consecutive_local_origin_failure"] == 2
 
 
 def assert_split(result, weights):

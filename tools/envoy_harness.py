@@ -174,6 +174,56 @@ def local_bootstrap(policy: TrafficPolicy, endpoints: dict[str, list[int]]) -> d
     }
 
 
+# What Cilium fills in for RDS and EDS: its own xDS server (pkg/envoy CiliumXDSConfigSource).
+CILIUM_XDS_CLUSTER = "xds-grpc-cilium"
+CILIUM_CONFIG_SOURCE = {
+    "resource_api_version": "V3",
+    "api_config_source": {
+        "api_type": "GRPC",
+        "transport_api_version": "V3",
+        "set_node_on_first_message_only": True,
+        "grpc_services": [{"envoy_grpc": {"cluster_name": CILIUM_XDS_CLUSTER}}],
+    },
+}
+
+
+def deployed_form_bootstrap(policy: TrafficPolicy) -> dict:
+    """The policy's resources exactly as Cilium hands them to Envoy: names qualified, RDS and EDS
+    from Cilium's xDS server; only the listener address (a Cilium proxy port) is made up."""
+    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
+    listeners, clusters = [], []
+    for resource in map(_strip_type, copy.deepcopy(resources)):
+        if "filter_chains" in resource:
+            resource["address"] = {"socket_address": {"address": LOOPBACK, "port_value": 0}}
+            for chain in resource["filter_chains"]:
+                for flt in chain["filters"]:
+                    flt["typed_config"]["rds"]["config_source"] = CILIUM_CONFIG_SOURCE
+            listeners.append(resource)
+        elif resource.get("type") == "EDS":
+            resource["eds_cluster_config"] = {"eds_config": CILIUM_CONFIG_SOURCE}
+            clusters.append(resource)
+        elif "virtual_hosts" not in resource:
+            clusters.append(resource)
+    clusters.append(
+        {
+            "name": CILIUM_XDS_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "load_assignment": {"cluster_name": CILIUM_XDS_CLUSTER, "endpoints": []},
+        }
+    )
+    return {
+        "node": {"id": "host~127.0.0.1~preview~cluster.local", "cluster": "ingress"},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
 def validate_bootstrap(bootstrap: dict) -> subprocess.CompletedProcess:
     """`envoy --mode validate`: Envoy parses every field strictly and checks the config loads."""
     with tempfile.TemporaryDirectory() as tmp:
