@@ -7,6 +7,6 @@ from stacks.cilium_eks_stack import CiliumEksStack
 from stacks.config import load_config_or_exit
 
 app = cdk.App()
-config = load_config_or_exit(app.node.try_get_context)
+config = load_config_or_exit(app.node.get_all_context())
 CiliumEksStack(app, "CiliumMeshEks", config=config)
 app.synth()

@@ -12,7 +12,7 @@ import ipaddress
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,11 +202,19 @@ def _traffic_policy(value: Any) -> TrafficPolicy:
     return policy
 
 
-def load_config(context: Callable[[str], Any]) -> MeshConfig:
-    """Read and check every key through ``context`` (``app.node.try_get_context``)."""
-    missing = [key for key in KEYS if context(key) is None and key != "admin_principal_arn"]
+def load_config(settings: Mapping[str, Any]) -> MeshConfig:
+    """Read and check every key of the context (``app.node.get_all_context()``).
+
+    Keys with ':' or '/' are the CDK's own; any other key must be one of KEYS,
+    so a typo such as ``-c node_cout=3`` is not silently ignored.
+    """
+    unknown = sorted(k for k in settings if k not in KEYS and ":" not in k and "/" not in k)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: not a configuration key (keys: {', '.join(KEYS)})")
+    missing = [key for key in KEYS if settings.get(key) is None and key != "admin_principal_arn"]
     if missing:
         raise ConfigError(f"{missing[0]}: missing from cdk.json context (keys: {', '.join(KEYS)})")
+    context = settings.get
     region = _region(context("region"))
     return MeshConfig(
         region=region,
@@ -224,10 +232,10 @@ def load_config(context: Callable[[str], Any]) -> MeshConfig:
     )
 
 
-def load_config_or_exit(context: Callable[[str], Any]) -> MeshConfig:
+def load_config_or_exit(settings: Mapping[str, Any]) -> MeshConfig:
     """For app.py: a bad value ends the process with its one line, before any synthesis."""
     try:
-        return load_config(context)
+        return load_config(settings)
     except ConfigError as error:
         print(f"Configuration error: {error}", file=sys.stderr)
         raise SystemExit(1) from None

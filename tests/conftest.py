@@ -49,7 +49,7 @@ class Synth:
 
 def synthesize(outdir: Path, **overrides) -> Synth:
     app = cdk.App(context={**CONTEXT, **overrides}, outdir=str(outdir))
-    stack = CiliumEksStack(app, STACK_NAME, config=load_config(app.node.try_get_context))
+    stack = CiliumEksStack(app, STACK_NAME, config=load_config(app.node.get_all_context()))
     Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     try:
         app.synth()

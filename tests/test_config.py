@@ -39,6 +39,7 @@ BAD = [
     ("availability_zones", ["us-west-2a", "us-west-2b", "us-east-1c"], "not a zone of us-west-2"),
     ("availability_zones", ["us-west-2a", "us-west-2b"], "list of 3 different zones"),
     ("kube_proxy", "maybe", "true or false"),
+    ("node_cout", 3, "not a configuration key"),
 ]
 
 
@@ -87,7 +88,7 @@ def test_catalogue_covers_at_least_fifteen_cases_and_every_required_kind():
 def test_missing_key_is_named():
     context = {k: v for k, v in CONTEXT.items() if k != "node_count"}
     with pytest.raises(ConfigError, match=r"^node_count: missing from cdk.json context"):
-        load_config(context.get)
+        load_config(context)
 
 
 def test_command_line_strings_are_read_like_cdk_json():
@@ -99,7 +100,7 @@ def test_command_line_strings_are_read_like_cdk_json():
         "traffic_weights": '{"v1": 90, "v2": 10}',
         "endpoint_public_cidrs": '["203.0.113.0/24"]',
     }
-    config = load_config(context.get)
+    config = load_config(context)
     assert config.node_count == 3 and config.kube_proxy is True
     assert dict(config.traffic_policy.weights) == {"v1": 90, "v2": 10}
     assert config.endpoint_public_cidrs == ("203.0.113.0/24",)
@@ -107,6 +108,6 @@ def test_command_line_strings_are_read_like_cdk_json():
 
 def test_defaults_in_cdk_json_are_valid_and_complete():
     assert set(CONTEXT) == set(KEYS)
-    config = load_config(CONTEXT.get)
+    config = load_config(CONTEXT)
     assert config.kubernetes_version == "1.35" and config.region == "us-west-2"
     assert dict(config.traffic_policy.weights) == {"v1": 50, "v2": 50}

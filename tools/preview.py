@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         context = json.loads((ROOT / "cdk.json").read_text())["context"]
         if args.weights:
             context["traffic_weights"] = {v: int(w) for v, w in parse_pairs(args.weights).items()}
-        policy = load_config(context.get).traffic_policy
+        policy = load_config(context).traffic_policy
         faults = {}
         for spec in args.fault:
             for version, text in parse_pairs(spec).items():

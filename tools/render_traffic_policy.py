@@ -28,7 +28,7 @@ HEADER = """\
 
 def render() -> str:
     context = json.loads((ROOT / "cdk.json").read_text())["context"]
-    policy = load_config(context.get).traffic_policy
+    policy = load_config(context).traffic_policy
     return HEADER + yaml.safe_dump(policy.cilium_envoy_config(), sort_keys=False, width=120)
 
 
