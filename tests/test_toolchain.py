@@ -109,3 +109,19 @@ def test_every_acknowledgement_names_its_cause(synth):
     assert len(acknowledged) >= 15
     for rule, reason in acknowledged.items():
         assert len(reason) > 60 and any(word in reason for word in ("Amazon", "AWS", "kubectl", "Controller")), rule
+
+
+def test_every_supported_kubernetes_version_maps_to_its_own_kubectl_layer(tmp_path):
+    import importlib
+
+    from stacks.versions import KUBERNETES_RELEASES, RETIRED_KUBERNETES
+
+    app = cdk.App(outdir=str(tmp_path))
+    stack = cdk.Stack(app, "Layers")
+    for version, release in KUBERNETES_RELEASES.items():
+        getattr(importlib.import_module(release.layer_module), release.layer_class)(stack, f"Layer{version}")
+    template = app.synth().get_stack_by_name("Layers").template
+    descriptions = sorted(r["Properties"]["Description"] for r in template["Resources"].values())
+    kubectl = [d.split(";")[0].rsplit(" ", 1)[-1] for d in descriptions]
+    assert [k.rsplit(".", 1)[0] for k in kubectl] == sorted(KUBERNETES_RELEASES)
+    assert not set(KUBERNETES_RELEASES) & set(RETIRED_KUBERNETES)
