@@ -221,10 +221,11 @@ class CiliumEksStack(Stack):
         controller_role = self.load_balancer_controller.node.find_child("alb-sa").node.find_child("Role")
         lambda_in_vpc = ["service-role/AWSLambdaBasicExecutionRole", "service-role/AWSLambdaVPCAccessExecutionRole"]
         ecr_public = (
-            '{"Fn::If":["ClusterKubectlProviderHandlerHasEcrPublic69E09706",{"Fn::Join":["",["arn:",'
+            f'{{"Fn::If":["{self.get_logical_id(handler.node.find_child("HasEcrPublic"))}",{{"Fn::Join":["",["arn:",'
             '{"Ref":"AWS::Partition"},":iam::aws:policy/AmazonElasticContainerRegistryPublicReadOnly"]]},'
             '{"Ref":"AWS::NoValue"}]}'
         )
+        handler_id = self.get_logical_id(handler.node.default_child)
         elb = "arn:<AWS::Partition>:elasticloadbalancing:*:*:"
         acknowledgements = [
             (
@@ -262,7 +263,7 @@ class CiliumEksStack(Stack):
             ),
             (
                 framework.role,
-                ["AwsSolutions-IAM5[Resource::<ClusterKubectlProviderHandler2E05C68A.Arn>:*]"],
+                [f"AwsSolutions-IAM5[Resource::<{handler_id}.Arn>:*]"],
                 "The custom-resource framework invokes every version (':*') of the kubectl provider's own handler.",
             ),
             (
