@@ -109,7 +109,7 @@ def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
     assert hubble["metrics"]["enabled"] == ["dns", "drop", "tcp", "flow", "icmp", "http"]
     ingress = values["ingressController"]
     assert ingress["enabled"] and ingress["loadbalancerMode"] == "shared"
-    assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "ip"
+    assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "instance"
     assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internet-facing"
     assert values["encryption"]["enabled"] is False
     assert values["envoyConfig"]["enabled"] is True
