@@ -89,7 +89,8 @@ def test_load_balancer_controller_installs_without_waiting_or_service_webhook(sy
     assert chart["Properties"]["Wait"] is False
     values = helm_values(chart)
     assert values["enableServiceMutatorWebhook"] is False
-    assert values["clusterName"] == TOKEN or values["clusterName"] == "cilium-mesh"
+    assert values["clusterName"] == TOKEN and values["vpcId"] == TOKEN and values["region"] == "us-west-2"
+    assert values["image"]["tag"] == "v3.2.2"
 
 
 def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
