@@ -14,14 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import aws_cdk as cdk  # noqa: E402
-import stacks  # noqa: E402,F401  (puts constructs/ on the import path)
+from stacks import cdk_json_context  # noqa: E402  (also puts constructs/ on the import path)
 from aws_cdk import Validations  # noqa: E402
 from aws_cdk.assertions import Template  # noqa: E402
 from cdk_nag import AwsSolutionsChecks  # noqa: E402
 from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
 from stacks.config import load_config  # noqa: E402
 
-CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]
+CONTEXT = cdk_json_context()
 STACK_NAME = "CiliumMeshEks"
 TOKEN = "<TOKEN>"
 

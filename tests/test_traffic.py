@@ -117,7 +117,7 @@ def test_bad_settings_are_rejected(field, value, message):
 
 def test_a_version_needs_its_service():
     with pytest.raises(TrafficPolicyError, match="no Service catalogdetailv3"):
-        DEFAULT.__class__(weights={"v3": 1}).check_services({"catalogdetail", "catalogdetailv1", "catalogdetailv2"})
+        TrafficPolicy(weights={"v3": 1}).check_services({"catalogdetail", "catalogdetailv1", "catalogdetailv2"})
 
 
 # --- a real Envoy ------------------------------------------------------------------------------

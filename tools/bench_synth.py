@@ -11,7 +11,6 @@ machine noise; the table shows medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -32,10 +31,9 @@ def bare_app() -> None:
     from aws_cdk import aws_eks_v2 as eks
     from aws_cdk.lambda_layer_kubectl_v35 import KubectlV35Layer
 
-    app = cdk.App()
-    context = json.loads((ROOT / "cdk.json").read_text())["context"]
-    stack = cdk.Stack(app, "BareEks", env=cdk.Environment(region=context["region"]))
-    vpc = ec2.Vpc(stack, "Vpc", availability_zones=context["availability_zones"])
+    app = cdk.App()  # the CDK CLI passes cdk.json's context: the same region and zones
+    stack = cdk.Stack(app, "BareEks", env=cdk.Environment(region=app.node.try_get_context("region")))
+    vpc = ec2.Vpc(stack, "Vpc", availability_zones=app.node.try_get_context("availability_zones"))
     cluster = eks.Cluster(
         stack,
         "Cluster",

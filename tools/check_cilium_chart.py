@@ -23,11 +23,7 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import stacks  # noqa: E402,F401  (puts constructs/ on the import path)
-from cilium_mesh.values import cilium_values  # noqa: E402
+from cilium_mesh.values import cilium_values
 
 API_SERVER = "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
 

@@ -12,7 +12,6 @@ Envoy process that is always stopped.
 
 from __future__ import annotations
 
-import copy
 import http.client
 import json
 import math
@@ -32,11 +31,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import stacks  # noqa: E402,F401  (puts constructs/ on the import path)
-from cilium_mesh.traffic import TrafficPolicy, qualify_like_cilium  # noqa: E402
+from cilium_mesh.traffic import TrafficPolicy, qualify_like_cilium
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 10
@@ -128,49 +123,43 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def _strip_type(resource: dict) -> dict:
-    return {k: v for k, v in resource.items() if k != "@type"}
+def _loopback(port: int) -> dict:
+    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
+
+
+def _resources_by_kind(policy: TrafficPolicy) -> dict[str, list[dict]]:
+    """The policy's resources named as Cilium names them, as bootstrap entries (no '@type'), by kind."""
+    by_kind: dict[str, list[dict]] = {}
+    for resource in qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name):
+        kind = resource.pop("@type").rsplit(".", 1)[-1]
+        by_kind.setdefault(kind, []).append(resource)
+    return by_kind
 
 
 def local_bootstrap(policy: TrafficPolicy, endpoints: dict[str, list[int]]) -> dict:
     """An Envoy bootstrap holding the policy's resources, as Cilium would name them, on loopback."""
-    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
-    by_kind: dict[str, list[dict]] = {}
-    for resource in resources:
-        by_kind.setdefault(resource["@type"].rsplit(".", 1)[-1], []).append(_strip_type(resource))
+    by_kind = _resources_by_kind(policy)
     (route,) = by_kind["RouteConfiguration"]
-    listeners = []
     for listener in by_kind["Listener"]:
-        listener = copy.deepcopy(listener)
-        listener["address"] = {"socket_address": {"address": LOOPBACK, "port_value": 0}}
+        listener["address"] = _loopback(0)
         for chain in listener["filter_chains"]:
             for flt in chain["filters"]:
                 config = flt["typed_config"]
                 config.pop("rds", None)
                 config["route_config"] = route
-        listeners.append(listener)
-    clusters = []
     eds_names = {policy.eds_cluster(v): v for v in policy.versions}
     for cluster in by_kind["Cluster"]:
-        cluster = copy.deepcopy(cluster)
         if cluster.get("type") == "EDS":
-            version = eds_names[cluster["name"]]
             cluster["type"] = "STATIC"
             cluster["load_assignment"] = {
                 "cluster_name": cluster["name"],
                 "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}
-                            for port in endpoints[version]
-                        ]
-                    }
+                    {"lb_endpoints": [{"endpoint": {"address": _loopback(port)}} for port in endpoints[eds_names[cluster["name"]]]]}
                 ],
             }
-        clusters.append(cluster)
     return {
-        "admin": {"address": {"socket_address": {"address": LOOPBACK, "port_value": 0}}},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
+        "admin": {"address": _loopback(0)},
+        "static_resources": {"listeners": by_kind["Listener"], "clusters": by_kind["Cluster"]},
     }
 
 
@@ -190,20 +179,16 @@ CILIUM_CONFIG_SOURCE = {
 def deployed_form_bootstrap(policy: TrafficPolicy) -> dict:
     """The policy's resources exactly as Cilium hands them to Envoy: names qualified, RDS and EDS
     from Cilium's xDS server; only the listener address (a Cilium proxy port) is made up."""
-    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
-    listeners, clusters = [], []
-    for resource in map(_strip_type, copy.deepcopy(resources)):
-        if "filter_chains" in resource:
-            resource["address"] = {"socket_address": {"address": LOOPBACK, "port_value": 0}}
-            for chain in resource["filter_chains"]:
-                for flt in chain["filters"]:
-                    flt["typed_config"]["rds"]["config_source"] = CILIUM_CONFIG_SOURCE
-            listeners.append(resource)
-        elif resource.get("type") == "EDS":
-            resource["eds_cluster_config"] = {"eds_config": CILIUM_CONFIG_SOURCE}
-            clusters.append(resource)
-        elif "virtual_hosts" not in resource:
-            clusters.append(resource)
+    by_kind = _resources_by_kind(policy)
+    listeners, clusters = by_kind["Listener"], by_kind["Cluster"]
+    for listener in listeners:
+        listener["address"] = _loopback(0)
+        for chain in listener["filter_chains"]:
+            for flt in chain["filters"]:
+                flt["typed_config"]["rds"]["config_source"] = CILIUM_CONFIG_SOURCE
+    for cluster in clusters:
+        if cluster.get("type") == "EDS":
+            cluster["eds_cluster_config"] = {"eds_config": CILIUM_CONFIG_SOURCE}
     clusters.append(
         {
             "name": CILIUM_XDS_CLUSTER,

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
-from tools.envoy_harness import DIFFERENCES, ROOT, Fault, RunResult, run
+from tools.envoy_harness import DIFFERENCES, Fault, RunResult, run
 
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
+from stacks import cdk_json_context
 from stacks.config import ConfigError, load_config
 
 MAX_REQUESTS = 20000
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not 1 <= args.requests <= MAX_REQUESTS:
             raise ValueError(f"--requests must be 1-{MAX_REQUESTS}")
-        context = json.loads((ROOT / "cdk.json").read_text())["context"]
+        context = cdk_json_context()
         if args.weights:
             context["traffic_weights"] = {v: int(w) for v, w in parse_pairs(args.weights).items()}
         policy = load_config(context).traffic_policy
