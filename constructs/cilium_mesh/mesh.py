@@ -4,15 +4,18 @@ Deploy order (destroy runs it backwards):
 
     namespace ──────────────────────────────────────┐
     nodes ─> LB controller chart ─> Cilium chart ───┼─> app workloads
-                                                    ├─> network policy, Ingress, CiliumEnvoyConfig
+      └──> coredns (beside Cilium)                  ├─> network policy, Ingress, CiliumEnvoyConfig
                                                     └─> ingress hostname (output)
 
-Cilium waits for its agents and operator (chart ``wait``), so its CRDs exist
-before the CiliumEnvoyConfig and CiliumNetworkPolicies are applied, and every
-app pod starts under Cilium. On destroy the app, policies, Ingress and
-CiliumEnvoyConfig go first, then Cilium: its ``helm uninstall --wait``
-returns once the ``cilium-ingress`` Service is gone, which the load balancer
-controller, still running, allows only after deleting the NLB.
+Cilium waits for its agents, operator, Envoy and Hubble (chart ``wait``), so
+its CRDs exist before the CiliumEnvoyConfig and CiliumNetworkPolicies are
+applied, and every app pod starts under Cilium. hubble-relay needs cluster
+DNS to become Ready, so coredns is created beside Cilium, not after it. On
+destroy the app, policies, Ingress and CiliumEnvoyConfig go first, then
+Cilium: its ``helm uninstall --wait`` returns once the ``cilium-ingress``
+Service is gone, which the load balancer controller, still running, allows
+only after deleting the NLB. What each step needs, and from where, is data in
+tools/readiness.py.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ from .traffic import TrafficPolicy
 from .values import cilium_values
 from .versions import CILIUM_HELM_REPOSITORY
 
-CHART_TIMEOUT = Duration.minutes(15)
+# The kubectl provider's Lambda stops at 15 minutes; a step that waits gives up
+# 5 minutes earlier, so helm (or kubectl) reports why instead of being killed
+# (aws update-kubeconfig and the chart download come before the wait).
+PROVIDER_LAMBDA_TIMEOUT = Duration.minutes(15)
+STEP_TIMEOUT = Duration.minutes(10)
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,6 @@ class CiliumMeshProps:
     load_balancer_controller: must outlive the ``cilium-ingress`` Service on destroy.
     cilium_version:           Cilium chart version, one of versions.CILIUM_RELEASES.
     traffic_policy:           L7 policy for catalogdetail.
-    kube_proxy_replacement:   Cilium replaces kube-proxy (default True: kube-proxy is not installed).
     network_policy:           apply manifests/policy/ (default True: default-deny plus the app's call graph).
     """
 
@@ -55,7 +61,6 @@ class CiliumMeshProps:
     load_balancer_controller: IConstruct
     cilium_version: str
     traffic_policy: TrafficPolicy
-    kube_proxy_replacement: bool = True
     network_policy: bool = True
 
 
@@ -80,9 +85,9 @@ class CiliumMesh(Construct):
             repository=CILIUM_HELM_REPOSITORY,
             version=props.cilium_version,
             namespace="kube-system",
-            values=cilium_values(props.kube_proxy_replacement, api_server_host),
+            values=cilium_values(api_server_host),
             wait=True,
-            timeout=CHART_TIMEOUT,
+            timeout=STEP_TIMEOUT,
         )
         self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
 
@@ -108,6 +113,6 @@ class CiliumMesh(Construct):
             object_name="cilium-ingress",
             object_namespace="kube-system",
             json_path=".status.loadBalancer.ingress[0].hostname",
-            timeout=CHART_TIMEOUT,
+            timeout=STEP_TIMEOUT,
         )
         self.ingress_hostname.node.add_dependency(self.cilium)

@@ -2,11 +2,17 @@
 
 A policy splits requests across version Services by integer weight, pins
 requests that carry a header to one version, retries, times out, and ejects
-failing hosts. With ``failover`` on (the default), each weighted destination is
-an Envoy aggregate cluster: its own version first, the other versions behind
-it. A version that is down, answering errors, or scaled to zero then hands its
-share to the others instead of failing it, while the split is unchanged as
-long as every version is healthy.
+failing hosts. Everything it uses is built into cilium-envoy (no aggregate
+cluster, no retry predicates or priorities: cilium/proxy leaves them out).
+
+With ``failover`` on (the default), each weighted destination is one Envoy
+cluster whose endpoints are the version Services' cluster DNS names, its own
+version at priority 0 and the other versions at priorities 1, 2, ... When
+outlier detection ejects the priority-0 host (a version down, answering
+errors, or without endpoints), Envoy sends that destination's share to the
+next priority. While every version is healthy the split is exactly the
+configured one. Pinned requests go to the version's own Service endpoints
+(Cilium's EDS cluster), never elsewhere.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ _RETRY_CONDITIONS = frozenset(
         "http3-post-connect-failure",
     }
 )
+# Envoy keeps weights and their sum in uint32 (RouteAction.WeightedCluster).
+MAX_TOTAL_WEIGHT = 2**32 - 1
+# Timeouts and intervals are protobuf Durations; a day is far beyond any sane value.
+MAX_DURATION_MS = 86_400_000
+CLUSTER_DOMAIN = "svc.cluster.local"
 
 LISTENER_NAME = "listener"
 ROUTE_NAME = "route"
@@ -47,26 +58,37 @@ def _type(name: str) -> str:
     return f"type.googleapis.com/{name}"
 
 
-def _seconds(milliseconds: int) -> str:
-    return f"{milliseconds / 1000:g}s"
+def duration(milliseconds: int) -> str:
+    """A protobuf Duration in JSON form: whole seconds, or seconds with 3 decimals ("1.5s" is "1.500s")."""
+    seconds, millis = divmod(milliseconds, 1000)
+    return f"{seconds}s" if not millis else f"{seconds}.{millis:03d}s"
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of one request. A retry goes to another host and, with failover, another version."""
+    """Retries of one request. With failover, a retry reaches another version once the failing one is ejected."""
 
     retry_on: tuple[str, ...] = ("5xx", "reset", "connect-failure", "refused-stream")
-    num_retries: int = 2
+    num_retries: int = 3
     per_try_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True)
 class OutlierDetection:
-    """Passive health: hosts that keep failing are ejected for a while."""
+    """Passive health: hosts that keep failing are ejected for a while.
+
+    consecutive_local_origin_failure: connection failures in a row (refused, reset) that eject a host.
+    failure_percentage_threshold:     a host answering at least this share of errors within one
+                                      ``interval`` is ejected (needs ``failure_percentage_request_volume``
+                                      requests in that interval); None turns it off.
+    max_ejection_percent:             100, so that a version with one Service address can be ejected.
+    """
 
     consecutive_5xx: int = 5
     consecutive_local_origin_failure: int = 2
-    interval_ms: int = 5000
+    failure_percentage_threshold: int | None = 20
+    failure_percentage_request_volume: int = 20
+    interval_ms: int = 1000
     base_ejection_time_ms: int = 30000
     max_ejection_percent: int = 100
 
@@ -75,11 +97,13 @@ class OutlierDetection:
 class TrafficPolicy:
     """Traffic policy for ``service`` across its version Services ``<service><version>``.
 
-    weights:            version -> integer weight, e.g. {"v1": 90, "v2": 10}.
-    pin_header:         a request with ``<pin_header>: <version>`` goes to that version
-                        only (no split, no failover); None turns header routes off.
-    failover:           weighted destinations fall back to the other versions.
-    request_timeout_ms: the whole request, retries included.
+    weights:             version -> integer weight, e.g. {"v1": 90, "v2": 10}; 0 drains a version.
+    pin_header:          a request with ``<pin_header>: <version>`` goes to that version
+                         only (no split, no failover); None turns header routes off.
+    failover:            a weighted destination falls back to the other versions.
+    failover_to_drained: versions with weight 0 also take failover traffic (default: drained
+                         means no traffic at all, except pinned requests).
+    request_timeout_ms:  the whole request, retries included.
     """
 
     weights: Mapping[str, int]
@@ -88,8 +112,10 @@ class TrafficPolicy:
     port: int = 3000
     pin_header: str | None = "x-catalog-version"
     failover: bool = True
+    failover_to_drained: bool = False
     request_timeout_ms: int = 5000
     connect_timeout_ms: int = 2000
+    dns_refresh_ms: int = 5000
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
     split_local_origin_errors: bool = True
@@ -110,6 +136,7 @@ class TrafficPolicy:
             outlier_detection=OutlierDetection(
                 consecutive_5xx=5,
                 consecutive_local_origin_failure=2,
+                failure_percentage_threshold=None,
                 interval_ms=10000,
                 base_ejection_time_ms=30000,
                 max_ejection_percent=10,
@@ -124,15 +151,30 @@ class TrafficPolicy:
     def versions(self) -> tuple[str, ...]:
         return tuple(self.weights)
 
+    @property
+    def weighted_versions(self) -> tuple[str, ...]:
+        return tuple(v for v, w in self.weights.items() if w > 0)
+
     def version_service(self, version: str) -> str:
         return f"{self.service}{version}"
+
+    def version_host(self, version: str) -> str:
+        """The version Service's cluster DNS name, which resolves to its ClusterIP."""
+        return f"{self.version_service(version)}.{self.namespace}.{CLUSTER_DOMAIN}"
 
     def eds_cluster(self, version: str) -> str:
         """The cluster Cilium fills with the endpoints of a backend Service (``namespace/name``)."""
         return f"{self.namespace}/{self.version_service(version)}"
 
     def failover_cluster(self, version: str) -> str:
-        return f"{self.service}-{version}-failover"
+        return f"{self.service}-{version}"
+
+    def failover_order(self, version: str) -> list[str]:
+        """Priorities of a weighted destination: its own version, then the others by weight
+        (heaviest first), then name; drained versions only with ``failover_to_drained``."""
+        candidates = self.versions if self.failover_to_drained else self.weighted_versions
+        others = sorted((v for v in candidates if v != version), key=lambda v: (-self.weights[v], v))
+        return [version, *others]
 
     def _validate(self) -> None:
         for label, value in (("service", self.service), ("namespace", self.namespace)):
@@ -148,27 +190,45 @@ class TrafficPolicy:
                 )
             if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
                 raise TrafficPolicyError(f"weight of {version} must be a non-negative integer (got {weight!r})")
-        if sum(self.weights.values()) <= 0:
+        total = sum(self.weights.values())
+        if total <= 0:
             raise TrafficPolicyError("weights must have a positive sum (got all zero)")
+        if total > MAX_TOTAL_WEIGHT:
+            raise TrafficPolicyError(f"weights must sum to at most {MAX_TOTAL_WEIGHT} (Envoy's uint32; got {total})")
         if self.pin_header is not None and not _HTTP_HEADER.match(self.pin_header):
             raise TrafficPolicyError(f"pin_header {self.pin_header!r} must be a lower-case HTTP header name")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise TrafficPolicyError(f"port must be 1-65535 (got {self.port!r})")
-        positive = {
+        od = self.outlier_detection
+        durations = {
             "request_timeout_ms": self.request_timeout_ms,
             "connect_timeout_ms": self.connect_timeout_ms,
-            "retries.num_retries": self.retries.num_retries,
+            "dns_refresh_ms": self.dns_refresh_ms,
             "retries.per_try_timeout_ms": self.retries.per_try_timeout_ms,
-            "outlier_detection.consecutive_5xx": self.outlier_detection.consecutive_5xx,
-            "outlier_detection.consecutive_local_origin_failure": self.outlier_detection.consecutive_local_origin_failure,
-            "outlier_detection.interval_ms": self.outlier_detection.interval_ms,
-            "outlier_detection.base_ejection_time_ms": self.outlier_detection.base_ejection_time_ms,
+            "outlier_detection.interval_ms": od.interval_ms,
+            "outlier_detection.base_ejection_time_ms": od.base_ejection_time_ms,
         }
-        for label, value in positive.items():
+        counts = {
+            "retries.num_retries": self.retries.num_retries,
+            "outlier_detection.consecutive_5xx": od.consecutive_5xx,
+            "outlier_detection.consecutive_local_origin_failure": od.consecutive_local_origin_failure,
+            "outlier_detection.failure_percentage_request_volume": od.failure_percentage_request_volume,
+        }
+        for label, value in {**durations, **counts}.items():
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise TrafficPolicyError(f"{label} must be a positive integer (got {value!r})")
-        if not 1 <= self.outlier_detection.max_ejection_percent <= 100:
-            raise TrafficPolicyError("outlier_detection.max_ejection_percent must be 1-100")
+        for label, value in durations.items():
+            if value > MAX_DURATION_MS:
+                raise TrafficPolicyError(f"{label} must be at most {MAX_DURATION_MS} (a day; got {value})")
+        for label, value in counts.items():
+            if value > 1000:
+                raise TrafficPolicyError(f"{label} must be at most 1000 (got {value})")
+        percents = {"outlier_detection.max_ejection_percent": od.max_ejection_percent}
+        if od.failure_percentage_threshold is not None:
+            percents["outlier_detection.failure_percentage_threshold"] = od.failure_percentage_threshold
+        for label, value in percents.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
+                raise TrafficPolicyError(f"{label} must be an integer from 1 to 100 (got {value!r})")
         unknown = sorted(set(self.retries.retry_on) - _RETRY_CONDITIONS)
         if unknown or not self.retries.retry_on:
             raise TrafficPolicyError(
@@ -185,39 +245,16 @@ class TrafficPolicy:
                 f"{', '.join(sorted(s[len(self.service):] for s in services if s.startswith(self.service) and s != self.service)) or 'none'}"
             )
 
-    def _retry_policy(self) -> dict:
-        policy: dict = {
-            "retry_on": ",".join(self.retries.retry_on),
-            "num_retries": self.retries.num_retries,
-            "per_try_timeout": _seconds(self.retries.per_try_timeout_ms),
-        }
-        if self.failover:
-            policy.update(
-                {
-                    "retry_host_predicate": [
-                        {
-                            "name": "envoy.retry_host_predicates.previous_hosts",
-                            "typed_config": {
-                                "@type": _type("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")
-                            },
-                        }
-                    ],
-                    "host_selection_retry_max_attempts": 3,
-                    "retry_priority": {
-                        "name": "envoy.retry_priorities.previous_priorities",
-                        "typed_config": {
-                            "@type": _type(
-                                "envoy.extensions.retry.priority.previous_priorities.v3.PreviousPrioritiesConfig"
-                            ),
-                            "update_frequency": 1,
-                        },
-                    },
-                }
-            )
-        return policy
-
     def _route_action(self, **destination) -> dict:
-        return {**destination, "timeout": _seconds(self.request_timeout_ms), "retry_policy": self._retry_policy()}
+        return {
+            **destination,
+            "timeout": duration(self.request_timeout_ms),
+            "retry_policy": {
+                "retry_on": ",".join(self.retries.retry_on),
+                "num_retries": self.retries.num_retries,
+                "per_try_timeout": duration(self.retries.per_try_timeout_ms),
+            },
+        }
 
     def _weighted_destination(self, version: str) -> str:
         return self.failover_cluster(version) if self.failover else self.eds_cluster(version)
@@ -236,9 +273,7 @@ class TrafficPolicy:
                         "route": self._route_action(cluster=self.eds_cluster(version)),
                     }
                 )
-        split = [
-            {"name": self._weighted_destination(v), "weight": w} for v, w in self.weights.items() if w > 0
-        ]
+        split = [{"name": self._weighted_destination(v), "weight": self.weights[v]} for v in self.weighted_versions]
         routes.append(
             {
                 "name": "split",
@@ -280,41 +315,66 @@ class TrafficPolicy:
             ],
         }
 
-    def _eds_cluster_resource(self, version: str) -> dict:
+    def _outlier_detection(self) -> dict:
         od = self.outlier_detection
+        detection = {
+            "consecutive_5xx": od.consecutive_5xx,
+            "split_external_local_origin_errors": self.split_local_origin_errors,
+            "consecutive_local_origin_failure": od.consecutive_local_origin_failure,
+            "interval": duration(od.interval_ms),
+            "base_ejection_time": duration(od.base_ejection_time_ms),
+            "max_ejection_percent": od.max_ejection_percent,
+        }
+        if od.failure_percentage_threshold is not None:
+            detection.update(
+                {
+                    "failure_percentage_threshold": od.failure_percentage_threshold,
+                    "enforcing_failure_percentage": 100,
+                    "enforcing_failure_percentage_local_origin": 100,
+                    "failure_percentage_minimum_hosts": 1,
+                    "failure_percentage_request_volume": od.failure_percentage_request_volume,
+                }
+            )
+        return detection
+
+    def _eds_cluster_resource(self, version: str) -> dict:
         return {
             "@type": _type("envoy.config.cluster.v3.Cluster"),
             "name": self.eds_cluster(version),
             "type": "EDS",
-            "connect_timeout": _seconds(self.connect_timeout_ms),
+            "connect_timeout": duration(self.connect_timeout_ms),
             "lb_policy": "ROUND_ROBIN",
-            "outlier_detection": {
-                "consecutive_5xx": od.consecutive_5xx,
-                "split_external_local_origin_errors": self.split_local_origin_errors,
-                "consecutive_local_origin_failure": od.consecutive_local_origin_failure,
-                "interval": _seconds(od.interval_ms),
-                "base_ejection_time": _seconds(od.base_ejection_time_ms),
-                "max_ejection_percent": od.max_ejection_percent,
-            },
+            "outlier_detection": self._outlier_detection(),
         }
 
-    def _failover_order(self, version: str) -> list[str]:
-        """Own version first, then the others by weight (heaviest first), then name."""
-        others = sorted((v for v in self.versions if v != version), key=lambda v: (-self.weights[v], v))
-        return [self.eds_cluster(v) for v in (version, *others)]
-
     def _failover_cluster_resource(self, version: str) -> dict:
+        """One cluster per weighted destination: the version Services by DNS name, one priority each."""
         return {
             "@type": _type("envoy.config.cluster.v3.Cluster"),
             "name": self.failover_cluster(version),
-            "connect_timeout": _seconds(self.connect_timeout_ms),
-            "lb_policy": "CLUSTER_PROVIDED",
-            "cluster_type": {
-                "name": "envoy.clusters.aggregate",
-                "typed_config": {
-                    "@type": _type("envoy.extensions.clusters.aggregate.v3.ClusterConfig"),
-                    "clusters": self._failover_order(version),
-                },
+            "type": "STRICT_DNS",
+            "dns_lookup_family": "V4_ONLY",
+            "dns_refresh_rate": duration(self.dns_refresh_ms),
+            "connect_timeout": duration(self.connect_timeout_ms),
+            "lb_policy": "ROUND_ROBIN",
+            "outlier_detection": self._outlier_detection(),
+            "load_assignment": {
+                "cluster_name": self.failover_cluster(version),
+                "endpoints": [
+                    {
+                        "priority": priority,
+                        "lb_endpoints": [
+                            {
+                                "endpoint": {
+                                    "address": {
+                                        "socket_address": {"address": self.version_host(member), "port_value": self.port}
+                                    }
+                                }
+                            }
+                        ],
+                    }
+                    for priority, member in enumerate(self.failover_order(version))
+                ],
             },
         }
 
@@ -323,7 +383,7 @@ class TrafficPolicy:
         resources = [self.listener(), self.route_configuration()]
         resources += [self._eds_cluster_resource(v) for v in self.versions]
         if self.failover:
-            resources += [self._failover_cluster_resource(v) for v in self.versions if self.weights[v] > 0]
+            resources += [self._failover_cluster_resource(v) for v in self.weighted_versions]
         return resources
 
     def cilium_envoy_config(self) -> dict:

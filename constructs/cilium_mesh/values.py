@@ -1,4 +1,4 @@
-"""Cilium Helm values: manifests/cilium/values.yaml plus what depends on the cluster."""
+"""Cilium Helm values: manifests/cilium/values.yaml plus the API server endpoint of the cluster."""
 
 import copy
 from pathlib import Path
@@ -19,22 +19,13 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def cluster_values(kube_proxy_replacement: bool, api_server_host: str) -> dict:
-    """Values that depend on the cluster.
-
-    Without kube-proxy nothing routes the ``kubernetes`` Service until Cilium
-    runs, so Cilium must reach the API server by its endpoint. With kube-proxy
-    kept, Cilium leaves Services to it (its Ingress and CiliumEnvoyConfig only
-    need the switch set explicitly).
-    """
-    if kube_proxy_replacement:
-        return {"kubeProxyReplacement": True, "k8sServiceHost": api_server_host, "k8sServicePort": 443}
-    return {"kubeProxyReplacement": False}
+def cluster_values(api_server_host: str) -> dict:
+    """Without kube-proxy nothing routes the ``kubernetes`` Service until Cilium
+    runs, so Cilium must reach the API server by its endpoint."""
+    return {"k8sServiceHost": api_server_host, "k8sServicePort": 443}
 
 
-def cilium_values(
-    kube_proxy_replacement: bool, api_server_host: str, values_file: Path = CILIUM_VALUES_FILE
-) -> dict:
+def cilium_values(api_server_host: str, values_file: Path = CILIUM_VALUES_FILE) -> dict:
     with values_file.open() as stream:
         base = yaml.safe_load(stream)
-    return merge(base, cluster_values(kube_proxy_replacement, api_server_host))
+    return merge(base, cluster_values(api_server_host))
