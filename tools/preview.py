@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import sys
 
+from tools.cilium_envoy import build_for
 from tools.envoy_harness import DIFFERENCES, Fault, RunResult, run
 
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         context = cdk_json_context()
         if args.weights:
             context["traffic_weights"] = {v: int(w) for v, w in parse_pairs(args.weights).items()}
-        policy = load_config(context).traffic_policy
+        config = load_config(context)
+        policy = config.traffic_policy
         faults = {}
         for spec in args.fault:
             for version, text in parse_pairs(spec).items():
@@ -83,16 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"preview: {error}", file=sys.stderr)
         return 2
 
+    build = build_for(config.cilium_version)
     runs = [("this policy", policy)]
     if args.compare:
         runs.append(("walkthrough", dataclasses.replace(TrafficPolicy.walkthrough(), weights=policy.weights)))
     fault_text = ", ".join(f"{v} {f.describe()}" for v, f in faults.items()) or "none"
-    print(f"{policy.name}: {args.requests} requests to {policy.service}:{policy.port}/catalogDetail in Envoy, "
+    print(f"{policy.name}: {args.requests} requests to {policy.service}:{policy.port}/catalogDetail in Envoy "
+          f"{build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
           f"faults: {fault_text}" + (f", header {policy.pin_header}: {args.header}" if headers else ""))
     print(DIFFERENCES)
     print(f"{'policy':<12} {'version':<8} {'configured':>10} {'share':>8}   {'95% interval':<18}   fault")
     for label, candidate in runs:
-        for line in table(label, run(candidate, args.requests, faults, headers if label == "this policy" else None)):
+        result = run(candidate, build.tag, args.requests, faults, headers if label == "this policy" else None)
+        for line in table(label, result):
             print(line)
     return 0
 

@@ -178,13 +178,13 @@ class TrafficPolicy:
 
     def _validate(self) -> None:
         for label, value in (("service", self.service), ("namespace", self.namespace)):
-            if not isinstance(value, str) or not _DNS_LABEL.match(value) or len(value) > 63:
+            if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value) or len(value) > 63:
                 raise TrafficPolicyError(f"{label} {value!r} is not a DNS-1123 label (a-z, 0-9, '-', at most 63)")
         if not self.weights:
             raise TrafficPolicyError("weights must name at least one version")
         for version, weight in self.weights.items():
             service = self.version_service(version) if isinstance(version, str) else None
-            if service is None or not _DNS_LABEL.match(version) or len(service) > 63:
+            if service is None or not _DNS_LABEL.fullmatch(version) or len(service) > 63:
                 raise TrafficPolicyError(
                     f"version {version!r} must make a DNS-1123 Service name '{self.service}<version>' (a-z, 0-9, '-')"
                 )
@@ -195,7 +195,7 @@ class TrafficPolicy:
             raise TrafficPolicyError("weights must have a positive sum (got all zero)")
         if total > MAX_TOTAL_WEIGHT:
             raise TrafficPolicyError(f"weights must sum to at most {MAX_TOTAL_WEIGHT} (Envoy's uint32; got {total})")
-        if self.pin_header is not None and not _HTTP_HEADER.match(self.pin_header):
+        if self.pin_header is not None and not _HTTP_HEADER.fullmatch(self.pin_header):
             raise TrafficPolicyError(f"pin_header {self.pin_header!r} must be a lower-case HTTP header name")
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise TrafficPolicyError(f"port must be 1-65535 (got {self.port!r})")
@@ -424,9 +424,9 @@ def qualify_like_cilium(resources: list[dict], namespace: str, cec_name: str) ->
 
     Mirrors pkg/ciliumenvoyconfig/cec_resource_parser.go for the fields this
     project uses: listener, route configuration and virtual host names
-    (forced), RDS and route cluster references, cluster names. It does not
-    touch the clusters listed inside an aggregate cluster, and neither does
-    Cilium, which is why those must already be qualified ('namespace/service').
+    (forced), RDS and route cluster references, cluster names and their
+    load assignment's cluster name. Socket addresses (the version Services'
+    DNS names) are left as they are, as Cilium leaves them.
     """
     def q(name: str, force: bool = False) -> str:
         return qualified_name(namespace, cec_name, name, force)
@@ -453,11 +453,13 @@ def qualify_like_cilium(resources: list[dict], namespace: str, cec_name: str) ->
                         wc["name"] = q(wc["name"])
         elif kind == "Cluster":
             res["name"] = q(res["name"])
+            if "load_assignment" in res:
+                res["load_assignment"]["cluster_name"] = q(res["load_assignment"]["cluster_name"])
     return out
 
 
 def cluster_references(resources: list[dict]) -> set[str]:
-    """Every cluster name that routes and aggregate clusters point at."""
+    """Every cluster name that routes point at."""
     refs: set[str] = set()
     for res in resources:
         for vhost in res.get("virtual_hosts", []):
@@ -466,7 +468,4 @@ def cluster_references(resources: list[dict]) -> set[str]:
                 if "cluster" in action:
                     refs.add(action["cluster"])
                 refs.update(wc["name"] for wc in action.get("weighted_clusters", {}).get("clusters", []))
-        cluster_type = res.get("cluster_type", {})
-        if cluster_type.get("name") == "envoy.clusters.aggregate":
-            refs.update(cluster_type["typed_config"]["clusters"])
     return refs

