@@ -3,19 +3,24 @@
 Every key is required and documented in README ("Configuration"); cdk.json
 holds the defaults. A bad value raises ConfigError with one line that names
 the key and what is allowed; app.py prints it and exits before anything is
-synthesized.
+synthesized. What is accepted comes back in one canonical form (a CIDR as
+`str(IPv4Network)`, a count as an int), so the stack never sees two spellings
+of the same setting.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import json
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import botocore
+from botocore.loaders import Loader
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
 from cilium_mesh.manifests import WORKLOAD_FILES, load_documents, service_names
 from cilium_mesh.versions import CILIUM_RELEASES
@@ -30,12 +35,22 @@ KEYS = (
     "cilium_version",
     "node_instance_type",
     "node_count",
-    "kube_proxy",
     "admin_principal_arn",
     "endpoint_public_cidrs",
     "traffic_weights",
     "network_policy",
 )
+
+# Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
+REMOVED_KEYS = {
+    "kube_proxy": "removed: Cilium's Ingress needs kube-proxy replacement (Cilium 1.19+)",
+}
+
+# Context keys of the CDK CLI itself (aws-cdk 2.1148.1), accepted and ignored. `cdk acknowledge`
+# writes acknowledged-issue-numbers and `cdk cli-telemetry` writes cli-telemetry to cdk.context.json
+# (lib/cli/cdk-toolkit.js); the CLI's README tells users to turn notices off "through context in
+# cdk.json". Keys with ':' or '/' (feature flags, aws:cdk:*) are the CDK's too and also ignored.
+CDK_CLI_KEYS = ("acknowledged-issue-numbers", "cli-telemetry", "notices")
 
 # x86_64 (the sample images are amd64) families with enough ENIs for the VPC CNI.
 INSTANCE_FAMILIES = (
@@ -45,12 +60,17 @@ INSTANCE_FAMILIES = (
     "t3", "t3a",
 )  # fmt: skip
 MIN_NODES, MAX_NODES = 2, 50
+# EKS quota "Public endpoint access CIDR ranges per cluster" (not adjustable).
+MAX_PUBLIC_CIDRS = 40
 
-_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-\d$")
-_CLUSTER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{0,99}$")
-_INSTANCE_TYPE = re.compile(r"^([a-z][a-z0-9-]*)\.(large|xlarge|\d+xlarge|metal)$")
-_CILIUM_VERSION = re.compile(r"^(\d+\.\d+)\.(\d+)$")
-_PRINCIPAL_ARN = re.compile(r"^arn:aws(-[a-z]+)*:iam::\d{12}:(role|user)/[\w+=,.@/-]+$")
+# re.ASCII: \w and \d would otherwise accept non-ASCII letters and digits ('١' is a digit to Python).
+_REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]", re.ASCII)
+_CLUSTER_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9-]{0,99}", re.ASCII)
+_INSTANCE_TYPE = re.compile(r"([a-z][a-z0-9-]*)\.(large|xlarge|[0-9]+xlarge|metal(-[0-9]+xl)?)", re.ASCII)
+# Up to four digits a part: int() of a longer digit string can fail (and no release is that long).
+_CILIUM_VERSION = re.compile(r"v?([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})", re.ASCII)
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,9}", re.ASCII)
+_PRINCIPAL_ARN = re.compile(r"arn:aws(-[a-z]+)*:iam::[0-9]{12}:(role|user)/[\w+=,.@/-]+", re.ASCII)
 
 
 class ConfigError(ValueError):
@@ -59,6 +79,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class MeshConfig:
+    """The checked configuration, in canonical form."""
+
     region: str
     availability_zones: tuple[str, ...]
     cluster_name: str
@@ -66,11 +88,22 @@ class MeshConfig:
     cilium_version: str
     node_instance_type: str
     node_count: int
-    kube_proxy: bool
     admin_principal_arn: str | None
     endpoint_public_cidrs: tuple[str, ...]
     traffic_policy: TrafficPolicy
     network_policy: bool
+
+
+@functools.cache
+def ec2_instance_types() -> frozenset[str]:
+    """Every instance type EC2 knows, from botocore's EC2 model (each botocore release adds new ones)."""
+    return frozenset(Loader().load_service_model("ec2", "service-2")["shapes"]["InstanceType"]["enum"])
+
+
+def _shown(value: Any) -> str:
+    """A value inside the one error line: repr (a newline shows as \\n), at most 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _structured(value: Any) -> Any:
@@ -78,122 +111,154 @@ def _structured(value: Any) -> Any:
     if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
         try:
             return json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an integer too long to read, nested too deep
             return value
     return value
 
 
 def _region(value: Any) -> str:
-    if not isinstance(value, str) or not _REGION.match(value):
-        raise ConfigError(f"region: {value!r} is not an AWS region name like 'us-west-2'")
+    if not isinstance(value, str) or not _REGION.fullmatch(value):
+        raise ConfigError(f"region: {_shown(value)} is not an AWS region name like 'us-west-2'")
     return value
 
 
 def _zones(value: Any, region: str) -> tuple[str, ...]:
     value = _structured(value)
-    if not isinstance(value, list) or len(value) != 3 or len(set(map(str, value))) != 3:
-        raise ConfigError(f"availability_zones: {value!r} must be a list of 3 different zones of {region}")
+    if not isinstance(value, list) or len(value) != 3:
+        raise ConfigError(f"availability_zones: {_shown(value)} must be a list of 3 different zones of {region}")
     for zone in value:
-        if not isinstance(zone, str) or not re.fullmatch(re.escape(region) + r"[a-z]", zone):
-            raise ConfigError(f"availability_zones: {zone!r} is not a zone of {region} (like '{region}a')")
+        if not isinstance(zone, str) or not re.fullmatch(re.escape(region) + "[a-z]", zone, re.ASCII):
+            raise ConfigError(f"availability_zones: {_shown(zone)} is not a zone of {region} (like '{region}a')")
+        if value.count(zone) > 1:
+            raise ConfigError(f"availability_zones: {zone!r} is listed twice; give 3 different zones of {region}")
     return tuple(value)
 
 
 def _cluster_name(value: Any) -> str:
-    if not isinstance(value, str) or not _CLUSTER_NAME.match(value):
+    if not isinstance(value, str) or not _CLUSTER_NAME.fullmatch(value):
         raise ConfigError(
-            f"cluster_name: {value!r} must start with a letter and hold only letters, digits and '-' (at most 100)"
+            f"cluster_name: {_shown(value)} must start with a letter and hold only letters, digits and '-'"
+            " (at most 100)"
         )
     return value
 
 
 def _kubernetes_version(value: Any) -> str:
+    """A string only: JSON reads 1.30 as the number 1.3, so a number cannot say which version it meant."""
     supported = ", ".join(KUBERNETES_RELEASES)
-    value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(
+            f'kubernetes_version: {_shown(value)} must be a string like "1.35" (as a JSON number 1.30 would read'
+            f" as 1.3); supported: {supported}"
+        )
     if value in RETIRED_KUBERNETES:
         raise ConfigError(
             f"kubernetes_version: {value} is retired on EKS (extended support ended {RETIRED_KUBERNETES[value]});"
             f" supported: {supported}"
         )
     if value not in KUBERNETES_RELEASES:
-        raise ConfigError(f"kubernetes_version: {value!r} is not an EKS version; supported: {supported}")
+        raise ConfigError(f"kubernetes_version: {_shown(value)} is not an EKS version; supported: {supported}")
     return value
 
 
 def _cilium_version(value: Any) -> str:
+    """Only the chart version exactly as helm.cilium.io publishes it, which is what helm is given."""
     supported = ", ".join(f"{minor}.0-{minor}.{patch}" for minor, patch in CILIUM_RELEASES.items())
-    match = _CILIUM_VERSION.match(str(value))
+    match = _CILIUM_VERSION.fullmatch(value) if isinstance(value, str) else None
     if not match:
-        raise ConfigError(f"cilium_version: {value!r} is not a release like '1.19.6'; supported: {supported}")
-    minor, patch = match.group(1), int(match.group(2))
-    if minor not in CILIUM_RELEASES:
-        newest = max(CILIUM_RELEASES, key=lambda m: tuple(map(int, m.split("."))))
-        if tuple(map(int, minor.split("."))) < tuple(map(int, newest.split("."))):
+        raise ConfigError(
+            f"cilium_version: {_shown(value)} is not a release like '1.19.6'; supported: {supported}"
+        )
+    major, minor, patch = (int(part) for part in match.groups())
+    canonical = f"{major}.{minor}.{patch}"
+    if value != canonical:
+        raise ConfigError(f"cilium_version: {value!r} is not how Cilium names its releases: write {canonical}")
+    release = f"{major}.{minor}"
+    if release not in CILIUM_RELEASES:
+        newest = max(tuple(map(int, m.split("."))) for m in CILIUM_RELEASES)
+        if (major, minor) < newest:
             raise ConfigError(f"cilium_version: {value} is end-of-life; supported: {supported}")
         raise ConfigError(f"cilium_version: {value} is not published; supported: {supported}")
-    if patch > CILIUM_RELEASES[minor]:
+    if patch > CILIUM_RELEASES[release]:
         raise ConfigError(f"cilium_version: {value} is not published; supported: {supported}")
-    return str(value)
+    return value
 
 
 def _instance_type(value: Any) -> str:
-    match = _INSTANCE_TYPE.match(value) if isinstance(value, str) else None
+    """An allowed x86_64 family and size first, then a real instance type by botocore's EC2 model."""
+    match = _INSTANCE_TYPE.fullmatch(value) if isinstance(value, str) else None
     if not match or match.group(1) not in INSTANCE_FAMILIES:
         raise ConfigError(
-            f"node_instance_type: {value!r} must be <family>.<large|xlarge|Nxlarge> with an x86_64 family of "
-            f"{', '.join(INSTANCE_FAMILIES)}"
+            f"node_instance_type: {_shown(value)} must be <family>.<large|xlarge|Nxlarge|metal|metal-Nxl>"
+            f" with an x86_64 family of {', '.join(INSTANCE_FAMILIES)}"
+        )
+    if value not in ec2_instance_types():
+        raise ConfigError(
+            f"node_instance_type: {value!r} is not an EC2 instance type (botocore {botocore.__version__}'s EC2"
+            " model); like 'm6i.large' or 'm6i.2xlarge'"
         )
     return value
 
 
 def _node_count(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    """An int, or from `-c node_count=3` a string of ASCII digits and nothing else."""
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not MIN_NODES <= value <= MAX_NODES:
-        raise ConfigError(f"node_count: {value!r} must be a whole number from {MIN_NODES} to {MAX_NODES}")
+        raise ConfigError(f"node_count: {_shown(value)} must be a whole number from {MIN_NODES} to {MAX_NODES}")
     return value
 
 
-def _flag(key: str) -> Callable[[Any], bool]:
-    def parse(value: Any) -> bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise ConfigError(f"{key}: {value!r} must be true or false")
-
-    return parse
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"{key}: {_shown(value)} must be true or false")
 
 
 def _principal(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _PRINCIPAL_ARN.match(value):
+    if not isinstance(value, str) or not _PRINCIPAL_ARN.fullmatch(value):
         raise ConfigError(
-            f"admin_principal_arn: {value!r} must be null or an IAM role or user ARN like "
+            f"admin_principal_arn: {_shown(value)} must be null or an IAM role or user ARN like "
             "'arn:aws:iam::123456789012:role/Admin'"
         )
     return value
 
 
 def _cidrs(value: Any) -> tuple[str, ...]:
+    """Strings only (IPv4Network would also take an int), host bits zero, each once, as IPv4Network writes them."""
     value = _structured(value)
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"endpoint_public_cidrs: {value!r} must be a non-empty list of IPv4 CIDRs like '203.0.113.0/24'")
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PUBLIC_CIDRS:
+        raise ConfigError(
+            f"endpoint_public_cidrs: {_shown(value)} must be a list of 1 to {MAX_PUBLIC_CIDRS} (the EKS limit)"
+            " IPv4 CIDRs like '203.0.113.0/24'"
+        )
+    cidrs: list[str] = []
     for cidr in value:
         try:
-            ipaddress.IPv4Network(cidr, strict=True)
-        except (ValueError, TypeError):
+            network = str(ipaddress.IPv4Network(cidr, strict=True)) if isinstance(cidr, str) else None
+        except ValueError:
+            network = None
+        if network is None:
             raise ConfigError(
-                f"endpoint_public_cidrs: {cidr!r} is not an IPv4 CIDR with its host bits zero, like '203.0.113.0/24'"
-            ) from None
-    return tuple(value)
+                f"endpoint_public_cidrs: {_shown(cidr)} is not an IPv4 CIDR string with its host bits zero,"
+                " like '203.0.113.0/24'"
+            )
+        if network in cidrs:
+            raise ConfigError(f"endpoint_public_cidrs: {cidr!r} is {network}, listed twice; give each CIDR once")
+        cidrs.append(network)
+    return tuple(cidrs)
 
 
 def _traffic_policy(value: Any) -> TrafficPolicy:
     value = _structured(value)
     if not isinstance(value, dict):
-        raise ConfigError(f'traffic_weights: {value!r} must map versions to weights, like {{"v1": 90, "v2": 10}}')
+        raise ConfigError(
+            f'traffic_weights: {_shown(value)} must map versions to weights, like {{"v1": 90, "v2": 10}}'
+        )
     try:
         policy = TrafficPolicy(weights=value)
         policy.check_services(service_names(load_documents(*WORKLOAD_FILES), policy.namespace))
@@ -202,15 +267,24 @@ def _traffic_policy(value: Any) -> TrafficPolicy:
     return policy
 
 
+def _key_shown(key: str) -> str:
+    """A key as the start of the error line; one with a newline or other control character as its repr."""
+    return key if key.isprintable() else repr(key)
+
+
 def load_config(settings: Mapping[str, Any]) -> MeshConfig:
     """Read and check every key of the context (``app.node.get_all_context()``).
 
-    Keys with ':' or '/' are the CDK's own; any other key must be one of KEYS,
-    so a typo such as ``-c node_cout=3`` is not silently ignored.
+    The CDK's own keys (CDK_CLI_KEYS, and any with ':' or '/') are ignored; any
+    other key must be one of KEYS, so a typo such as ``-c node_cout=3`` is not
+    silently ignored.
     """
-    unknown = sorted(k for k in settings if k not in KEYS and ":" not in k and "/" not in k)
+    for key in settings:
+        if key in REMOVED_KEYS:
+            raise ConfigError(f"{key}: {REMOVED_KEYS[key]}")
+    unknown = sorted(k for k in settings if k not in KEYS and k not in CDK_CLI_KEYS and ":" not in k and "/" not in k)
     if unknown:
-        raise ConfigError(f"{unknown[0]}: not a configuration key (keys: {', '.join(KEYS)})")
+        raise ConfigError(f"{_key_shown(unknown[0])}: not a configuration key (keys: {', '.join(KEYS)})")
     missing = [key for key in KEYS if settings.get(key) is None and key != "admin_principal_arn"]
     if missing:
         raise ConfigError(f"{missing[0]}: missing from cdk.json context (keys: {', '.join(KEYS)})")
@@ -224,11 +298,10 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         cilium_version=_cilium_version(context("cilium_version")),
         node_instance_type=_instance_type(context("node_instance_type")),
         node_count=_node_count(context("node_count")),
-        kube_proxy=_flag("kube_proxy")(context("kube_proxy")),
         admin_principal_arn=_principal(context("admin_principal_arn")),
         endpoint_public_cidrs=_cidrs(context("endpoint_public_cidrs")),
         traffic_policy=_traffic_policy(context("traffic_weights")),
-        network_policy=_flag("network_policy")(context("network_policy")),
+        network_policy=_flag("network_policy", context("network_policy")),
     )
 
 

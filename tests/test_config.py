@@ -1,46 +1,106 @@
-"""Bad input: every case fails synth with one line that names the key, no traceback, nothing written."""
+"""Bad input: every case fails with one line that names the key; through app.py also no traceback, nothing written."""
 
 import json
 import os
 import subprocess
 import sys
+import tarfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import aws_cdk
 import pytest
 from conftest import CONTEXT, ROOT
-from stacks.config import KEYS, ConfigError, load_config
+from stacks.config import INSTANCE_FAMILIES, KEYS, ConfigError, ec2_instance_types, load_config
 
-BAD = [
+# Also run through the real app.py (a subprocess each): one of every kind of failure.
+THROUGH_APP = [
+    ("node_count", "²", "whole number from 2 to 50"),  # str.isdigit() is True, int() fails
+    ("endpoint_public_cidrs", [3232235520], "not an IPv4 CIDR string"),  # IPv4Network would take the int
+    ("node_instance_type", "t3.metal", "not an EC2 instance type"),
+    ("traffic_weights", {"v1": 5000000000, "v2": 1}, "at most 4294967295"),
+    ("cilium_version", "1.19.06", "write 1.19.6"),
+    ("cluster_name", "cilium-mesh\n", "must start with a letter"),  # '$' would match before the newline
+    ("kube_proxy", True, "removed: Cilium's Ingress needs kube-proxy replacement"),
+    ("node_cout", 3, "not a configuration key"),
+]
+
+BAD = THROUGH_APP + [
+    ("region", "us-west", "not an AWS region"),
+    ("region", "US-WEST-2", "not an AWS region"),
+    ("region", "us-west-2\n", "not an AWS region"),
+    ("availability_zones", ["us-west-2a", "us-west-2b", "us-east-1c"], "not a zone of us-west-2"),
+    ("availability_zones", ["us-west-2a", "us-west-2b"], "list of 3 different zones"),
+    ("availability_zones", ["us-west-2a", "us-west-2a", "us-west-2b"], "listed twice"),
+    ("cluster_name", "my_cluster!", "must start with a letter"),
+    ("cluster_name", "1cluster", "must start with a letter"),
+    ("cluster_name", "c" * 101, "at most 100"),
     ("kubernetes_version", "1.29", "retired on EKS"),
+    ("kubernetes_version", "1.31", "extended support ended 2026-11-26"),
     ("kubernetes_version", "1.99", "not an EKS version"),
     ("kubernetes_version", "latest", "supported: 1.32, 1.33, 1.34, 1.35, 1.36"),
+    ("kubernetes_version", "1.35\n", "not an EKS version"),
+    ("kubernetes_version", 1.35, "must be a string"),
+    ("kubernetes_version", 1.3, "1.30 would read as 1.3"),
     ("cilium_version", "1.14.7", "end-of-life"),
     ("cilium_version", "1.19.99", "not published"),
     ("cilium_version", "1.25.0", "not published"),
     ("cilium_version", "v1.19", "not a release"),
-    ("endpoint_public_cidrs", ["10.0.0.0/33"], "not an IPv4 CIDR"),
-    ("endpoint_public_cidrs", ["203.0.113.7/24"], "host bits zero"),
-    ("endpoint_public_cidrs", [], "non-empty list"),
-    ("node_count", 0, "whole number from 2 to 50"),
-    ("node_count", "three", "whole number from 2 to 50"),
-    ("node_count", 1, "whole number from 2 to 50"),
+    ("cilium_version", "01.19.6", "write 1.19.6"),
+    ("cilium_version", "v1.19.6", "write 1.19.6"),
+    ("cilium_version", "1.19.6\n", "not a release"),
     ("node_instance_type", "x9z.large", "x86_64 family"),
     ("node_instance_type", "m7g.large", "x86_64 family"),
+    ("node_instance_type", "m6i.0xlarge", "not an EC2 instance type"),
+    ("node_instance_type", "t3.medium", "<large|xlarge|Nxlarge|metal|metal-Nxl>"),
+    ("node_instance_type", "m6i.large\n", "x86_64 family"),
+    ("node_count", 0, "whole number from 2 to 50"),
+    ("node_count", 1, "whole number from 2 to 50"),
+    ("node_count", 51, "whole number from 2 to 50"),
+    ("node_count", "three", "whole number from 2 to 50"),
+    ("node_count", True, "whole number from 2 to 50"),
+    ("node_count", 2.5, "whole number from 2 to 50"),
+    ("node_count", "  3 ", "whole number from 2 to 50"),
+    ("node_count", "9" * 5000, "whole number from 2 to 50"),  # int() refuses more than 4300 digits
+    ("admin_principal_arn", "", "IAM role or user ARN"),
+    ("admin_principal_arn", "arn:aws:iam::12345:role/x", "IAM role or user ARN"),
+    ("admin_principal_arn", "arn:aws:iam::123456789012:role/Admin\n", "IAM role or user ARN"),
+    ("admin_principal_arn", "arn:aws:iam::123456789012:group/Admins", "IAM role or user ARN"),
+    ("endpoint_public_cidrs", ["10.0.0.0/33"], "not an IPv4 CIDR"),
+    ("endpoint_public_cidrs", ["203.0.113.7/24"], "host bits zero"),
+    ("endpoint_public_cidrs", ["203.0.113.0/24\n"], "not an IPv4 CIDR"),
+    ("endpoint_public_cidrs", [], "list of 1 to 40"),
+    ("endpoint_public_cidrs", [f"198.51.{i}.0/24" for i in range(41)], "list of 1 to 40 (the EKS limit)"),
+    ("endpoint_public_cidrs", ["198.51.100.0/24", "198.51.100.0/255.255.255.0"], "listed twice"),
+    ("endpoint_public_cidrs", "203.0.113.0/24", "must be a list"),
+    ("endpoint_public_cidrs", "[" + "1" * 5000 + "]", "must be a list"),  # JSON too long to read as a number
     ("traffic_weights", {"v1": -10, "v2": 110}, "non-negative integer"),
     ("traffic_weights", {"v1": 0, "v2": 0}, "positive sum"),
     ("traffic_weights", {"v1": 50, "v3": 50}, "no Service catalogdetailv3"),
     ("traffic_weights", {"V_1": 100}, "DNS-1123"),
     ("traffic_weights", {"v1": 50.5, "v2": 49.5}, "non-negative integer"),
-    ("cluster_name", "my_cluster!", "cluster_name"),
-    ("admin_principal_arn", "", "IAM role or user ARN"),
-    ("admin_principal_arn", "arn:aws:iam::12345:role/x", "IAM role or user ARN"),
-    ("region", "us-west", "not an AWS region"),
-    ("region", "US-WEST-2", "not an AWS region"),
-    ("availability_zones", ["us-west-2a", "us-west-2b", "us-east-1c"], "not a zone of us-west-2"),
-    ("availability_zones", ["us-west-2a", "us-west-2b"], "list of 3 different zones"),
-    ("kube_proxy", "maybe", "true or false"),
-    ("node_cout", 3, "not a configuration key"),
+    ("traffic_weights", '{"v1": 90, "v2": 10', "must map versions to weights"),
+    ("traffic_weights", [50, 50], "must map versions to weights"),
+    ("network_policy", "maybe", "true or false"),
+    ("network_policy", 1, "true or false"),
+    ("kube_proxy", "false", "removed"),
 ]
+
+
+def case_id(case) -> str:
+    key, value, _ = case
+    shown = repr(value)
+    return f"{key}={shown if len(shown) <= 40 else shown[:37] + '...'}"
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), BAD, ids=map(case_id, BAD))
+def test_bad_value_is_one_line_naming_the_key(key, value, expected):
+    with pytest.raises(ConfigError) as raised:
+        load_config({**CONTEXT, key: value})
+    message = str(raised.value)
+    assert message.startswith(f"{key}: "), message
+    assert expected in message, message
+    assert "\n" not in message
 
 
 def run_app(context: dict, outdir) -> subprocess.CompletedProcess:
@@ -51,8 +111,8 @@ def run_app(context: dict, outdir) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def bad_runs(tmp_path_factory):
-    """Each bad configuration through the real app.py, two at a time."""
+def app_runs(tmp_path_factory):
+    """Each THROUGH_APP configuration through the real app.py, two at a time."""
 
     def run(case):
         key, value, _ = case
@@ -60,13 +120,13 @@ def bad_runs(tmp_path_factory):
         return run_app({**CONTEXT, key: value}, outdir), outdir
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(range(len(BAD)), pool.map(run, BAD)))
+        return list(pool.map(run, THROUGH_APP))
 
 
-@pytest.mark.parametrize("index", range(len(BAD)), ids=[f"{k}={v!r}" for k, v, _ in BAD])
-def test_bad_value_fails_synth_with_one_clear_line(bad_runs, index):
-    key, _, expected = BAD[index]
-    result, outdir = bad_runs[index]
+@pytest.mark.parametrize("index", range(len(THROUGH_APP)), ids=map(case_id, THROUGH_APP))
+def test_bad_value_stops_app_py_with_one_line_and_writes_nothing(app_runs, index):
+    key, _, expected = THROUGH_APP[index]
+    result, outdir = app_runs[index]
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip() and "!!" not in line]
     assert len(lines) == 1, result.stderr
@@ -76,13 +136,9 @@ def test_bad_value_fails_synth_with_one_clear_line(bad_runs, index):
     assert list(outdir.iterdir()) == []
 
 
-def test_catalogue_covers_at_least_fifteen_cases_and_every_required_kind():
-    assert len(BAD) >= 15
-    covered = {key for key, _, _ in BAD}
-    assert covered >= {
-        "kubernetes_version", "cilium_version", "endpoint_public_cidrs", "node_count", "node_instance_type",
-        "traffic_weights", "cluster_name", "admin_principal_arn", "region", "availability_zones",
-    }  # fmt: skip
+def test_catalogue_has_at_least_forty_cases_covering_every_key():
+    assert len(BAD) >= 40
+    assert {key for key, _, _ in BAD} >= set(KEYS)
 
 
 def test_missing_key_is_named():
@@ -96,18 +152,43 @@ def test_command_line_strings_are_read_like_cdk_json():
     context = {
         **CONTEXT,
         "node_count": "3",
-        "kube_proxy": "true",
+        "network_policy": "false",
         "traffic_weights": '{"v1": 90, "v2": 10}',
         "endpoint_public_cidrs": '["203.0.113.0/24"]',
     }
     config = load_config(context)
-    assert config.node_count == 3 and config.kube_proxy is True
+    assert config.node_count == 3 and config.network_policy is False
     assert dict(config.traffic_policy.weights) == {"v1": 90, "v2": 10}
     assert config.endpoint_public_cidrs == ("203.0.113.0/24",)
 
 
+def test_cidrs_come_back_as_ipv4network_writes_them():
+    config = load_config({**CONTEXT, "endpoint_public_cidrs": ["192.0.2.1", "198.51.100.0/255.255.255.0"]})
+    assert config.endpoint_public_cidrs == ("192.0.2.1/32", "198.51.100.0/24")
+
+
+def test_instance_types_are_checked_against_botocores_ec2_model():
+    assert load_config({**CONTEXT, "node_instance_type": "m7i.metal-24xl"}).node_instance_type == "m7i.metal-24xl"
+    for family in INSTANCE_FAMILIES:
+        assert f"{family}.large" in ec2_instance_types(), family
+
+
+def test_cdk_cli_context_keys_are_accepted_and_ignored():
+    """`cdk acknowledge 12345` and `cdk cli-telemetry --disable` write these to cdk.context.json."""
+    context = {**CONTEXT, "acknowledged-issue-numbers": [12345], "notices": False, "cli-telemetry": False}
+    assert load_config(context) == load_config(CONTEXT)
+
+
 def test_defaults_in_cdk_json_are_valid_and_complete():
-    assert set(CONTEXT) == set(KEYS)
+    assert {key for key in CONTEXT if ":" not in key and "/" not in key} == set(KEYS)
     config = load_config(CONTEXT)
     assert config.kubernetes_version == "1.35" and config.region == "us-west-2"
     assert dict(config.traffic_policy.weights) == {"v1": 50, "v2": 50}
+
+
+def test_cdk_json_carries_aws_cdk_libs_recommended_feature_flags():
+    """What `cdk init` puts in a new app's cdk.json, from the installed aws-cdk-lib itself."""
+    library = next((Path(aws_cdk.__file__).parent / "_jsii").glob("aws-cdk-lib@*.jsii.tgz"))
+    with tarfile.open(library) as package:
+        recommended = json.load(package.extractfile("package/recommended-feature-flags.json"))
+    assert {key: CONTEXT.get(key) for key in recommended} == recommended
