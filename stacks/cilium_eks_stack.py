@@ -10,7 +10,7 @@ from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
-from cilium_mesh import CiliumMesh, CiliumMeshProps
+from cilium_mesh import CiliumMesh, CiliumMeshProps, TrafficPolicy
 from constructs import Construct
 
 from .config import MeshConfig
@@ -217,15 +217,7 @@ class CiliumEksStack(Stack):
             "HubbleUi",
             value="kubectl -n kube-system port-forward svc/hubble-ui 12000:80  # then open http://localhost:12000",
         )
-        CfnOutput(
-            self,
-            "CheckTrafficSplit",
-            value=(
-                "kubectl -n workshop exec deploy/productcatalog -- sh -c "
-                "'for i in $(seq 100); do curl -s catalogdetail:3000/catalogDetail; echo; done'"
-                " | grep -o '\"version\":\"[0-9]*\"' | sort | uniq -c"
-            ),
-        )
+        CfnOutput(self, "CheckTrafficSplit", value=_traffic_check_command(config.traffic_policy))
 
     def _acknowledge_findings(self) -> None:
         """cdk-nag AwsSolutions findings that are accepted, each on its construct, with its concrete cause."""
@@ -306,3 +298,19 @@ class CiliumEksStack(Stack):
 
 def _managed_policy(name: str) -> str:
     return f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/{name}]"
+
+
+def _traffic_check_command(policy: TrafficPolicy) -> str:
+    """Shows the policy at work, which the plain Service cannot imitate: the split next to the
+    configured weights, and requests pinned by header going only to their version."""
+    url = f"{policy.service}:{policy.port}/catalogDetail"
+    count = 'grep -o "\\"version\\":\\"[0-9]*\\"" | sort | uniq -c'
+    weights = " ".join(f"{v}={w}" for v, w in policy.weights.items())
+    script = f'echo "configured weights: {weights}"; for i in $(seq 200); do curl -s {url}; echo; done | {count}'
+    if policy.pin_header:
+        script += (
+            f"; for v in {' '.join(policy.versions)}; do echo \"pinned to $v:\"; for i in $(seq 20); do "
+            f"curl -s -H \"{policy.pin_header}: $v\" {url}; echo; done | {count}; done"
+        )
+    return f"kubectl -n {policy.namespace} exec deploy/productcatalog -- sh -c '{script}'"
+

@@ -68,10 +68,9 @@ def synth(tmp_path_factory) -> Synth:
 
 @pytest.fixture(scope="session")
 def synth_variant(tmp_path_factory) -> Synth:
-    """The other side of every switch: kube-proxy kept, no network policy, an admin principal, 90/10."""
+    """The other side of every switch: no network policy, an admin principal, 90/10."""
     return synthesize(
         tmp_path_factory.mktemp("cdk.out.variant"),
-        kube_proxy=True,
         network_policy=False,
         admin_principal_arn="arn:aws:iam::123456789012:role/PlatformAdmin",
         traffic_weights={"v1": 90, "v2": 10},

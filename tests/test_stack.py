@@ -9,6 +9,28 @@ from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_ass
 SNAPSHOT = ROOT / "tests" / "snapshots" / "CiliumMeshEks.template.json"
 
 
+def update_requested() -> bool:
+    """UPDATE_SNAPSHOTS=1 rewrites the snapshot, except in CI, where it must fail instead of passing."""
+    if os.environ.get("UPDATE_SNAPSHOTS") != "1":
+        return False
+    if os.environ.get("CI"):
+        raise AssertionError("UPDATE_SNAPSHOTS is set in CI: review and commit the snapshot instead")
+    return True
+
+
+def test_ci_refuses_to_rewrite_the_snapshot(monkeypatch):
+    monkeypatch.setenv("UPDATE_SNAPSHOTS", "1")
+    monkeypatch.setenv("CI", "true")
+    try:
+        update_requested()
+    except AssertionError as error:
+        assert "UPDATE_SNAPSHOTS is set in CI" in str(error)
+    else:
+        raise AssertionError("UPDATE_SNAPSHOTS passed in CI")
+    monkeypatch.delenv("CI")
+    assert update_requested() is True
+
+
 def kinds(documents):
     return sorted(f"{d['kind']}/{d['metadata']['name']}" for d in documents)
 
@@ -76,19 +98,19 @@ def test_managed_node_group_is_x86_private_imdsv2_and_tainted_until_cilium(synth
     assert policies == ["AmazonEC2ContainerRegistryReadOnly", "AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy"]
 
 
-def test_addons_are_managed_and_kube_proxy_is_off_by_default(synth, synth_variant):
+def test_addons_are_managed_and_there_is_no_kube_proxy(synth):
     names = sorted(a["Properties"]["AddonName"] for a in synth.resources("AWS::EKS::Addon").values())
     assert names == ["coredns", "vpc-cni"]
-    names = sorted(a["Properties"]["AddonName"] for a in synth_variant.resources("AWS::EKS::Addon").values())
-    assert names == ["coredns", "kube-proxy", "vpc-cni"]
 
 
 def test_load_balancer_controller_installs_without_waiting_or_service_webhook(synth):
     chart = synth.resource(synth.stack.load_balancer_controller.node.find_child("Resource"))
     assert chart["Properties"]["Chart"] == "aws-load-balancer-controller"
-    assert chart["Properties"]["Wait"] is False
+    assert "Wait" not in chart["Properties"], "CloudFormation would hand the handler 'false', which it reads as true"
     values = helm_values(chart)
     assert values["enableServiceMutatorWebhook"] is False
+    assert values["webhookConfig"] == {"disableIngressValidation": True}
+    assert values["dnsPolicy"] == "Default"
     assert values["clusterName"] == TOKEN and values["vpcId"] == TOKEN and values["region"] == "us-west-2"
     assert values["image"]["tag"] == "v3.2.2"
 
@@ -114,19 +136,25 @@ def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
     assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internet-facing"
     assert values["encryption"]["enabled"] is False
     assert values["envoyConfig"]["enabled"] is True
+    assert values["envoy"]["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert "endpointRoutes" not in values
     assert "strict" not in json.dumps(values)
+
+
+def test_cilium_cluster_pool_overlaps_neither_the_vpc_nor_the_service_range(synth):
+    import ipaddress
+
+    values = helm_values(synth.resource(synth.stack.mesh.cilium))
+    pools = [ipaddress.ip_network(c) for c in values["ipam"]["operator"]["clusterPoolIPv4PodCIDRList"]]
+    vpc = ipaddress.ip_network(synth.resources("AWS::EC2::VPC").popitem()[1]["Properties"]["CidrBlock"])
+    services = ipaddress.ip_network("172.20.0.0/16")  # EKS's default for a 10.x VPC
+    assert pools and not any(p.overlaps(vpc) or p.overlaps(services) for p in pools)
 
 
 def test_cilium_reads_the_api_server_endpoint_without_scheme(synth):
     values = synth.resource(synth.stack.mesh.cilium)["Properties"]["Values"]
     host = json.dumps(values)
     assert '"Fn::Select": [1, {"Fn::Split": ["//", {"Fn::GetAtt": [' in host and '"Endpoint"]' in host
-
-
-def test_kube_proxy_kept_turns_the_replacement_off(synth_variant):
-    values = helm_values(synth_variant.resource(synth_variant.stack.mesh.cilium))
-    assert values["kubeProxyReplacement"] is False
-    assert "k8sServiceHost" not in values and "k8sServicePort" not in values
 
 
 def test_manifests_are_applied_as_written(synth):
@@ -177,13 +205,33 @@ def test_outputs_tell_how_to_reach_and_check_the_mesh(synth):
     assert hostname["JsonPath"] == ".status.loadBalancer.ingress[0].hostname"
     assert outputs["UpdateKubeconfig"]["Value"] == "aws eks update-kubeconfig --region us-west-2 --name cilium-mesh"
     assert "hubble-ui" in outputs["HubbleUi"]["Value"]
-    check = outputs["CheckTrafficSplit"]["Value"]
-    assert "deploy/productcatalog" in check and "catalogdetail:3000/catalogDetail" in check and "uniq -c" in check
+    assert "deploy/productcatalog" in outputs["CheckTrafficSplit"]["Value"]
+
+
+def test_traffic_check_shows_the_split_beside_the_weights_and_pinned_requests(synth, tmp_path):
+    """Run the output's script with a stand-in curl: quoting, counting and the pinned part all work."""
+    import shlex
+    import subprocess
+
+    words = shlex.split(synth.template["Outputs"]["CheckTrafficSplit"]["Value"])
+    script = words[words.index("-c") + 1]
+    curl = tmp_path / "curl"
+    curl.write_text(
+        '#!/bin/sh\nv=1\nwhile [ $# -gt 0 ]; do [ "$1" = -H ] && v=${2##*: v}; shift; done\n'
+        'printf \'{"version":"%s","vendors":["ABC.com"]}\' "$v"\n'
+    )
+    curl.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    out = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True, timeout=60, check=True).stdout
+    lines = [line.strip() for line in out.splitlines()]
+    assert lines[0] == "configured weights: v1=50 v2=50"
+    assert lines[lines.index("pinned to v2:") + 1] == '20 "version":"2"'
+    assert lines[lines.index("pinned to v1:") + 1] == '20 "version":"1"'
 
 
 def test_template_matches_the_reviewed_snapshot(synth):
     current = normalize_assets(json.dumps(synth.template, indent=1, sort_keys=True)) + "\n"
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+    if update_requested():
         SNAPSHOT.parent.mkdir(exist_ok=True)
         SNAPSHOT.write_text(current)
     assert current == SNAPSHOT.read_text(), "template changed: review, then UPDATE_SNAPSHOTS=1 pytest"
