@@ -15,6 +15,9 @@ ln -sf "$node_bin" .venv/bin/node
 
 npm ci --no-audit --no-fund --loglevel=error
 
+# The upstream Envoy of each cilium-envoy minor we deploy (pinned in tools/cilium_envoy.py), into .tools/.
+.venv/bin/python -m tools.cilium_envoy install
+
 source scripts/env.sh
 cdk synth --quiet --no-notices
 echo "Synthesized: cdk.out/CiliumMeshEks.template.json"

@@ -11,6 +11,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from cilium_mesh import CiliumMesh, CiliumMeshProps, TrafficPolicy
+from cilium_mesh.mesh import STEP_TIMEOUT
 from constructs import Construct
 
 from .config import MeshConfig
@@ -200,7 +201,9 @@ class CiliumEksStack(Stack):
             additional_helm_chart_values=LOAD_BALANCER_CONTROLLER_VALUES,
         )
         chart = controller.node.find_child("Resource")
-        chart.node.default_child.node.default_child.add_property_deletion_override("Wait")
+        chart_resource = chart.node.default_child.node.default_child
+        chart_resource.add_property_deletion_override("Wait")
+        chart_resource.add_property_override("Timeout", f"{STEP_TIMEOUT.to_seconds()}s")
         chart.node.add_dependency(self.nodes)
         return controller
 

@@ -4,53 +4,10 @@ CloudFormation creates a resource after everything it depends on (DependsOn,
 Ref, Fn::GetAtt) and deletes it before them, so one graph proves both orders.
 """
 
-from functools import cache
-
 import pytest
+from tools.deploy_graph import Graph
 
 KUBERNETES_STEP = ("Custom::AWSCDK-EKS-HelmChart", "Custom::AWSCDK-EKS-KubernetesResource", "Custom::AWSCDK-EKS-KubernetesObjectValue")
-
-
-def references(value) -> set[str]:
-    if isinstance(value, dict):
-        found = set()
-        for key, inner in value.items():
-            if key == "Ref" and isinstance(inner, str):
-                found.add(inner)
-            elif key == "Fn::GetAtt":
-                found.add(inner[0] if isinstance(inner, list) else inner.split(".")[0])
-            else:
-                found |= references(inner)
-        return found
-    if isinstance(value, list):
-        return set().union(*map(references, value)) if value else set()
-    return set()
-
-
-class Graph:
-    def __init__(self, template: dict):
-        self.resources = template["Resources"]
-        self.direct = {
-            name: (set(res.get("DependsOn", [])) | references(res.get("Properties", {}))) & self.resources.keys()
-            for name, res in self.resources.items()
-        }
-
-    @cache  # noqa: B019 (one graph per session)
-    def after(self, name: str) -> frozenset[str]:
-        """Everything ``name`` is created after (and deleted before)."""
-        closure = set()
-        for dep in self.direct[name]:
-            closure |= {dep} | self.after(dep)
-        return frozenset(closure)
-
-    def longest_chain(self, members: set[str]) -> list[str]:
-        """The longest run of members each created after the next one (last: created first)."""
-
-        def chain(name: str) -> list[str]:
-            below = [chain(d) for d in self.after(name) & members]
-            return [name, *max(below, key=len, default=[])]
-
-        return max((chain(m) for m in members), key=len, default=[])
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +50,7 @@ EDGES = [
     ("traffic", "namespace"),
     ("policy", "namespace"),
     ("hostname", "cilium"),
-    ("coredns", "cilium"),  # DNS pods are created by, and managed by, Cilium
+    ("coredns", "nodes"),  # its pods need nodes (and Cilium beside it, see below)
     ("cluster", "vpc"),
     ("nodes", "cluster"),
 ]
@@ -103,6 +60,12 @@ EDGES = [
 def test_edge(graph, ids, later, earlier):
     assert ids[earlier] in graph.after(ids[later])
     assert ids[later] not in graph.after(ids[earlier])
+
+
+def test_coredns_is_beside_cilium(graph, ids):
+    """Cilium's wait needs cluster DNS (hubble-relay), and coredns needs Cilium: neither may follow the other."""
+    assert ids["cilium"] not in graph.after(ids["coredns"])
+    assert ids["coredns"] not in graph.after(ids["cilium"])
 
 
 def test_destroy_order_app_and_routing_then_cilium_then_controller_then_nodes_cluster_vpc(graph, ids):

@@ -1,5 +1,6 @@
 """Check manifests/cilium/values.yaml against a real Cilium chart: no dead keys, and it renders.
 
+    python -m tools.check_cilium_chart                 # 1.18.12, 1.19.6, 1.20.0 (fixtures or helm.cilium.io)
     python -m tools.check_cilium_chart path/to/cilium-1.19.6.tgz [...more charts]
 
 Every key path we set must exist in the chart's own values.yaml (below a map
@@ -21,6 +22,8 @@ from pathlib import Path
 import yaml
 
 from cilium_mesh.values import cilium_values
+from cilium_mesh.versions import CILIUM_RELEASES
+from tools.fixtures import cilium_chart
 from tools.kubectl_layer import layer_helm
 
 API_SERVER = "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
@@ -58,48 +61,50 @@ def chart_values(chart: Path) -> dict:
 
 def check(chart: Path, helm: Path, kubernetes_version: str = "1.35.0") -> list[str]:
     """Problems found for one chart (empty when it is fine)."""
-    problems = []
-    for kube_proxy_replacement in (True, False):
-        values = cilium_values(kube_proxy_replacement, API_SERVER)
-        problems += [f"{chart.name}: {path} is not in the chart's values.yaml" for path in dead_keys(values, chart_values(chart))]
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
-            yaml.safe_dump(values, file)
-            file.flush()
-            result = subprocess.run(
-                [str(helm), "template", "cilium", str(chart), "-n", "kube-system", "-f", file.name,
-                 "--kube-version", kubernetes_version],
-                capture_output=True, text=True, timeout=120, check=False,
-            )  # fmt: skip
-        if result.returncode != 0:
-            problems.append(f"{chart.name}: helm template failed: {result.stderr.strip()[-500:]}")
-            continue
-        config = next(
-            d for d in yaml.safe_load_all(result.stdout) if d and d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config"
-        )["data"]
-        expected = {
-            "cni-chaining-mode": "aws-cni",
-            "routing-mode": "native",
-            "enable-ipv4-masquerade": "false",
-            "enable-envoy-config": "true",
-            "enable-ingress-controller": "true",
-            "ingress-default-lb-mode": "shared",
-            "kube-proxy-replacement": str(kube_proxy_replacement).lower(),
-        }
-        problems += [
-            f"{chart.name}: cilium-config {key}={config.get(key)!r}, expected {value!r}"
-            for key, value in expected.items()
-            if config.get(key) != value
-        ]
+    values = cilium_values(API_SERVER)
+    problems = [f"{chart.name}: {path} is not in the chart's values.yaml" for path in dead_keys(values, chart_values(chart))]
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+        yaml.safe_dump(values, file)
+        file.flush()
+        result = subprocess.run(
+            [str(helm), "template", "cilium", str(chart), "-n", "kube-system", "-f", file.name,
+             "--kube-version", kubernetes_version],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    if result.returncode != 0:
+        return [*problems, f"{chart.name}: helm template failed: {result.stderr.strip()[-500:]}"]
+    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    config = next(d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
+    expected = {
+        "cni-chaining-mode": "aws-cni",
+        "routing-mode": "native",
+        "enable-ipv4-masquerade": "false",
+        "enable-envoy-config": "true",
+        "enable-ingress-controller": "true",
+        "ingress-default-lb-mode": "shared",
+        "kube-proxy-replacement": "true",
+        "cluster-pool-ipv4-cidr": "100.65.0.0/16",
+    }
+    problems += [
+        f"{chart.name}: cilium-config {key}={config.get(key)!r}, expected {value!r}"
+        for key, value in expected.items()
+        if config.get(key) != value
+    ]
+    envoy = next(d for d in documents if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "cilium-envoy")
+    if envoy["spec"]["template"]["spec"].get("dnsPolicy") != "ClusterFirstWithHostNet":
+        problems.append(f"{chart.name}: cilium-envoy does not use cluster DNS (its failover clusters resolve Service names)")
     return problems
 
 
+def supported_charts() -> list[Path]:
+    """The newest patch of every supported Cilium minor: ../shared/fixtures/cilium-charts or helm.cilium.io."""
+    return [cilium_chart(f"{minor}.{patch}") for minor, patch in CILIUM_RELEASES.items()]
+
+
 def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__.strip().split("\n\n")[1], file=sys.stderr)
-        return 2
     helm = layer_helm()
     failures = 0
-    for chart in map(Path, argv):
+    for chart in map(Path, argv) if argv else supported_charts():
         problems = check(chart, helm)
         failures += bool(problems)
         print(f"{chart.name}: {'OK' if not problems else 'FAILED'}")

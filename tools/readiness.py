@@ -1,0 +1,289 @@
+"""Readiness of the deploy graph: what each waiting step needs exists by then, and admission lets every object in.
+
+Input: the synthesized template and the provider dry run (tools/provider_dry_run.py),
+which holds the commands the kubectl handler runs, the values it hands helm and
+the real Cilium chart rendered with them.
+
+* A chart that waits (``helm --wait``) succeeds only when each workload it
+  renders becomes Ready. What a workload needs for that is derived from the
+  rendered pod (tolerations, host network, DNS names in its configuration) by
+  the rules in NEEDS; each need has a provider in the graph, which must be
+  created before the chart or beside it, never after it.
+* Every object the stack applies goes through the admission webhooks that
+  charts registered before it. A webhook that fails closed and matches the
+  object needs its serving pods Ready: only a chart that waits guarantees that.
+* On destroy, Cilium's ``helm uninstall --wait`` returns once the load balancer
+  controller has deleted the ``cilium-ingress`` NLB; everything the controller
+  needs then must still exist, i.e. be deleted after Cilium.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass
+
+from tools.deploy_graph import Graph
+from tools.kubectl_layer import layer_helm
+
+CILIUM_TAINT = "node.cilium.io/agent-not-ready"
+WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet")
+
+
+@dataclass(frozen=True)
+class Need:
+    """Something a workload needs to become Ready, who provides it in the graph, and where that is written."""
+
+    what: str
+    provider: str  # a role of ProviderIds
+    source: str
+
+
+NEEDS = {
+    "schedulable": Need(
+        "nodes to run on",
+        "nodes",
+        "a pod is Ready only once scheduled (kube-scheduler)",
+    ),
+    "taint": Need(
+        f"the {CILIUM_TAINT} taint lifted (pod does not tolerate it)",
+        "cilium",
+        "Cilium's operator removes the taint once the agent on that node is Ready "
+        "(Cilium docs, 'Considerations on node pool taints and unmanaged pods')",
+    ),
+    "service_routing": Need(
+        "the kubernetes Service routed (in-cluster client, no kube-proxy)",
+        "cilium",
+        "client-go in-cluster config uses KUBERNETES_SERVICE_HOST, the Service's ClusterIP; "
+        "this cluster has no kube-proxy, Cilium's kube-proxy replacement routes it",
+    ),
+    "cluster_dns": Need(
+        "cluster DNS (its configuration names *.svc.cluster.local)",
+        "coredns",
+        "hubble-relay dials hubble-peer.kube-system.svc.cluster.local and reports SERVING only "
+        "with peers (cilium pkg/hubble/relay/server/health.go); any workload naming a cluster "
+        "DNS name is treated alike",
+    ),
+    "load_balancer": Need(
+        "a load balancer address for a Service of type LoadBalancer (helm 3 waits for it)",
+        "load_balancer_controller",
+        "helm v3 pkg/kube/ready.go: 'if s.Status.LoadBalancer.Ingress == nil { return false }'; "
+        "helm 4's kstatus wait does not",
+    ),
+}
+
+# What the load balancer controller needs while Cilium's uninstall waits for it to delete the NLB.
+CONTROLLER_DESTROY_NEEDS = {
+    "its pods": ("load_balancer_controller", "the controller's chart, still installed"),
+    "nodes to run on": ("nodes", "the managed node group"),
+    "AWS APIs through the NAT gateways": ("vpc", "the VPC with its NAT gateways and routes"),
+    "the kubernetes Service routed": (
+        "vpc",
+        "Cilium's datapath stays in the kernel (bpffs pins) when its agents are deleted, "
+        "as on every Cilium upgrade; it goes only with the nodes",
+    ),
+}
+
+# Webhooks of the AWS Load Balancer Controller chart 3.2.2 (aws/eks-charts
+# stable/aws-load-balancer-controller/templates/webhook.yaml) that can match
+# what we apply, with the value that turns each off and its failure policy.
+LOAD_BALANCER_CONTROLLER_WEBHOOKS = (
+    {
+        "name": "mservice.elbv2.k8s.aws",
+        "kinds": {("", "Service"): ("CREATE",)},
+        "enabled": lambda values: values.get("enableServiceMutatorWebhook", True),
+        "fails_closed": lambda values: values.get("serviceMutatorWebhookConfig", {}).get("failurePolicy", "Fail") == "Fail",
+        "namespace_label": None,
+    },
+    {
+        "name": "vingress.elbv2.k8s.aws",
+        "kinds": {("networking.k8s.io", "Ingress"): ("CREATE", "UPDATE")},
+        "enabled": lambda values: not values.get("webhookConfig", {}).get("disableIngressValidation", False),
+        "fails_closed": lambda values: values.get("webhookConfig", {}).get("ingressValdationFailurePolicy", "Fail") == "Fail",
+        "namespace_label": None,
+    },
+    {
+        "name": "mpod.elbv2.k8s.aws",
+        "kinds": {("", "Pod"): ("CREATE",)},
+        "enabled": lambda values: True,
+        "fails_closed": lambda values: False,  # podMutatorWebhookConfig.failurePolicy: Ignore
+        "namespace_label": ("elbv2.k8s.aws/pod-readiness-gate-inject", "enabled"),
+    },
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    step: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.step}: {self.message}"
+
+
+class ProviderIds:
+    """The logical ID of each role in the graph."""
+
+    def __init__(self, stack):
+        def logical(construct) -> str:
+            while not hasattr(construct, "logical_id") or construct.node.default_child is not None:
+                child = construct.node.default_child
+                if child is None:
+                    break
+                construct = child
+            return stack.get_logical_id(construct)
+
+        self.ids = {
+            "nodes": logical(stack.nodes),
+            "cilium": logical(stack.mesh.cilium),
+            "coredns": logical(stack.coredns),
+            "load_balancer_controller": logical(stack.load_balancer_controller.node.find_child("Resource")),
+            "vpc": logical(stack.vpc),
+        }
+
+    def __getitem__(self, role: str) -> str:
+        return self.ids[role]
+
+
+def helm_major(kubernetes_version: str) -> int:
+    version = subprocess.run([str(layer_helm(kubernetes_version)), "version", "--short"],
+                             capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
+    return int(version.strip().lstrip("v").split(".")[0])
+
+
+def _mentions_cluster_dns(pod_spec: dict, config_maps: dict[str, str]) -> bool:
+    text = json.dumps(pod_spec)
+    for volume in pod_spec.get("volumes", []):
+        name = volume.get("configMap", {}).get("name")
+        if name:
+            text += config_maps.get(name, "")
+    return ".svc.cluster.local" in text
+
+
+def _uses_cluster_dns(pod_spec: dict) -> bool:
+    policy = pod_spec.get("dnsPolicy", "ClusterFirst")
+    return policy == "ClusterFirstWithHostNet" or (policy == "ClusterFirst" and not pod_spec.get("hostNetwork"))
+
+
+def workload_needs(document: dict, config_maps: dict[str, str]) -> list[str]:
+    """The NEEDS keys of one rendered workload."""
+    pod = document["spec"]["template"]["spec"]
+    needs = ["schedulable"]
+    tolerations = pod.get("tolerations", [])
+    tolerated = any(
+        t.get("operator") == "Exists" and t.get("key") in (None, CILIUM_TAINT) and t.get("effect") in (None, "NoExecute")
+        for t in tolerations
+    ) or any(t.get("key") == CILIUM_TAINT for t in tolerations)
+    if not tolerated:
+        needs.append("taint")
+    env = {e["name"] for c in pod.get("containers", []) for e in c.get("env", [])}
+    if "KUBERNETES_SERVICE_HOST" not in env:
+        needs.append("service_routing")
+    if _uses_cluster_dns(pod) and _mentions_cluster_dns(pod, config_maps):
+        needs.append("cluster_dns")
+    return needs
+
+
+def chart_needs(rendered: list[dict], helm_major_version: int) -> dict[str, list[str]]:
+    """Workload (kind/name) -> NEEDS keys, for every workload a waiting chart renders."""
+    config_maps = {d["metadata"]["name"]: json.dumps(d.get("data", {})) for d in rendered if d["kind"] == "ConfigMap"}
+    needs = {
+        f"{d['kind']}/{d['metadata']['name']}": workload_needs(d, config_maps)
+        for d in rendered
+        if d["kind"] in WORKLOAD_KINDS
+    }
+    if helm_major_version < 4:
+        for d in rendered:
+            if d["kind"] == "Service" and d["spec"].get("type") == "LoadBalancer":
+                needs[f"Service/{d['metadata']['name']}"] = ["load_balancer"]
+    return needs
+
+
+def _relation(graph: Graph, step: str, provider: str) -> str:
+    if provider == step:
+        return "itself"
+    if provider in graph.after(step):
+        return "before"
+    if step in graph.after(provider):
+        return "after"
+    return "beside"
+
+
+def check_waits(graph: Graph, ids: ProviderIds, steps, helm_major_version: int) -> list[Problem]:
+    """Each waiting chart's workloads have what they need from steps created before or beside it."""
+    problems = []
+    for step in steps:
+        if step.request_type != "Create" or not any("--wait" in argv for argv in step.commands):
+            continue
+        if step.rendered is None:
+            problems.append(Problem(step.logical_id, "waits, but its chart was not rendered to check"))
+            continue
+        for workload, keys in chart_needs(step.rendered, helm_major_version).items():
+            for key in keys:
+                need = NEEDS[key]
+                if _relation(graph, step.logical_id, ids[need.provider]) == "after":
+                    problems.append(
+                        Problem(step.logical_id, f"{workload} needs {need.what}, but {need.provider} "
+                                f"({ids[need.provider]}) is created after it ({need.source})")  # fmt: skip
+                    )
+    return problems
+
+
+def _matches(webhook: dict, document: dict, namespaces: dict[str, dict]) -> bool:
+    group = document["apiVersion"].split("/")[0] if "/" in document["apiVersion"] else ""
+    if (group, document["kind"]) not in webhook["kinds"]:
+        return False
+    label = webhook["namespace_label"]
+    if label is None:
+        return True
+    namespace = document["metadata"].get("namespace", "")
+    return namespaces.get(namespace, {}).get(label[0]) == label[1]
+
+
+def check_admission(graph: Graph, ids: ProviderIds, steps) -> list[Problem]:
+    """Objects created after (or beside) the controller chart pass its webhooks, whose pods may not run yet.
+
+    The controller chart does not wait, so none of its webhooks that fail closed
+    may match an object we create; the Cilium chart registers no webhooks (checked).
+    """
+    controller = ids["load_balancer_controller"]
+    creates = [s for s in steps if s.request_type == "Create"]
+    (controller_step,) = [s for s in creates if s.logical_id == controller]
+    controller_waits = any("--wait" in argv for argv in controller_step.commands)
+    values = controller_step.values or {}
+    namespaces = {
+        d["metadata"]["name"]: d["metadata"].get("labels", {})
+        for s in creates
+        for d in (s.manifests or []) + (s.rendered or [])
+        if d["kind"] == "Namespace"
+    }
+    problems = []
+    for step in creates:
+        objects = (step.manifests or []) + (step.rendered or [])
+        if any(d["kind"].endswith("WebhookConfiguration") for d in step.rendered or []):
+            problems.append(Problem(step.logical_id, "registers admission webhooks this check does not model"))
+        if step.logical_id == controller or _relation(graph, step.logical_id, controller) == "after":
+            continue
+        for document in objects:
+            for webhook in LOAD_BALANCER_CONTROLLER_WEBHOOKS:
+                if not (webhook["enabled"](values) and webhook["fails_closed"](values)):
+                    continue
+                if _matches(webhook, document, namespaces) and not controller_waits:
+                    problems.append(
+                        Problem(step.logical_id, f"{document['kind']}/{document['metadata']['name']} goes through "
+                                f"{webhook['name']} (fails closed), whose pods nothing waits for")  # fmt: skip
+                    )
+    return problems
+
+
+def check_destroy(graph: Graph, ids: ProviderIds, controller_values: dict) -> list[Problem]:
+    """While Cilium's uninstall waits, the controller can still resolve and reach AWS."""
+    needs = dict(CONTROLLER_DESTROY_NEEDS)
+    if controller_values.get("dnsPolicy", "ClusterFirst") != "Default":
+        needs["cluster DNS (dnsPolicy ClusterFirst) to resolve AWS endpoints"] = ("coredns", "coredns add-on")
+    cilium = ids["cilium"]
+    return [
+        Problem(cilium, f"on destroy the controller needs {what}, but {role} ({ids[role]}) is deleted before Cilium")
+        for what, (role, _) in needs.items()
+        if ids[role] not in graph.after(cilium)
+    ]
