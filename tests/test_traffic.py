@@ -263,15 +263,16 @@ def test_failover_keeps_answering_when_one_version_fails(fault):
 
 
 def test_a_drained_version_takes_no_failover_traffic():
-    result = run(TrafficPolicy(weights={"v1": 100, "v2": 0}), TAG, 300, {"v1": Fault("down")})
-    assert result.versions.get("v2", 0) == 0
+    """Every request fails and backs off between retries, so few suffice."""
+    result = run(TrafficPolicy(weights={"v1": 100, "v2": 0}), TAG, 30, {"v1": Fault("down")})
+    assert result.versions.get("v2", 0) == 0 and result.answered == 0
 
 
-@pytest.mark.parametrize("fault", ["down", "empty"])
-def test_walkthrough_policy_loses_the_share_of_a_failing_version(fault):
-    """The contrast the failover fixes: measured on the same harness."""
-    result = run(TrafficPolicy.walkthrough(), TAG, FAULT_REQUESTS, {"v2": Fault(fault)})
-    assert 0.4 <= result.answered_share <= 0.6
+@pytest.mark.parametrize(("fault", "requests"), [("down", 200), ("empty", FAULT_REQUESTS)])
+def test_walkthrough_policy_loses_the_share_of_a_failing_version(fault, requests):
+    """The contrast the failover fixes, on the same harness ('down' backs off between its retries: fewer requests)."""
+    result = run(TrafficPolicy.walkthrough(), TAG, requests, {"v2": Fault(fault)})
+    assert 0.35 <= result.answered_share <= 0.65
 
 
 def test_preview_command_prints_the_table(tmp_path):
