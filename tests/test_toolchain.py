@@ -125,3 +125,31 @@ def test_every_supported_kubernetes_version_maps_to_its_own_kubectl_layer(tmp_pa
     kubectl = [d.split(";")[0].rsplit(" ", 1)[-1] for d in descriptions]
     assert [k.rsplit(".", 1)[0] for k in kubectl] == sorted(KUBERNETES_RELEASES)
     assert not set(KUBERNETES_RELEASES) & set(RETIRED_KUBERNETES)
+
+
+def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_ones(tmp_path, monkeypatch, synth):
+    """Proves the plugin ran on this stack and that no acknowledgement is stale or misplaced."""
+    from conftest import synthesize
+    from stacks.cilium_eks_stack import CiliumEksStack
+
+    acknowledged = {
+        (rule.removeprefix("AwsSolutions::"), construct.node.path)
+        for construct in synth.stack.node.find_all()
+        for entry in construct.node.metadata
+        if entry.type == "aws:cdk:acknowledged-rules"
+        for rule in entry.data
+        if "AwsSolutions-" in rule
+    }
+    monkeypatch.setattr(CiliumEksStack, "_acknowledge_findings", lambda self: None)
+    bare = synthesize(tmp_path / "bare")
+    findings = [
+        (violation["ruleName"], construct["constructPath"])
+        for plugin in bare.nag_report["pluginReports"]
+        if plugin["pluginName"] == "AwsSolutions"
+        for violation in plugin["violations"]
+        for construct in violation["violatingConstructs"]
+    ]
+    assert findings, "cdk-nag reported nothing: it did not run"
+    for rule, path in findings:
+        assert any(rule == r and (path == p or path.startswith(p + "/")) for r, p in acknowledged), (rule, path)
+    assert {r for r, _ in acknowledged} == {r for r, _ in findings}, "an acknowledgement no finding needs"
