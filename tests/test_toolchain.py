@@ -133,7 +133,7 @@ def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_
     from stacks.cilium_eks_stack import CiliumEksStack
 
     acknowledged = {
-        (rule.removeprefix("AwsSolutions::"), construct.node.path)
+        (rule[rule.index("AwsSolutions-") :], construct.node.path)
         for construct in synth.stack.node.find_all()
         for entry in construct.node.metadata
         if entry.type == "aws:cdk:acknowledged-rules"
