@@ -20,6 +20,8 @@ from aws_cdk.assertions import Template  # noqa: E402
 from cdk_nag import AwsSolutionsChecks  # noqa: E402
 from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
 from stacks.config import load_config  # noqa: E402
+from tools.deploy_graph import logical_id  # noqa: E402
+from tools.provider_dry_run import dry_run  # noqa: E402
 
 CONTEXT = cdk_json_context()
 STACK_NAME = "CiliumMeshEks"
@@ -38,10 +40,7 @@ class Synth:
         return {k: r for k, r in self.template["Resources"].items() if r["Type"] == type_}
 
     def logical_id(self, construct) -> str:
-        """The logical ID of a construct's CloudFormation resource (through wrapper constructs)."""
-        while not isinstance(construct, cdk.CfnElement):
-            construct = construct.node.default_child
-        return self.stack.get_logical_id(construct)
+        return logical_id(self.stack, construct)
 
     def resource(self, construct) -> dict:
         return self.template["Resources"][self.logical_id(construct)]
@@ -64,6 +63,12 @@ def synthesize(outdir: Path, **overrides) -> Synth:
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Synth:
     return synthesize(tmp_path_factory.mktemp("cdk.out"))
+
+
+@pytest.fixture(scope="session")
+def provider_steps(synth):
+    """The provider dry run of the default stack, once per session (tools/provider_dry_run.py)."""
+    return dry_run(synth.template, synth.stack)
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
 from stacks.cilium_eks_stack import LOAD_BALANCER_CONTROLLER_VERSION
 from tools.deploy_graph import Graph, creation_order
 from tools.kubectl_layer import layer_kubectl
-from tools.provider_dry_run import CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run
+from tools.provider_dry_run import CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run, find_step
 from tools.schemas import validate_object
 
 # A step that waits must give up this long before the provider's Lambda is killed,
@@ -34,8 +34,8 @@ def files_by_name(argv: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def steps(synth):
-    return dry_run(synth.template, synth.stack)
+def steps(provider_steps):
+    return provider_steps
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,8 @@ def ids(synth):
     }
 
 
-def step(steps, logical_id: str, request_type: str):
-    (found,) = [s for s in steps if s.logical_id == logical_id and s.request_type == request_type]
-    return found
-
-
 def position(steps, logical_id: str, request_type: str) -> int:
-    return steps.index(step(steps, logical_id, request_type))
+    return steps.index(find_step(steps, logical_id, request_type))
 
 
 def test_creation_order_puts_every_resource_after_its_dependencies(synth):
@@ -84,7 +79,7 @@ def test_every_call_logs_in_to_the_configured_cluster_first(synth, steps):
 
 def test_load_balancer_controller_chart_installs_without_waiting(steps, ids):
     """Its pods cannot run before Cilium, which comes after it: a waiting install would time out."""
-    create = step(steps, ids["lbc"], "Create")
+    create = find_step(steps, ids["lbc"], "Create")
     assert files_by_name(create.commands[1]) == [
         "helm", "upgrade", "aws-load-balancer-controller", "aws-load-balancer-controller", "--install",
         "--create-namespace", "--repo", "https://aws.github.io/eks-charts", "--values", "values.yaml",
@@ -92,7 +87,7 @@ def test_load_balancer_controller_chart_installs_without_waiting(steps, ids):
         "--timeout", ANY, "--kubeconfig", "kubeconfig",
     ]  # fmt: skip
     assert len(create.commands) == 2
-    delete = step(steps, ids["lbc"], "Delete")
+    delete = find_step(steps, ids["lbc"], "Delete")
     assert files_by_name(delete.commands[1]) == [
         "helm", "uninstall", "aws-load-balancer-controller", "--namespace", "kube-system",
         "--timeout", ANY, "--kubeconfig", "kubeconfig",
@@ -103,13 +98,13 @@ def test_cilium_chart_waits_on_install_and_uninstall(synth, steps, ids):
     """Install waits so Cilium's CRDs exist for what follows; uninstall waits until cilium-ingress (its NLB) is gone."""
     timeout = f"{int(STEP_TIMEOUT.to_seconds())}s"
     assert timeout == "600s"
-    create = step(steps, ids["cilium"], "Create")
+    create = find_step(steps, ids["cilium"], "Create")
     assert files_by_name(create.commands[1]) == [
         "helm", "upgrade", "cilium", "cilium", "--install", "--create-namespace",
         "--repo", CILIUM_HELM_REPOSITORY, "--values", "values.yaml", "--version", synth.stack.config.cilium_version,
         "--namespace", "kube-system", "--wait", "--timeout", timeout, "--kubeconfig", "kubeconfig",
     ]  # fmt: skip
-    delete = step(steps, ids["cilium"], "Delete")
+    delete = find_step(steps, ids["cilium"], "Delete")
     assert files_by_name(delete.commands[1]) == [
         "helm", "uninstall", "cilium", "--namespace", "kube-system", "--wait", "--timeout", timeout,
         "--kubeconfig", "kubeconfig",
@@ -147,7 +142,7 @@ def test_manifests_are_created_with_save_config_and_deleted(steps, ids):
         assert [files_by_name(c) for c in s.commands[1:]] == [
             ["kubectl", *verb, "--kubeconfig", "kubeconfig", "-f", "manifest.yaml", *options]
         ], (s.logical_id, s.request_type)
-        assert s.manifests == step(steps, s.logical_id, "Create").manifests
+        assert s.manifests == find_step(steps, s.logical_id, "Create").manifests
 
 
 def test_destroy_runs_deploy_backwards(steps, ids):
@@ -181,13 +176,13 @@ def test_each_namespace_exists_before_its_objects_and_outlives_them(steps):
 
 
 def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(steps, ids):
-    values = step(steps, ids["cilium"], "Create").values
+    values = find_step(steps, ids["cilium"], "Create").values
     assert values == cilium_values(API_SERVER_HOST)
     assert values["k8sServiceHost"] == API_SERVER_HOST
 
 
 def test_cilium_chart_renders_with_the_handlers_values_file(steps, ids):
-    rendered = step(steps, ids["cilium"], "Create").rendered
+    rendered = find_step(steps, ids["cilium"], "Create").rendered
     config = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
     assert {k: config.get(k) for k in ("cni-chaining-mode", "kube-proxy-replacement", "enable-envoy-config")} == {
         "cni-chaining-mode": "aws-cni",
@@ -209,13 +204,13 @@ def test_cilium_chart_renders_with_the_handlers_values_file(steps, ids):
 
 
 def test_ingress_hostname_is_read_from_cilium_ingress(steps, ids):
-    create = step(steps, ids["hostname"], "Create")
+    create = find_step(steps, ids["hostname"], "Create")
     assert files_by_name(create.commands[1]) == [
         "kubectl", "--kubeconfig", "kubeconfig", "get", "-n", "kube-system", "service", "cilium-ingress",
         "-o=jsonpath='{.status.loadBalancer.ingress[0].hostname}'",
     ]  # fmt: skip
     assert create.result == {"Data": {"Value": INGRESS_HOSTNAME}}
-    assert len(step(steps, ids["hostname"], "Delete").commands) == 1  # only the log-in
+    assert len(find_step(steps, ids["hostname"], "Delete").commands) == 1  # only the log-in
 
 
 def test_every_object_the_handler_would_create_is_valid(synth, steps):

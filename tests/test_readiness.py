@@ -5,31 +5,31 @@ import copy
 import pytest
 from conftest import CONTEXT
 from tools.deploy_graph import Graph
-from tools.provider_dry_run import dry_run
+from tools.provider_dry_run import find_step
 from tools.readiness import (
     NEEDS,
-    ProviderIds,
     chart_needs,
     check_admission,
     check_destroy,
     check_waits,
     helm_major,
+    provider_ids,
 )
 
 
 @pytest.fixture(scope="module")
-def world(synth):
-    return Graph(synth.template), ProviderIds(synth.stack), dry_run(synth.template, synth.stack)
+def world(synth, provider_steps):
+    return Graph(synth.template), provider_ids(synth.stack), provider_steps
 
 
 def cilium_create(world):
     _, ids, steps = world
-    return next(s for s in steps if s.request_type == "Create" and s.logical_id == ids["cilium"])
+    return find_step(steps, ids["cilium"])
 
 
 def controller_create(world):
     _, ids, steps = world
-    return next(s for s in steps if s.request_type == "Create" and s.logical_id == ids["load_balancer_controller"])
+    return find_step(steps, ids["load_balancer_controller"])
 
 
 def test_every_need_names_its_source():
@@ -83,8 +83,7 @@ def test_controller_webhook_left_on_is_caught(world, setting, expected):
     """Defect: a controller webhook that fails closed and matches our objects, with pods nothing waits for."""
     graph, ids, steps = world
     steps = copy.deepcopy(steps)
-    controller = next(s for s in steps if s.request_type == "Create" and s.logical_id == ids["load_balancer_controller"])
-    del controller.values[setting]
+    del find_step(steps, ids["load_balancer_controller"]).values[setting]
     problems = [str(p) for p in check_admission(graph, ids, steps)]
     assert any(expected in p for p in problems), problems
 

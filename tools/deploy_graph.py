@@ -9,6 +9,15 @@ from __future__ import annotations
 import heapq
 from functools import cache
 
+import aws_cdk as cdk
+
+
+def logical_id(stack: cdk.Stack, construct) -> str:
+    """The logical ID of a construct's CloudFormation resource, through wrapper constructs."""
+    while not isinstance(construct, cdk.CfnElement):
+        construct = construct.node.default_child
+    return stack.get_logical_id(construct)
+
 
 def references(value) -> set[str]:
     """Logical IDs named by Ref and Fn::GetAtt anywhere inside ``value``."""

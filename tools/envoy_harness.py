@@ -36,6 +36,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -164,6 +165,34 @@ def _socket_address(address: str, port: int) -> dict:
     return {"socket_address": {"address": address, "port_value": port}}
 
 
+# Envoy's node identity in every bootstrap here (Cilium's Envoy reports a host~IP~... id too).
+NODE = {"id": "host~127.0.0.1~harness~cluster.local", "cluster": "cilium-envoy"}
+
+
+def _as_delivered(policy: TrafficPolicy, rds_source: Callable[[dict], dict],
+                  eds_source: Callable[[dict], dict]) -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """Listeners and clusters as Cilium hands them to Envoy: names qualified as Cilium qualifies them,
+    the route configuration over RDS and endpoints over EDS from the given config sources (each made
+    from the qualified route or EDS cluster); only the listener address (loopback) is made up."""
+    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
+    (route,) = [r for r in resources if r["@type"].endswith(".RouteConfiguration")]
+    route_source = rds_source(route)
+    listeners, clusters = [], []
+    for resource in resources:
+        kind = resource.pop("@type").rsplit(".", 1)[-1]
+        if kind == "Listener":
+            resource["address"] = _socket_address(LOOPBACK, 0)
+            for chain in resource["filter_chains"]:
+                for flt in chain["filters"]:
+                    flt["typed_config"]["rds"]["config_source"] = route_source
+            listeners.append(resource)
+        elif kind == "Cluster":
+            if resource.get("type") == "EDS":
+                resource["eds_cluster_config"] = {"eds_config": eds_source(resource)}
+            clusters.append(resource)
+    return listeners, clusters
+
+
 def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str], endpoints: dict[str, bool],
                        dns_port: int, directory: Path) -> dict:  # fmt: skip
     """The policy's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
@@ -171,36 +200,24 @@ def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str], endpoin
     addresses: version -> the loopback address its Service name resolves to.
     endpoints: version -> whether its Service has endpoints (EDS lists the stand-in's address).
     """
-    by_kind: dict[str, list[dict]] = {}
-    for resource in qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name):
-        by_kind.setdefault(resource["@type"].rsplit(".", 1)[-1], []).append(resource)
-    (route,) = by_kind["RouteConfiguration"]
-    rds_source = _write_discovery(directory / "rds.json", route["@type"], [route])
-    listeners = []
-    for listener in by_kind["Listener"]:
-        listener = {k: v for k, v in listener.items() if k != "@type"}
-        listener["address"] = _socket_address(LOOPBACK, 0)
-        for chain in listener["filter_chains"]:
-            for flt in chain["filters"]:
-                flt["typed_config"]["rds"]["config_source"] = rds_source
-        listeners.append(listener)
     eds_versions = {policy.eds_cluster(v): v for v in policy.versions}
-    clusters = []
-    for index, cluster in enumerate(by_kind["Cluster"]):
-        cluster = {k: v for k, v in cluster.items() if k != "@type"}
-        if cluster.get("type") == "EDS":
-            version = eds_versions[cluster["name"]]
-            lb_endpoints = [{"endpoint": {"address": _socket_address(addresses[version], policy.port)}}]
-            assignment = {
-                "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
-                "cluster_name": cluster["name"],
-                "endpoints": [{"lb_endpoints": lb_endpoints}] if endpoints[version] else [],
-            }
-            source = _write_discovery(directory / f"eds-{index}.json", assignment["@type"], [assignment])
-            cluster["eds_cluster_config"] = {"eds_config": source}
-        clusters.append(cluster)
+
+    def rds_source(route: dict) -> dict:
+        return _write_discovery(directory / "rds.json", route["@type"], [route])
+
+    def eds_source(cluster: dict) -> dict:
+        version = eds_versions[cluster["name"]]
+        lb_endpoints = [{"endpoint": {"address": _socket_address(addresses[version], policy.port)}}]
+        assignment = {
+            "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+            "cluster_name": cluster["name"],
+            "endpoints": [{"lb_endpoints": lb_endpoints}] if endpoints[version] else [],
+        }
+        return _write_discovery(directory / f"eds-{version}.json", assignment["@type"], [assignment])
+
+    listeners, clusters = _as_delivered(policy, rds_source, eds_source)
     return {
-        "node": {"id": "host~127.0.0.1~harness~cluster.local", "cluster": "cilium-envoy"},
+        "node": NODE,
         "admin": {"address": _socket_address(LOOPBACK, 0)},
         "typed_dns_resolver_config": {
             "name": "envoy.network.dns_resolver.cares",
@@ -230,20 +247,7 @@ CILIUM_CONFIG_SOURCE = {
 def cilium_xds_bootstrap(policy: TrafficPolicy) -> dict:
     """The policy's resources exactly as Cilium hands them to Envoy: names qualified, RDS and EDS
     from Cilium's xDS server; only the listener address (a Cilium proxy port) is made up."""
-    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
-    listeners, clusters = [], []
-    for resource in resources:
-        kind = resource.pop("@type").rsplit(".", 1)[-1]
-        if kind == "Listener":
-            resource["address"] = _socket_address(LOOPBACK, 0)
-            for chain in resource["filter_chains"]:
-                for flt in chain["filters"]:
-                    flt["typed_config"]["rds"]["config_source"] = CILIUM_CONFIG_SOURCE
-            listeners.append(resource)
-        elif kind == "Cluster":
-            if resource.get("type") == "EDS":
-                resource["eds_cluster_config"] = {"eds_config": CILIUM_CONFIG_SOURCE}
-            clusters.append(resource)
+    listeners, clusters = _as_delivered(policy, lambda _: CILIUM_CONFIG_SOURCE, lambda _: CILIUM_CONFIG_SOURCE)
     clusters.append(
         {
             "name": CILIUM_XDS_CLUSTER,
@@ -258,10 +262,7 @@ def cilium_xds_bootstrap(policy: TrafficPolicy) -> dict:
             "load_assignment": {"cluster_name": CILIUM_XDS_CLUSTER, "endpoints": []},
         }
     )
-    return {
-        "node": {"id": "host~127.0.0.1~harness~cluster.local", "cluster": "cilium-envoy"},
-        "static_resources": {"listeners": listeners, "clusters": clusters},
-    }
+    return {"node": NODE, "static_resources": {"listeners": listeners, "clusters": clusters}}
 
 
 def validate_bootstrap(bootstrap: dict, tag: str) -> subprocess.CompletedProcess:

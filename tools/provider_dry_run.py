@@ -59,6 +59,12 @@ class Step:
     result: object = None
 
 
+def find_step(steps: list[Step], logical_id: str, request_type: str = "Create") -> Step:
+    """The one call of the handler for that resource and request."""
+    (found,) = [s for s in steps if s.logical_id == logical_id and s.request_type == request_type]
+    return found
+
+
 class UnknownCommand(RuntimeError):
     """The handler ran something the recorder does not know how to answer."""
 

@@ -19,12 +19,14 @@ the real Cilium chart rendered with them.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from dataclasses import dataclass
 
-from tools.deploy_graph import Graph
+from tools.deploy_graph import Graph, logical_id
 from tools.kubectl_layer import layer_helm
+from tools.provider_dry_run import find_step
 
 CILIUM_TAINT = "node.cilium.io/agent-not-ready"
 WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet")
@@ -35,7 +37,7 @@ class Need:
     """Something a workload needs to become Ready, who provides it in the graph, and where that is written."""
 
     what: str
-    provider: str  # a role of ProviderIds
+    provider: str  # a role of provider_ids()
     source: str
 
 
@@ -121,30 +123,21 @@ class Problem:
         return f"{self.step}: {self.message}"
 
 
-class ProviderIds:
-    """The logical ID of each role in the graph."""
-
-    def __init__(self, stack):
-        def logical(construct) -> str:
-            while not hasattr(construct, "logical_id") or construct.node.default_child is not None:
-                child = construct.node.default_child
-                if child is None:
-                    break
-                construct = child
-            return stack.get_logical_id(construct)
-
-        self.ids = {
-            "nodes": logical(stack.nodes),
-            "cilium": logical(stack.mesh.cilium),
-            "coredns": logical(stack.coredns),
-            "load_balancer_controller": logical(stack.load_balancer_controller.node.find_child("Resource")),
-            "vpc": logical(stack.vpc),
-        }
-
-    def __getitem__(self, role: str) -> str:
-        return self.ids[role]
+def provider_ids(stack) -> dict[str, str]:
+    """The logical ID of each provider role in the graph."""
+    return {
+        role: logical_id(stack, construct)
+        for role, construct in (
+            ("nodes", stack.nodes),
+            ("cilium", stack.mesh.cilium),
+            ("coredns", stack.coredns),
+            ("load_balancer_controller", stack.load_balancer_controller.node.find_child("Resource")),
+            ("vpc", stack.vpc),
+        )
+    }
 
 
+@functools.cache
 def helm_major(kubernetes_version: str) -> int:
     version = subprocess.run([str(layer_helm(kubernetes_version)), "version", "--short"],
                              capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
@@ -209,7 +202,7 @@ def _relation(graph: Graph, step: str, provider: str) -> str:
     return "beside"
 
 
-def check_waits(graph: Graph, ids: ProviderIds, steps, helm_major_version: int) -> list[Problem]:
+def check_waits(graph: Graph, ids: dict[str, str], steps, helm_major_version: int) -> list[Problem]:
     """Each waiting chart's workloads have what they need from steps created before or beside it."""
     problems = []
     for step in steps:
@@ -240,7 +233,7 @@ def _matches(webhook: dict, document: dict, namespaces: dict[str, dict]) -> bool
     return namespaces.get(namespace, {}).get(label[0]) == label[1]
 
 
-def check_admission(graph: Graph, ids: ProviderIds, steps) -> list[Problem]:
+def check_admission(graph: Graph, ids: dict[str, str], steps) -> list[Problem]:
     """Objects created after (or beside) the controller chart pass its webhooks, whose pods may not run yet.
 
     The controller chart does not wait, so none of its webhooks that fail closed
@@ -248,7 +241,7 @@ def check_admission(graph: Graph, ids: ProviderIds, steps) -> list[Problem]:
     """
     controller = ids["load_balancer_controller"]
     creates = [s for s in steps if s.request_type == "Create"]
-    (controller_step,) = [s for s in creates if s.logical_id == controller]
+    controller_step = find_step(steps, controller)
     controller_waits = any("--wait" in argv for argv in controller_step.commands)
     values = controller_step.values or {}
     namespaces = {
@@ -276,7 +269,7 @@ def check_admission(graph: Graph, ids: ProviderIds, steps) -> list[Problem]:
     return problems
 
 
-def check_destroy(graph: Graph, ids: ProviderIds, controller_values: dict) -> list[Problem]:
+def check_destroy(graph: Graph, ids: dict[str, str], controller_values: dict) -> list[Problem]:
     """While Cilium's uninstall waits, the controller can still resolve and reach AWS."""
     needs = dict(CONTROLLER_DESTROY_NEEDS)
     if controller_values.get("dnsPolicy", "ClusterFirst") != "Default":
