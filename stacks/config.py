@@ -11,16 +11,17 @@ of the same setting.
 from __future__ import annotations
 
 import functools
+import gzip
 import ipaddress
 import json
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import botocore
-from botocore.loaders import Loader
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
 from cilium_mesh.manifests import WORKLOAD_FILES, load_documents, service_names
 from cilium_mesh.versions import CILIUM_RELEASES
@@ -96,8 +97,14 @@ class MeshConfig:
 
 @functools.cache
 def ec2_instance_types() -> frozenset[str]:
-    """Every instance type EC2 knows, from botocore's EC2 model (each botocore release adds new ones)."""
-    return frozenset(Loader().load_service_model("ec2", "service-2")["shapes"]["InstanceType"]["enum"])
+    """Every instance type EC2 knows, from botocore's EC2 model (each botocore release adds new ones).
+
+    Read from the file botocore's Loader picks (the newest API version's service-2.json.gz) without
+    importing the Loader, which alone costs a fifth of a second on every synth.
+    """
+    newest_api = max((Path(botocore.__file__).parent / "data" / "ec2").iterdir())
+    model = json.loads(gzip.decompress((newest_api / "service-2.json.gz").read_bytes()))
+    return frozenset(model["shapes"]["InstanceType"]["enum"])
 
 
 def _shown(value: Any) -> str:

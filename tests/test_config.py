@@ -173,6 +173,14 @@ def test_instance_types_are_checked_against_botocores_ec2_model():
         assert f"{family}.large" in ec2_instance_types(), family
 
 
+def test_instance_types_are_the_ones_botocores_loader_reads():
+    """The direct read of the model file must match botocore's own Loader (same API version, same enum)."""
+    from botocore.loaders import Loader
+
+    model = Loader().load_service_model("ec2", "service-2")
+    assert ec2_instance_types() == frozenset(model["shapes"]["InstanceType"]["enum"])
+
+
 def test_cdk_cli_context_keys_are_accepted_and_ignored():
     """`cdk acknowledge 12345` and `cdk cli-telemetry --disable` write these to cdk.context.json."""
     context = {**CONTEXT, "acknowledged-issue-numbers": [12345], "notices": False, "cli-telemetry": False}

@@ -13,12 +13,16 @@ CILIUM_VALUES_FILE = MANIFESTS_DIR / "cilium" / "values.yaml"
 TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
 
 
+# libyaml's safe loader parses the same documents ten times faster; PyYAML's wheels bundle it.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_documents(*paths: Path) -> list[dict]:
     """All non-empty YAML documents of the given files, in order."""
     documents: list[dict] = []
     for path in paths:
         with path.open() as stream:
-            documents.extend(doc for doc in yaml.safe_load_all(stream) if doc)
+            documents.extend(doc for doc in yaml.load_all(stream, Loader=_SAFE_LOADER) if doc)
     return documents
 
 

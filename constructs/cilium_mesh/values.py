@@ -3,9 +3,7 @@
 import copy
 from pathlib import Path
 
-import yaml
-
-from .manifests import CILIUM_VALUES_FILE
+from .manifests import CILIUM_VALUES_FILE, load_documents
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -26,6 +24,4 @@ def cluster_values(api_server_host: str) -> dict:
 
 
 def cilium_values(api_server_host: str, values_file: Path = CILIUM_VALUES_FILE) -> dict:
-    with values_file.open() as stream:
-        base = yaml.safe_load(stream)
-    return merge(base, cluster_values(api_server_host))
+    return merge(load_documents(values_file)[0], cluster_values(api_server_host))
