@@ -40,7 +40,13 @@ KEYS = (
     "endpoint_public_cidrs",
     "traffic_weights",
     "network_policy",
+    "datapath",
 )
+
+# How pods get their network (README, "Two datapaths"):
+#   chaining: Cilium chained onto the AWS VPC CNI (the walkthrough); L3/L4 policy.
+#   eni:      Cilium as the only CNI, its operator assigning pod addresses from ENIs; L7 policy too.
+DATAPATHS = ("chaining", "eni")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {
@@ -67,6 +73,9 @@ MAX_PUBLIC_CIDRS = 40
 # re.ASCII: \w and \d would otherwise accept non-ASCII letters and digits ('١' is a digit to Python).
 _REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]?)?-[a-z]+-[0-9]", re.ASCII)
 _CLUSTER_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9-]{0,99}", re.ASCII)
+# Cilium's chart (templates/validate.yaml) for cluster.name, which the eni datapath sets.
+_CILIUM_CLUSTER_NAME = re.compile(r"([a-z0-9][-a-z0-9]*)?[a-z0-9]", re.ASCII)
+CILIUM_CLUSTER_NAME_MAX = 32
 _INSTANCE_TYPE = re.compile(r"([a-z][a-z0-9-]*)\.(large|xlarge|[0-9]+xlarge|metal(-[0-9]+xl)?)", re.ASCII)
 # Up to four digits a part: int() of a longer digit string can fail (and no release is that long).
 _CILIUM_VERSION = re.compile(r"v?([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})", re.ASCII)
@@ -93,6 +102,7 @@ class MeshConfig:
     endpoint_public_cidrs: tuple[str, ...]
     traffic_policy: TrafficPolicy
     network_policy: bool
+    datapath: str
 
 
 @functools.cache
@@ -146,6 +156,20 @@ def _cluster_name(value: Any) -> str:
         raise ConfigError(
             f"cluster_name: {_shown(value)} must start with a letter and hold only letters, digits and '-'"
             " (at most 100)"
+        )
+    return value
+
+
+def _datapath(value: Any, cluster_name: str) -> str:
+    """The datapath; eni also names Cilium's cluster (ENI tags), so the cluster name must suit Cilium's chart."""
+    if value not in DATAPATHS:
+        raise ConfigError(f"datapath: {_shown(value)} must be one of {', '.join(DATAPATHS)}")
+    if value == "eni" and not (
+        len(cluster_name) <= CILIUM_CLUSTER_NAME_MAX and _CILIUM_CLUSTER_NAME.fullmatch(cluster_name)
+    ):
+        raise ConfigError(
+            f"cluster_name: {cluster_name!r} must be at most {CILIUM_CLUSTER_NAME_MAX} lowercase letters, digits"
+            " and '-' with datapath eni (it becomes Cilium's cluster.name, which tags the ENIs Cilium creates)"
         )
     return value
 
@@ -297,10 +321,11 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         raise ConfigError(f"{missing[0]}: missing from cdk.json context (keys: {', '.join(KEYS)})")
     context = settings.get
     region = _region(context("region"))
+    cluster_name = _cluster_name(context("cluster_name"))
     return MeshConfig(
         region=region,
         availability_zones=_zones(context("availability_zones"), region),
-        cluster_name=_cluster_name(context("cluster_name")),
+        cluster_name=cluster_name,
         kubernetes_version=_kubernetes_version(context("kubernetes_version")),
         cilium_version=_cilium_version(context("cilium_version")),
         node_instance_type=_instance_type(context("node_instance_type")),
@@ -309,6 +334,7 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         endpoint_public_cidrs=_cidrs(context("endpoint_public_cidrs")),
         traffic_policy=_traffic_policy(context("traffic_weights")),
         network_policy=_flag("network_policy", context("network_policy")),
+        datapath=_datapath(context("datapath"), cluster_name),
     )
 
 

@@ -4,22 +4,48 @@ import subprocess
 
 import pytest
 import yaml
-from cilium_mesh.manifests import CILIUM_VALUES_FILE
-from cilium_mesh.values import cilium_values, merge
-from tools.check_cilium_chart import check, dead_keys, supported_charts
+from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE
+from cilium_mesh.values import DATAPATHS, cilium_values, merge
+from tools.check_cilium_chart import API_SERVER, CLUSTER_NAME, check, dead_keys, key_paths, render, supported_charts
+from tools.fixtures import cilium_chart
 from tools.kubectl_layer import layer_helm
-
 
 
 def test_merge_keeps_base_and_overrides_leaves():
     assert merge({"a": {"b": 1, "c": 2}, "d": [1]}, {"a": {"c": 3}, "d": [2]}) == {"a": {"b": 1, "c": 3}, "d": [2]}
 
 
-def test_values_file_is_the_base_and_cluster_values_are_added():
-    base = yaml.safe_load(CILIUM_VALUES_FILE.read_text())
-    values = cilium_values("example.eks.amazonaws.com")
-    assert {k: v for k, v in values.items() if k in base} == base
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_values_are_the_shared_file_then_the_datapaths_then_the_clusters(datapath):
+    shared = yaml.safe_load(CILIUM_VALUES_FILE.read_text())
+    own = yaml.safe_load(CILIUM_DATAPATH_FILES[datapath].read_text())
+    values = cilium_values("example.eks.amazonaws.com", datapath, "demo")
+    assert values == merge(merge(shared, own), {k: values[k] for k in values.keys() - shared.keys() - own.keys()})
     assert values["k8sServiceHost"] == "example.eks.amazonaws.com"
+    assert ("cluster" in values) == (datapath == "eni")
+
+
+def test_datapath_files_set_different_keys_from_the_shared_file():
+    """Each key lives in one file: a datapath file never overrides the shared one."""
+    shared = set(key_paths(yaml.safe_load(CILIUM_VALUES_FILE.read_text())))
+    for path in CILIUM_DATAPATH_FILES.values():
+        assert shared.isdisjoint(key_paths(yaml.safe_load(path.read_text()))), path.name
+
+
+def test_eni_sets_no_chaining_key_and_no_masquerade_interfaces():
+    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME)
+    assert "cni" not in values and "egressMasqueradeInterfaces" not in values
+    assert values["eni"] == {"enabled": True} and values["ipam"] == {"mode": "eni"}
+    assert values["cluster"] == {"name": CLUSTER_NAME}
+
+
+def test_cilium_1_18_needs_ipam_mode_eni_set_explicitly():
+    """Why datapath-eni.yaml sets ipam.mode: 1.18.12 does not derive it from eni.enabled (1.19 does)."""
+    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME)
+    del values["ipam"]
+    rendered = render(cilium_chart("1.18.12"), layer_helm(), values)
+    config = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["metadata"]["name"] == "cilium-config")
+    assert config["data"]["ipam"] == "cluster-pool"
 
 
 def test_dead_key_detection():
@@ -37,7 +63,14 @@ def test_helm_from_the_kubectl_layer_runs():
     assert result.stdout.startswith("v4.")
 
 
+@pytest.mark.parametrize("datapath", DATAPATHS)
 @pytest.mark.parametrize("chart", supported_charts(), ids=lambda c: c.name)
-def test_values_render_on_the_real_chart_with_no_dead_key(chart):
-    """1.18.12, 1.19.6 and 1.20.0 as published, rendered by the kubectl layer's helm."""
-    assert check(chart, layer_helm()) == []
+def test_values_render_on_the_real_chart_with_no_dead_key(chart, datapath):
+    """1.18.12, 1.19.6 and 1.20.0 as published, rendered by the kubectl layer's helm, for both datapaths."""
+    assert check(chart, layer_helm(), datapath) == []
+
+
+def test_a_cluster_name_the_chart_rejects_fails_the_render():
+    """The chart's own rule, which the config's cluster_name check for eni mirrors."""
+    values = cilium_values(API_SERVER, "eni", "Cilium_Mesh")
+    assert "The cluster name is invalid" in render(cilium_chart("1.19.6"), layer_helm(), values).stderr

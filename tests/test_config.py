@@ -23,6 +23,7 @@ THROUGH_APP = [
     ("cluster_name", "cilium-mesh\n", "must start with a letter"),  # '$' would match before the newline
     ("kube_proxy", True, "removed: Cilium's Ingress needs kube-proxy replacement"),
     ("node_cout", 3, "not a configuration key"),
+    ("datapath", "ENI", "must be one of chaining, eni"),
 ]
 
 BAD = THROUGH_APP + [
@@ -83,6 +84,8 @@ BAD = THROUGH_APP + [
     ("traffic_weights", [50, 50], "must map versions to weights"),
     ("network_policy", "maybe", "true or false"),
     ("network_policy", 1, "true or false"),
+    ("datapath", "cni-chaining", "must be one of chaining, eni"),
+    ("datapath", True, "must be one of chaining, eni"),
     ("kube_proxy", "false", "removed"),
 ]
 
@@ -165,6 +168,14 @@ def test_command_line_strings_are_read_like_cdk_json():
 def test_cidrs_come_back_as_ipv4network_writes_them():
     config = load_config({**CONTEXT, "endpoint_public_cidrs": ["192.0.2.1", "198.51.100.0/255.255.255.0"]})
     assert config.endpoint_public_cidrs == ("192.0.2.1/32", "198.51.100.0/24")
+
+
+@pytest.mark.parametrize("name", ["Cilium-Mesh", "cilium-mesh-" + "x" * 21, "mesh-"])
+def test_eni_datapath_needs_a_cluster_name_ciliums_chart_accepts(name):
+    """Fine for EKS, but not as Cilium's cluster.name (lowercase, at most 32, no trailing '-')."""
+    assert load_config({**CONTEXT, "cluster_name": name}).datapath == "chaining"
+    with pytest.raises(ConfigError, match=r"^cluster_name: .* with datapath eni"):
+        load_config({**CONTEXT, "cluster_name": name, "datapath": "eni"})
 
 
 def test_instance_types_are_checked_against_botocores_ec2_model():

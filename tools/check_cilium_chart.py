@@ -1,4 +1,4 @@
-"""Check manifests/cilium/values.yaml against a real Cilium chart: no dead keys, and it renders.
+"""Check manifests/cilium/ against a real Cilium chart, for each datapath: no dead keys, and it renders as meant.
 
     python -m tools.check_cilium_chart                 # 1.18.12, 1.19.6, 1.20.0 (fixtures or helm.cilium.io)
     python -m tools.check_cilium_chart path/to/cilium-1.19.6.tgz [...more charts]
@@ -21,12 +21,33 @@ from pathlib import Path
 
 import yaml
 
-from cilium_mesh.values import cilium_values
+from cilium_mesh.values import DATAPATHS, cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
 from tools.fixtures import cilium_chart
 from tools.kubectl_layer import layer_helm
 
 API_SERVER = "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
+CLUSTER_NAME = "cilium-mesh"
+
+# What each datapath must turn into in the rendered cilium-config (None: the key is absent).
+EXPECTED_CONFIG = {
+    "both": {
+        "routing-mode": "native",
+        "enable-ipv4-masquerade": "false",
+        "enable-envoy-config": "true",
+        "enable-ingress-controller": "true",
+        "ingress-default-lb-mode": "shared",
+        "kube-proxy-replacement": "true",
+    },
+    "chaining": {"cni-chaining-mode": "aws-cni", "ipam": "cluster-pool", "cluster-pool-ipv4-cidr": "100.65.0.0/16"},
+    "eni": {
+        "ipam": "eni",
+        "enable-endpoint-routes": "true",
+        "cluster-name": CLUSTER_NAME,
+        "cni-chaining-mode": None,
+        "egress-masquerade-interfaces": None,
+    },
+}
 
 
 def key_paths(values: dict, prefix: str = "") -> list[str]:
@@ -59,40 +80,38 @@ def chart_values(chart: Path) -> dict:
         return yaml.safe_load(archive.extractfile("cilium/values.yaml"))
 
 
-def check(chart: Path, helm: Path, kubernetes_version: str = "1.35.0") -> list[str]:
-    """Problems found for one chart (empty when it is fine)."""
-    values = cilium_values(API_SERVER)
-    problems = [f"{chart.name}: {path} is not in the chart's values.yaml" for path in dead_keys(values, chart_values(chart))]
+def render(chart: Path, helm: Path, values: dict, kubernetes_version: str = "1.35.0") -> subprocess.CompletedProcess:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
         yaml.safe_dump(values, file)
         file.flush()
-        result = subprocess.run(
+        return subprocess.run(
             [str(helm), "template", "cilium", str(chart), "-n", "kube-system", "-f", file.name,
              "--kube-version", kubernetes_version],
             capture_output=True, text=True, timeout=120, check=False,
         )  # fmt: skip
+
+
+def check(chart: Path, helm: Path, datapath: str) -> list[str]:
+    """Problems found for one chart and datapath (empty when it is fine)."""
+    name = f"{chart.name} ({datapath})"
+    values = cilium_values(API_SERVER, datapath, CLUSTER_NAME)
+    problems = [f"{name}: {path} is not in the chart's values.yaml" for path in dead_keys(values, chart_values(chart))]
+    result = render(chart, helm, values)
     if result.returncode != 0:
-        return [*problems, f"{chart.name}: helm template failed: {result.stderr.strip()[-500:]}"]
+        return [*problems, f"{name}: helm template failed: {result.stderr.strip()[-500:]}"]
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     config = next(d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
-    expected = {
-        "cni-chaining-mode": "aws-cni",
-        "routing-mode": "native",
-        "enable-ipv4-masquerade": "false",
-        "enable-envoy-config": "true",
-        "enable-ingress-controller": "true",
-        "ingress-default-lb-mode": "shared",
-        "kube-proxy-replacement": "true",
-        "cluster-pool-ipv4-cidr": "100.65.0.0/16",
-    }
+    expected = {**EXPECTED_CONFIG["both"], **EXPECTED_CONFIG[datapath]}
     problems += [
-        f"{chart.name}: cilium-config {key}={config.get(key)!r}, expected {value!r}"
+        f"{name}: cilium-config {key}={config.get(key)!r}, expected {value!r}"
         for key, value in expected.items()
         if config.get(key) != value
     ]
-    envoy = next(d for d in documents if d["kind"] == "DaemonSet" and d["metadata"]["name"] == "cilium-envoy")
-    if envoy["spec"]["template"]["spec"].get("dnsPolicy") != "ClusterFirstWithHostNet":
-        problems.append(f"{chart.name}: cilium-envoy does not use cluster DNS (its failover clusters resolve Service names)")
+    workloads = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in documents if d["kind"] in ("DaemonSet", "Deployment")}
+    if workloads["cilium-envoy"].get("dnsPolicy") != "ClusterFirstWithHostNet":
+        problems.append(f"{name}: cilium-envoy does not use cluster DNS (its failover clusters resolve Service names)")
+    if datapath == "eni" and not workloads["cilium-operator"].get("hostNetwork"):
+        problems.append(f"{name}: cilium-operator is not on the host network (it reads IMDS, hop limit 1)")
     return problems
 
 
@@ -105,11 +124,12 @@ def main(argv: list[str]) -> int:
     helm = layer_helm()
     failures = 0
     for chart in map(Path, argv) if argv else supported_charts():
-        problems = check(chart, helm)
-        failures += bool(problems)
-        print(f"{chart.name}: {'OK' if not problems else 'FAILED'}")
-        for problem in problems:
-            print(f"  {problem}")
+        for datapath in DATAPATHS:
+            problems = check(chart, helm, datapath)
+            failures += bool(problems)
+            print(f"{chart.name} ({datapath}): {'OK' if not problems else 'FAILED'}")
+            for problem in problems:
+                print(f"  {problem}")
     return 1 if failures else 0
 
 

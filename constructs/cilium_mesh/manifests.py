@@ -9,7 +9,10 @@ NAMESPACE_FILE = MANIFESTS_DIR / "app" / "00-namespace.yaml"
 WORKLOAD_FILES = tuple(MANIFESTS_DIR / "app" / name for name in ("frontend.yaml", "productcatalog.yaml", "catalogdetail.yaml"))
 INGRESS_FILE = MANIFESTS_DIR / "app" / "ingress.yaml"
 NETWORK_POLICY_FILE = MANIFESTS_DIR / "policy" / "network-policy.yaml"
+# Datapath eni only: L7 versions of some of NETWORK_POLICY_FILE's policies, which they replace by name.
+NETWORK_POLICY_L7_FILE = MANIFESTS_DIR / "policy" / "network-policy-eni.yaml"
 CILIUM_VALUES_FILE = MANIFESTS_DIR / "cilium" / "values.yaml"
+CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in ("chaining", "eni")}
 TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
 
 
@@ -24,6 +27,19 @@ def load_documents(*paths: Path) -> list[dict]:
         with path.open() as stream:
             documents.extend(doc for doc in yaml.load_all(stream, Loader=_SAFE_LOADER) if doc)
     return documents
+
+
+def replaced_by_name(documents: list[dict], replacements: list[dict]) -> list[dict]:
+    """``documents`` with each object that a replacement names (kind, namespace, name) swapped for it, as
+    ``kubectl apply`` of the replacements after the documents would leave them."""
+    def key(doc: dict) -> tuple:
+        return doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"]
+
+    by_key = {key(doc): doc for doc in replacements}
+    unmatched = by_key.keys() - {key(doc) for doc in documents}
+    if unmatched:
+        raise ValueError(f"replacements name no existing object: {sorted(unmatched)}")
+    return [by_key.get(key(doc), doc) for doc in documents]
 
 
 def service_names(documents: list[dict], namespace: str) -> set[str]:

@@ -1,13 +1,14 @@
-"""Cilium Helm values: manifests/cilium/values.yaml plus the API server endpoint of the cluster."""
+"""Cilium Helm values: manifests/cilium/values.yaml, the datapath's file, and what depends on the cluster."""
 
 import copy
-from pathlib import Path
 
-from .manifests import CILIUM_VALUES_FILE, load_documents
+from .manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, load_documents
+
+DATAPATHS = tuple(CILIUM_DATAPATH_FILES)
 
 
 def merge(base: dict, override: dict) -> dict:
-    """Deep-merge ``override`` over ``base`` (maps merge, everything else replaces)."""
+    """Deep-merge ``override`` over ``base`` (maps merge, everything else replaces), as helm merges ``-f`` files."""
     merged = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -17,11 +18,20 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-def cluster_values(api_server_host: str) -> dict:
-    """Without kube-proxy nothing routes the ``kubernetes`` Service until Cilium
-    runs, so Cilium must reach the API server by its endpoint."""
-    return {"k8sServiceHost": api_server_host, "k8sServicePort": 443}
+def cluster_values(api_server_host: str, datapath: str, cluster_name: str) -> dict:
+    """Without kube-proxy nothing routes the ``kubernetes`` Service until Cilium runs, so Cilium must
+    reach the API server by its endpoint. In ENI mode the cluster name tags (and so scopes the
+    cleanup of) the ENIs Cilium's operator creates."""
+    values = {"k8sServiceHost": api_server_host, "k8sServicePort": 443}
+    if datapath == "eni":
+        values["cluster"] = {"name": cluster_name}
+    return values
 
 
-def cilium_values(api_server_host: str, values_file: Path = CILIUM_VALUES_FILE) -> dict:
-    return merge(load_documents(values_file)[0], cluster_values(api_server_host))
+def cilium_values(api_server_host: str, datapath: str, cluster_name: str) -> dict:
+    """What the stack hands helm: values.yaml, then datapath-<datapath>.yaml, then the cluster's values."""
+    files = load_documents(CILIUM_VALUES_FILE, CILIUM_DATAPATH_FILES[datapath])
+    values = {}
+    for layer in (*files, cluster_values(api_server_host, datapath, cluster_name)):
+        values = merge(values, layer)
+    return values

@@ -1,0 +1,163 @@
+"""The README's traffic figures in one run: this policy and the walkthrough's, side by side.
+
+Every figure comes from cilium-envoy's extension set for the configured Cilium
+(tools/cilium_envoy.py) and the resources as Cilium delivers them
+(tools/envoy_harness.py), repeated so each cell shows the median and the range:
+
+* failover: answered share and v2's share with v2 healthy, pinned by header,
+  answering 503 to 30%, down, and without endpoints;
+* proxy overhead: p50 and p99 added over a direct request. Both policies' Envoys
+  and stand-ins run at once and each round interleaves, request by request and
+  in shuffled order, direct and proxied requests to both, so machine noise lands
+  on all four alike.
+
+    python -m tools.measure [--requests 1000] [--repeats 3] [--latency-requests 5000] [--rounds 5]
+
+Everything runs on loopback, with fixed request counts, and stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import http.client
+import os
+import random
+import statistics
+import sys
+import time
+from contextlib import ExitStack
+
+from tools.cilium_envoy import build_for
+from tools.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running
+
+from cilium_mesh import TrafficPolicy
+from stacks import cdk_json_context
+from stacks.config import load_config
+
+SCENARIOS = {
+    "healthy": ({}, False),
+    "pinned to v2 by header": ({}, True),
+    "v2 answers 503 on 30%": ({"v2": Fault("errors", 0.3)}, False),
+    "v2 pods down": ({"v2": Fault("down")}, False),
+    "v2 without endpoints": ({"v2": Fault("empty")}, False),
+}
+LIMITS = {"requests": (100, 20000), "repeats": (1, 10), "latency_requests": (100, 100000), "rounds": (1, 20)}
+
+
+def spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """Median, and the range when the repeats differ."""
+    median, low, high = (format(v, fmt) + unit for v in (statistics.median(values), min(values), max(values)))
+    return median if low == high else f"{median} ({low} to {high})"
+
+
+def failover_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, repeats: int) -> list[str]:
+    header = next(p.pin_header for p in policies.values() if p.pin_header)
+    rows = []
+    for scenario, (faults, pinned) in SCENARIOS.items():
+        cells = []
+        for policy in policies.values():
+            results: list[RunResult] = [
+                run(policy, tag, requests, faults, {header: "v2"} if pinned else None, seed=7 + repeat)
+                for repeat in range(repeats)
+            ]
+            cells.append(spread([100 * r.answered_share for r in results], ".2f", "%"))
+            cells.append(spread([100 * r.share("v2") for r in results], ".1f", "%"))
+            cells.append(spread([r.retries for r in results], "d") + " / " + spread([r.ejections for r in results], "d"))
+        rows.append(f"| {scenario} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def _percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def _interleaved(targets: dict[str, tuple[str, int]], requests: int, rng: random.Random) -> dict[str, list[float]]:
+    """``requests`` GETs per target over one keep-alive connection each, interleaved in shuffled order."""
+    connections = {name: http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S) for name, address in targets.items()}
+    latencies: dict[str, list[float]] = {name: [] for name in targets}
+    order = list(targets)
+    try:
+        for _ in range(requests):
+            rng.shuffle(order)
+            for name in order:
+                begin = time.perf_counter()
+                connections[name].request("GET", "/catalogDetail")
+                response = connections[name].getresponse()
+                response.read()
+                latencies[name].append((time.perf_counter() - begin) * 1000)
+                if response.status != 200:
+                    raise RuntimeError(f"{name}: answered {response.status}")
+    finally:
+        for connection in connections.values():
+            connection.close()
+    return latencies
+
+
+def overhead_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, rounds: int) -> tuple[list[str], list[float]]:
+    """Rows of p50/p99 added per policy, and the per-round ratio of p99 added (this policy / walkthrough)."""
+    added = {name: {0.5: [], 0.99: []} for name in policies}
+    rng = random.Random(11)
+    with ExitStack() as stack:
+        targets = {}
+        for name, policy in policies.items():
+            envoy, _, stand_ins = stack.enter_context(running(policy, tag))
+            targets[f"{name} direct"] = stand_ins["1"].server_address
+            targets[f"{name} envoy"] = (LOOPBACK, envoy.port)
+        _interleaved(targets, 200, rng)  # warm-up: connections, caches
+        gc.disable()
+        try:
+            for _ in range(rounds):
+                latencies = _interleaved(targets, requests, rng)
+                for name in policies:
+                    for share in added[name]:
+                        through = _percentile(latencies[f"{name} envoy"], share)
+                        added[name][share].append(through - _percentile(latencies[f"{name} direct"], share))
+        finally:
+            gc.enable()
+    rows = [f"| {name} | {spread(values[0.5], '.3f')} | {spread(values[0.99], '.3f')} |" for name, values in added.items()]
+    mine, theirs = (added[name][0.99] for name in policies)
+    return rows, [m / t if t > 0 else float("inf") for m, t in zip(mine, theirs)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.measure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests per failover run")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per failover cell")
+    parser.add_argument("--latency-requests", type=int, default=5000, help="requests per target per latency round")
+    parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    args = parser.parse_args(argv)
+    for name, (low, high) in LIMITS.items():
+        if not low <= getattr(args, name) <= high:
+            print(f"measure: --{name.replace('_', '-')} must be {low}-{high}", file=sys.stderr)
+            return 2
+    config = load_config(cdk_json_context())
+    policy = config.traffic_policy
+    policies = {"this policy": policy, "walkthrough": dataclasses.replace(TrafficPolicy.walkthrough(), weights=policy.weights)}
+    build = build_for(config.cilium_version)
+    started = time.perf_counter()
+    print(f"Envoy {build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
+          f"weights {policy.weights}, {os.cpu_count()} cores. {DIFFERENCES}\n")  # fmt: skip
+    print(f"Failover: {args.requests} requests per run, {args.repeats} runs per cell: median (range)\n")
+    print("| v2 | this policy: answered | v2 share | retries / ejections "
+          "| walkthrough: answered | v2 share | retries / ejections |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for row in failover_rows(policies, build.tag, args.requests, args.repeats):
+        print(row, flush=True)
+    print(f"\nProxy overhead: {args.latency_requests} GETs per target per round, {args.rounds} rounds, both policies "
+          "interleaved on one keep-alive connection per target; ms added over direct, median (range) over rounds\n")  # fmt: skip
+    rows, ratios = overhead_rows(policies, build.tag, args.latency_requests, args.rounds)
+    print("| policy | p50 added ms | p99 added ms |")
+    print("|---|---|---|")
+    print("\n".join(rows))
+    verdict = "met" if statistics.median(ratios) <= 1.2 else "NOT met"
+    print(f"\np99 added, this policy / walkthrough, per round: {spread(ratios, '.2f')}; "
+          f"goal at most 1.2: {verdict}")  # fmt: skip
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
