@@ -11,6 +11,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from cilium_mesh import CiliumMesh, CiliumMeshProps, TrafficPolicy
+from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
 from constructs import Construct
 
@@ -35,6 +36,7 @@ class CiliumEksStack(Stack):
         super().__init__(scope, construct_id, env=Environment(region=config.region), **kwargs)
         self.config = config
 
+        self.eni = config.datapath == "eni"
         self.vpc = self._network()
         self.cluster = self._cluster()
         self.nodes = self._nodes()
@@ -48,9 +50,15 @@ class CiliumEksStack(Stack):
                 load_balancer_controller=self.load_balancer_controller,
                 cilium_version=config.cilium_version,
                 traffic_policy=config.traffic_policy,
+                cluster_name=config.cluster_name,
                 network_policy=config.network_policy,
+                datapath=config.datapath,
             ),
         )
+        if self.eni:
+            self.eni_cleanup = EniCleanup(self, "CiliumEniCleanup", cluster_name=config.cluster_name)
+            self.eni_cleanup.node.add_dependency(self.vpc)
+            self.nodes.node.add_dependency(self.eni_cleanup)
         self.coredns = self._cluster_dns()
         self._outputs()
         self._acknowledge_findings()
@@ -123,7 +131,8 @@ class CiliumEksStack(Stack):
         if config.admin_principal_arn:
             cluster.grant_cluster_admin("AdminPrincipalAccess", config.admin_principal_arn)
 
-        self.vpc_cni = eks.Addon(self, "VpcCni", cluster=cluster, addon_name="vpc-cni", preserve_on_delete=False)
+        if not self.eni:
+            self.vpc_cni = eks.Addon(self, "VpcCni", cluster=cluster, addon_name="vpc-cni", preserve_on_delete=False)
         return cluster
 
     def _nodes(self) -> eks.Nodegroup:
@@ -144,10 +153,7 @@ class CiliumEksStack(Stack):
             self,
             "NodeRole",
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
-            managed_policies=[
-                iam.ManagedPolicy.from_aws_managed_policy_name(name)
-                for name in ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly")
-            ],
+            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name(name) for name in self._node_policies()],
         )
         nodes = self.cluster.add_nodegroup_capacity(
             "Nodes",
@@ -163,8 +169,15 @@ class CiliumEksStack(Stack):
             ),
             taints=[eks.TaintSpec(effect=eks.TaintEffect.NO_EXECUTE, key=CILIUM_NOT_READY_TAINT, value="true")],
         )
-        nodes.node.add_dependency(self.vpc_cni)
+        if not self.eni:
+            nodes.node.add_dependency(self.vpc_cni)
         return nodes
+
+    def _node_policies(self) -> tuple[str, ...]:
+        """What a node needs: join the cluster and pull images; with chaining also the VPC CNI's ENI rights
+        (aws-node runs with the node's role). With eni only Cilium's operator, by its own role, has those."""
+        cni = () if self.eni else ("AmazonEKS_CNI_Policy",)
+        return ("AmazonEKSWorkerNodePolicy", *cni, "AmazonEC2ContainerRegistryReadOnly")
 
     def _cluster_dns(self) -> eks.Addon:
         """coredns, created beside Cilium (both after the nodes, neither waiting for the other).
@@ -244,12 +257,9 @@ class CiliumEksStack(Stack):
             ),
             (
                 self.nodes.role,
-                [
-                    _managed_policy(name)
-                    for name in ("AmazonEKSWorkerNodePolicy", "AmazonEKS_CNI_Policy", "AmazonEC2ContainerRegistryReadOnly")
-                ],
-                "Nodes need exactly AmazonEKSWorkerNodePolicy (join the cluster), AmazonEKS_CNI_Policy "
-                "(the VPC CNI assigns pod IPs) and AmazonEC2ContainerRegistryReadOnly (pull images).",
+                [_managed_policy(name) for name in self._node_policies()],
+                "Nodes need exactly AmazonEKSWorkerNodePolicy (join the cluster), AmazonEC2ContainerRegistryReadOnly "
+                "(pull images) and, with the VPC CNI (datapath chaining), AmazonEKS_CNI_Policy (it assigns pod IPs).",
             ),
             (
                 handler.role,
@@ -295,8 +305,51 @@ class CiliumEksStack(Stack):
                 "manages load balancers, target groups and security groups whose names it picks at run time.",
             ),
         ]
+        if self.eni:
+            acknowledgements += self._eni_acknowledgements()
         for construct, findings, reason in acknowledgements:
             Validations.of(construct).acknowledge(*(Acknowledgment(id=f, reason=reason) for f in findings))
+
+
+    def _eni_acknowledgements(self) -> list[tuple]:
+        identity = self.mesh.operator_identity
+        cleanup = self.eni_cleanup
+        own_enis = f"AwsSolutions-IAM5[Resource::arn:aws:ec2:{self.config.region}:<AWS::AccountId>:network-interface/*]"
+        framework = cleanup.provider.node.find_child("framework-onEvent")
+        cleanup_handler_id = self.get_logical_id(cleanup.handler.node.default_child)
+        return [
+            (
+                identity.policy,
+                ["AwsSolutions-IAM5[Resource::*]", own_enis],
+                "Cilium's operator (ENI IPAM) needs the EC2 actions Cilium's docs list: the Describe actions "
+                "have no resource-level permissions; it creates ENIs in subnets and security groups it picks at "
+                "run time, attaches them to the node group's instances and assigns addresses on every ENI of a "
+                "node, so those are limited to this region; CreateTags only while creating an ENI, and "
+                "DeleteNetworkInterface only on ENIs tagged as Cilium's for this cluster.",
+            ),
+            (
+                cleanup.handler,
+                ["AwsSolutions-IAM5[Resource::*]", own_enis],
+                "The ENI cleanup lists ENIs (DescribeNetworkInterfaces has no resource-level permissions) and may "
+                "delete only ENIs tagged as Cilium's for this cluster.",
+            ),
+            (
+                cleanup.handler,
+                [_managed_policy("service-role/AWSLambdaBasicExecutionRole")],
+                "The ENI cleanup Lambda writes its logs with AWSLambdaBasicExecutionRole.",
+            ),
+            (
+                framework,
+                [_managed_policy("service-role/AWSLambdaBasicExecutionRole")],
+                "The CDK custom-resource framework Lambda behind the ENI cleanup writes its logs with "
+                "AWSLambdaBasicExecutionRole.",
+            ),
+            (
+                framework,
+                [f"AwsSolutions-IAM5[Resource::<{cleanup_handler_id}.Arn>:*]"],
+                "The custom-resource framework invokes every version (':*') of the ENI cleanup's own handler.",
+            ),
+        ]
 
 
 def _managed_policy(name: str) -> str:

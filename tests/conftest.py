@@ -72,6 +72,17 @@ def provider_steps(synth):
 
 
 @pytest.fixture(scope="session")
+def synth_eni(tmp_path_factory) -> Synth:
+    """Datapath eni: Cilium as the only CNI."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out.eni"), datapath="eni")
+
+
+@pytest.fixture(scope="session")
+def provider_steps_eni(synth_eni):
+    return dry_run(synth_eni.template, synth_eni.stack)
+
+
+@pytest.fixture(scope="session")
 def synth_variant(tmp_path_factory) -> Synth:
     """The other side of every switch: no network policy, an admin principal, 90/10."""
     return synthesize(

@@ -10,15 +10,17 @@ from cilium_mesh.manifests import (
     MANIFESTS_DIR,
     NAMESPACE_FILE,
     NETWORK_POLICY_FILE,
+    NETWORK_POLICY_L7_FILE,
     TRAFFIC_POLICY_FILE,
     WORKLOAD_FILES,
     load_documents,
+    replaced_by_name,
 )
 from conftest import CONTEXT, manifest_documents
 from tools.render_traffic_policy import render
 from tools.schemas import InvalidObject, validate_object
 
-FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, TRAFFIC_POLICY_FILE]
+FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, NETWORK_POLICY_L7_FILE, TRAFFIC_POLICY_FILE]
 
 
 def validate(document: dict) -> None:
@@ -46,8 +48,9 @@ def test_manifest_file_is_valid_for_the_cluster_version(path):
         validate(document)
 
 
-def test_every_object_the_stack_applies_is_valid(synth):
-    documents = applied_documents(synth)
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_every_object_the_stack_applies_is_valid(request, datapath):
+    documents = applied_documents(request.getfixturevalue("synth_eni" if datapath == "eni" else "synth"))
     assert len(documents) >= 20
     for document in documents:
         validate(document)
@@ -220,10 +223,45 @@ def test_network_policy_denies_by_default_and_allows_only_the_call_graph():
     assert "egress" not in policies["catalogdetail"]
 
 
-def test_network_policy_has_no_l7_rules_while_cilium_chains_onto_the_vpc_cni():
+def applied_policies(synth) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"] for d in applied_documents(synth) if d["kind"] == "CiliumNetworkPolicy"}
+
+
+def l7_rules(spec: dict) -> list[dict]:
+    return [to["rules"] for d in ("ingress", "egress") for rule in spec.get(d, []) for to in rule.get("toPorts", []) if "rules" in to]
+
+
+def without_l7(spec: dict) -> dict:
+    spec = json.loads(json.dumps(spec))
+    for direction in ("ingress", "egress"):
+        for rule in spec.get(direction, []):
+            for to in rule.get("toPorts", []):
+                to.pop("rules", None)
+    spec.pop("description", None)
+    return spec
+
+
+def test_network_policy_has_no_l7_rules_while_cilium_chains_onto_the_vpc_cni(synth):
     """Chained Cilium does not enforce HTTP or DNS rules; a DNS rule not enforced as written can cut DNS."""
-    for policy in load_documents(NETWORK_POLICY_FILE):
-        for direction in ("ingress", "egress"):
-            for rule in policy["spec"].get(direction, []):
-                for to_ports in rule.get("toPorts", []):
-                    assert "rules" not in to_ports, policy["metadata"]["name"]
+    policies = applied_policies(synth)
+    assert policies and all(l7_rules(spec) == [] for spec in policies.values())
+
+
+def test_eni_adds_l7_rules_on_the_same_peers_and_ports(synth, synth_eni):
+    """catalogdetail answers only GET /catalogDetail and /ping; DNS is visible. Nothing else changes."""
+    chaining, eni = applied_policies(synth), applied_policies(synth_eni)
+    assert chaining.keys() == eni.keys()
+    assert {name: without_l7(spec) for name, spec in eni.items()} == {name: without_l7(spec) for name, spec in chaining.items()}
+    assert {name for name, spec in eni.items() if l7_rules(spec)} == {"allow-dns", "catalogdetail"}
+    http = [{"method": "GET", "path": "/catalogDetail"}, {"method": "GET", "path": "/ping"}]
+    assert l7_rules(eni["catalogdetail"]) == [{"http": http}, {"http": http}]
+    assert l7_rules(eni["allow-dns"]) == [{"dns": [{"matchPattern": "*"}]}]
+
+
+def test_l7_file_replaces_policies_by_name_and_names_only_existing_ones():
+    base = load_documents(NETWORK_POLICY_FILE)
+    replaced = replaced_by_name(base, load_documents(NETWORK_POLICY_L7_FILE))
+    assert [d["metadata"]["name"] for d in replaced] == [d["metadata"]["name"] for d in base]
+    stray = {**load_documents(NETWORK_POLICY_L7_FILE)[0], "metadata": {"name": "allow-dnss", "namespace": "workshop"}}
+    with pytest.raises(ValueError, match="allow-dnss"):
+        replaced_by_name(base, [stray])

@@ -177,7 +177,7 @@ def test_each_namespace_exists_before_its_objects_and_outlives_them(steps):
 
 def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(steps, ids):
     values = find_step(steps, ids["cilium"], "Create").values
-    assert values == cilium_values(API_SERVER_HOST)
+    assert values == cilium_values(API_SERVER_HOST, "chaining", CONTEXT["cluster_name"])
     assert values["k8sServiceHost"] == API_SERVER_HOST
 
 

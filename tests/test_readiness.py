@@ -90,12 +90,12 @@ def test_controller_webhook_left_on_is_caught(world, setting, expected):
 
 def test_controller_can_reach_aws_while_cilium_uninstalls(world):
     graph, ids, _ = world
-    assert check_destroy(graph, ids, controller_create(world).values) == []
+    assert check_destroy(graph, ids, controller_create(world).values, "chaining") == []
 
 
 def test_controller_on_cluster_dns_would_be_stranded_on_destroy(world):
     """Defect: with dnsPolicy ClusterFirst, coredns (beside Cilium) can go first and the NLB is stranded."""
     graph, ids, _ = world
     values = {**controller_create(world).values, "dnsPolicy": "ClusterFirst"}
-    problems = [str(p) for p in check_destroy(graph, ids, values)]
+    problems = [str(p) for p in check_destroy(graph, ids, values, "chaining")]
     assert any("cluster DNS" in p for p in problems), problems

@@ -12,9 +12,12 @@ the real Cilium chart rendered with them.
 * Every object the stack applies goes through the admission webhooks that
   charts registered before it. A webhook that fails closed and matches the
   object needs its serving pods Ready: only a chart that waits guarantees that.
-* On destroy, Cilium's ``helm uninstall --wait`` returns once the load balancer
-  controller has deleted the ``cilium-ingress`` NLB; everything the controller
-  needs then must still exist, i.e. be deleted after Cilium.
+* On destroy, the step that deletes the ``cilium-ingress`` Service (Cilium's
+  ``helm uninstall --wait`` with chaining, a step of its own with eni) returns
+  once the load balancer controller has deleted the NLB; everything the
+  controller needs then must still exist, i.e. be deleted after that step.
+* With datapath eni Cilium is installed before the nodes and cannot wait; the
+  order its steps need is data (ENI_ORDER), each entry with its source.
 """
 
 from __future__ import annotations
@@ -115,6 +118,52 @@ LOAD_BALANCER_CONTROLLER_WEBHOOKS = (
 
 
 @dataclass(frozen=True)
+class OrderNeed:
+    """A step that must be created after another (and so deleted before it), and why."""
+
+    step: str  # a role of provider_ids()
+    provider: str
+    source: str
+
+
+ENI_ORDER = (
+    OrderNeed(
+        "cilium", "operator_identity",
+        "EKS Pod Identity gives credentials only to pods created after the association exists (EKS docs, "
+        "'Pod Identity'); without them the operator stops with 'Unable to start eni allocator' (cilium/cilium ENI docs)",
+    ),
+    OrderNeed(
+        "nodes", "cilium",
+        "a node turns Ready only once a CNI has written its configuration; without one the managed node group "
+        "fails with NodeCreationFailure",
+    ),
+    OrderNeed(
+        "cilium_ready", "nodes",
+        "the operator and the agents run on the nodes (the chart's pods are Pending until then)",
+    ),
+    OrderNeed(
+        "cilium_ready", "pod_identity_agent",
+        "the operator fetches its credentials from the eks-pod-identity-agent on its node (169.254.170.23)",
+    ),
+    OrderNeed(
+        "manifests", "cilium_ready",
+        "CiliumNetworkPolicy and CiliumEnvoyConfig need the CRDs the operator registers at run time; app pods "
+        "need the operator to hand out ENI addresses",
+    ),
+    OrderNeed("coredns", "nodes", "the coredns add-on turns ACTIVE only once its pods run on nodes"),
+    OrderNeed(
+        "eni_cleanup", "vpc",
+        "deleted before the VPC: the detached ENIs it deletes would keep their subnets, and so the VPC, from going",
+    ),
+    OrderNeed(
+        "nodes", "eni_cleanup",
+        "deleted after the nodes: until then the operator runs and attached ENIs go with their instances "
+        "(Cilium marks them DeleteOnTermination)",
+    ),
+)
+
+
+@dataclass(frozen=True)
 class Problem:
     step: str
     message: str
@@ -124,17 +173,31 @@ class Problem:
 
 
 def provider_ids(stack) -> dict[str, str]:
-    """The logical ID of each provider role in the graph."""
-    return {
-        role: logical_id(stack, construct)
-        for role, construct in (
-            ("nodes", stack.nodes),
-            ("cilium", stack.mesh.cilium),
-            ("coredns", stack.coredns),
-            ("load_balancer_controller", stack.load_balancer_controller.node.find_child("Resource")),
-            ("vpc", stack.vpc),
-        )
+    """The logical ID of each role in the graph (for roles of several steps, one of them: see role_ids)."""
+    return {role: ids[0] for role, ids in role_ids(stack).items()}
+
+
+def role_ids(stack) -> dict[str, list[str]]:
+    """The logical IDs of each role's steps in the graph."""
+    mesh = stack.mesh
+    roles = {
+        "nodes": [stack.nodes],
+        "cilium": [mesh.cilium],
+        "coredns": [stack.coredns],
+        "load_balancer_controller": [stack.load_balancer_controller.node.find_child("Resource")],
+        "vpc": [stack.vpc],
+        "manifests": list(mesh.manifests.values()),
+        "ingress_owner": [mesh.cilium],
     }
+    if stack.eni:
+        roles |= {
+            "operator_identity": [mesh.operator_identity.association],
+            "pod_identity_agent": [mesh.operator_identity.agent],
+            "cilium_ready": mesh.readiness,
+            "eni_cleanup": [stack.eni_cleanup.resource],
+            "ingress_owner": [mesh.ingress_teardown],
+        }
+    return {role: [logical_id(stack, c) for c in constructs] for role, constructs in roles.items()}
 
 
 @functools.cache
@@ -269,14 +332,28 @@ def check_admission(graph: Graph, ids: dict[str, str], steps) -> list[Problem]:
     return problems
 
 
-def check_destroy(graph: Graph, ids: dict[str, str], controller_values: dict) -> list[Problem]:
-    """While Cilium's uninstall waits, the controller can still resolve and reach AWS."""
+def check_order(graph: Graph, roles: dict[str, list[str]], order: tuple[OrderNeed, ...]) -> list[Problem]:
+    """Every step of each OrderNeed is created after every step of its provider (and deleted before)."""
+    return [
+        Problem(step, f"needs {need.provider} ({provider}) created before it: {need.source}")
+        for need in order
+        for step in roles[need.step]
+        for provider in roles[need.provider]
+        if provider not in graph.after(step)
+    ]
+
+
+def check_destroy(graph: Graph, ids: dict[str, str], controller_values: dict, datapath: str) -> list[Problem]:
+    """While the ``cilium-ingress`` Service is deleted, the controller can still resolve and reach AWS."""
     needs = dict(CONTROLLER_DESTROY_NEEDS)
     if controller_values.get("dnsPolicy", "ClusterFirst") != "Default":
         needs["cluster DNS (dnsPolicy ClusterFirst) to resolve AWS endpoints"] = ("coredns", "coredns add-on")
-    cilium = ids["cilium"]
+    if datapath == "eni":
+        needs["the kubernetes Service routed"] = ("cilium", "Cilium is the CNI: its agents route pod traffic")
+    owner = ids["ingress_owner"]
     return [
-        Problem(cilium, f"on destroy the controller needs {what}, but {role} ({ids[role]}) is deleted before Cilium")
+        Problem(owner, f"on destroy the controller needs {what}, but {role} ({ids[role]}) is deleted before "
+                "the cilium-ingress Service")  # fmt: skip
         for what, (role, _) in needs.items()
-        if ids[role] not in graph.after(cilium)
+        if role != "ingress_owner" and ids[role] != owner and ids[role] not in graph.after(owner)
     ]

@@ -1,6 +1,6 @@
 """CiliumMesh: installs Cilium and applies the app, Ingress, traffic and network policy in order.
 
-Deploy order (destroy runs it backwards):
+Deploy order for datapath chaining (destroy runs it backwards):
 
     namespace ──────────────────────────────────────┐
     nodes ─> LB controller chart ─> Cilium chart ───┼─> app workloads
@@ -14,7 +14,20 @@ DNS to become Ready, so coredns is created beside Cilium, not after it. On
 destroy the app, policies, Ingress and CiliumEnvoyConfig go first, then
 Cilium: its ``helm uninstall --wait`` returns once the ``cilium-ingress``
 Service is gone, which the load balancer controller, still running, allows
-only after deleting the NLB. What each step needs, and from where, is data in
+only after deleting the NLB.
+
+Deploy order for datapath eni, where Cilium is the CNI the nodes wait for:
+
+    operator identity ─> Cilium chart ─> nodes ─┬─> LB controller chart ──┬─> ingress Service teardown
+                                                ├─> coredns               └─> ingress hostname (output)
+                                                └─> operator ready, CRDs ─> app, policies, Ingress, CiliumEnvoyConfig
+
+Without a CNI nodes never become Ready, so Cilium comes first and cannot wait
+(no nodes yet); readiness is proven after the nodes, by waiting for the
+operator and for the CRDs the manifests use. Cilium's chart, installed before
+the nodes, is deleted after them, so on destroy a separate step deletes the
+``cilium-ingress`` Service (and with it the NLB) while the nodes, Cilium and
+the controller still run. What each step needs, and from where, is data in
 tools/readiness.py.
 """
 
@@ -26,12 +39,15 @@ from aws_cdk import Duration, Fn
 from aws_cdk import aws_eks_v2 as eks
 from constructs import Construct, IConstruct
 
+from .eni import CiliumOperatorIdentity
 from .manifests import (
     INGRESS_FILE,
     NAMESPACE_FILE,
     NETWORK_POLICY_FILE,
+    NETWORK_POLICY_L7_FILE,
     WORKLOAD_FILES,
     load_documents,
+    replaced_by_name,
 )
 from .traffic import TrafficPolicy
 from .values import cilium_values
@@ -43,17 +59,22 @@ from .versions import CILIUM_HELM_REPOSITORY
 PROVIDER_LAMBDA_TIMEOUT = Duration.minutes(15)
 STEP_TIMEOUT = Duration.minutes(10)
 
+# The Service Cilium's chart creates for its shared Ingress, which the load balancer controller backs with the NLB.
+INGRESS_SERVICE = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "cilium-ingress", "namespace": "kube-system"}}
+
 
 @dataclass(frozen=True)
 class CiliumMeshProps:
     """What CiliumMesh needs.
 
     cluster:                  cluster with a kubectl provider.
-    nodes:                    the node group; Cilium's chart waits for pods, so it needs nodes.
+    nodes:                    the node group: after Cilium with datapath eni, before it with chaining.
     load_balancer_controller: must outlive the ``cilium-ingress`` Service on destroy.
     cilium_version:           Cilium chart version, one of versions.CILIUM_RELEASES.
-    traffic_policy:           L7 policy for catalogdetail.
+    traffic_policy:           L7 traffic management for catalogdetail.
     network_policy:           apply manifests/policy/ (default True: default-deny plus the app's call graph).
+    datapath:                 "chaining" (default: onto the VPC CNI) or "eni" (Cilium as the only CNI).
+    cluster_name:             the EKS cluster's name; with eni also Cilium's cluster.name (ENI tags).
     """
 
     cluster: eks.Cluster
@@ -61,7 +82,9 @@ class CiliumMeshProps:
     load_balancer_controller: IConstruct
     cilium_version: str
     traffic_policy: TrafficPolicy
+    cluster_name: str
     network_policy: bool = True
+    datapath: str = "chaining"
 
 
 class CiliumMesh(Construct):
@@ -76,6 +99,11 @@ class CiliumMesh(Construct):
             self, "Namespace", cluster=cluster, manifest=load_documents(NAMESPACE_FILE)
         )
 
+        eni = props.datapath == "eni"
+        if eni:
+            self.operator_identity = CiliumOperatorIdentity(
+                self, "OperatorIdentity", cluster=cluster, cluster_name=props.cluster_name
+            )
         self.cilium = eks.HelmChart(
             self,
             "Cilium",
@@ -85,25 +113,39 @@ class CiliumMesh(Construct):
             repository=CILIUM_HELM_REPOSITORY,
             version=props.cilium_version,
             namespace="kube-system",
-            values=cilium_values(api_server_host),
-            wait=True,
+            values=cilium_values(api_server_host, props.datapath, props.cluster_name),
+            wait=not eni,  # no nodes yet with eni (aws-cdk-lib leaves the property out when false)
             timeout=STEP_TIMEOUT,
         )
-        self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
+        if eni:
+            self.cilium.node.add_dependency(self.operator_identity.association, self.operator_identity.agent)
+            props.nodes.node.add_dependency(self.cilium)
+            self.readiness = self._eni_readiness(props)
+            ready = self.readiness
+            self.ingress_teardown = eks.KubernetesManifest(
+                self, "IngressServiceTeardown", cluster=cluster, manifest=[INGRESS_SERVICE], overwrite=True
+            )
+            self.ingress_teardown.node.add_dependency(self.cilium, props.nodes, props.load_balancer_controller)
+        else:
+            self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
+            ready = [self.cilium]
 
+        network_policy = load_documents(NETWORK_POLICY_FILE)
+        if eni:
+            network_policy = replaced_by_name(network_policy, load_documents(NETWORK_POLICY_L7_FILE))
         manifests = {
             "App": load_documents(*WORKLOAD_FILES),
             "Ingress": load_documents(INGRESS_FILE),
             "TrafficPolicy": [props.traffic_policy.cilium_envoy_config()],
         }
         if props.network_policy:
-            manifests["NetworkPolicy"] = load_documents(NETWORK_POLICY_FILE)
+            manifests["NetworkPolicy"] = network_policy
         self.manifests = {
             name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents)
             for name, documents in manifests.items()
         }
         for manifest in self.manifests.values():
-            manifest.node.add_dependency(self.cilium, self.namespace)
+            manifest.node.add_dependency(*ready, self.namespace)
 
         self.ingress_hostname = eks.KubernetesObjectValue(
             self,
@@ -115,4 +157,30 @@ class CiliumMesh(Construct):
             json_path=".status.loadBalancer.ingress[0].hostname",
             timeout=STEP_TIMEOUT,
         )
-        self.ingress_hostname.node.add_dependency(self.cilium)
+        self.ingress_hostname.node.add_dependency(self.cilium, props.load_balancer_controller)
+
+    def _eni_readiness(self, props: CiliumMeshProps) -> list[eks.KubernetesObjectValue]:
+        """Steps after the nodes that return once Cilium is Ready: its operator (ENI IPAM running with
+        its AWS permissions) and the CRDs it registers that the manifests use. Each polls until its
+        field has a value: ``readyReplicas`` is omitted while 0, ``acceptedNames`` until registered."""
+        waits = {
+            "OperatorReady": ("deployment", "cilium-operator", "kube-system", ".status.readyReplicas"),
+            "EnvoyConfigCrd": ("crd", "ciliumenvoyconfigs.cilium.io", "default", ".status.acceptedNames.kind"),
+        }
+        if props.network_policy:
+            waits["NetworkPolicyCrd"] = ("crd", "ciliumnetworkpolicies.cilium.io", "default", ".status.acceptedNames.kind")
+        steps = []
+        for name, (object_type, object_name, namespace, json_path) in waits.items():
+            step = eks.KubernetesObjectValue(
+                self,
+                name,
+                cluster=props.cluster,
+                object_type=object_type,
+                object_name=object_name,
+                object_namespace=namespace,
+                json_path=json_path,
+                timeout=STEP_TIMEOUT,
+            )
+            step.node.add_dependency(self.cilium, props.nodes)
+            steps.append(step)
+        return steps
