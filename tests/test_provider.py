@@ -175,9 +175,12 @@ def test_each_namespace_exists_before_its_objects_and_outlives_them(steps):
         assert s.commands[1][s.commands[1].index("--namespace") + 1] == "kube-system"
 
 
-def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(steps, ids):
-    values = find_step(steps, ids["cilium"], "Create").values
-    assert values == cilium_values(API_SERVER_HOST, "chaining", CONTEXT["cluster_name"])
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(request, datapath):
+    suffix = "_eni" if datapath == "eni" else ""
+    synth, steps = request.getfixturevalue("synth" + suffix), request.getfixturevalue("provider_steps" + suffix)
+    values = find_step(steps, synth.logical_id(synth.stack.mesh.cilium), "Create").values
+    assert values == cilium_values(API_SERVER_HOST, datapath, synth.stack.config.cluster_name)
     assert values["k8sServiceHost"] == API_SERVER_HOST
 
 

@@ -3,10 +3,14 @@
 import json
 import os
 
+import pytest
 from aws_cdk.assertions import Match
 from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_assets
 
-SNAPSHOT = ROOT / "tests" / "snapshots" / "CiliumMeshEks.template.json"
+SNAPSHOTS = {
+    "chaining": ROOT / "tests" / "snapshots" / "CiliumMeshEks.template.json",
+    "eni": ROOT / "tests" / "snapshots" / "CiliumMeshEks.eni.template.json",
+}
 
 
 def update_requested() -> bool:
@@ -229,9 +233,12 @@ def test_traffic_check_shows_the_split_beside_the_weights_and_pinned_requests(sy
     assert lines[lines.index("pinned to v1:") + 1] == '20 "version":"1"'
 
 
-def test_template_matches_the_reviewed_snapshot(synth):
+@pytest.mark.parametrize("datapath", SNAPSHOTS)
+def test_template_matches_the_reviewed_snapshot(request, datapath):
+    synth = request.getfixturevalue("synth_eni" if datapath == "eni" else "synth")
     current = normalize_assets(json.dumps(synth.template, indent=1, sort_keys=True)) + "\n"
+    snapshot = SNAPSHOTS[datapath]
     if update_requested():
-        SNAPSHOT.parent.mkdir(exist_ok=True)
-        SNAPSHOT.write_text(current)
-    assert current == SNAPSHOT.read_text(), "template changed: review, then UPDATE_SNAPSHOTS=1 pytest"
+        snapshot.parent.mkdir(exist_ok=True)
+        snapshot.write_text(current)
+    assert current == snapshot.read_text(), "template changed: review, then UPDATE_SNAPSHOTS=1 pytest"

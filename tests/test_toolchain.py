@@ -50,8 +50,8 @@ def test_cdk_cli_synthesizes_without_credentials_or_lookups(tmp_path):
     assert not (work / "cdk.context.json").exists()
 
 
-def test_cfn_lint_finds_no_errors(synth, synth_variant):
-    templates = [str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant)]
+def test_cfn_lint_finds_no_errors(synth, synth_variant, synth_eni):
+    templates = [str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)]
     cfn_lint = os.path.join(os.path.dirname(sys.executable), "cfn-lint")
     result = subprocess.run(
         [cfn_lint, "--format", "json", *templates],
@@ -73,8 +73,8 @@ def nag_violations(report: dict) -> list[str]:
     ]
 
 
-def test_cdk_nag_aws_solutions_has_no_unsuppressed_findings(synth, synth_variant):
-    for result in (synth, synth_variant):
+def test_cdk_nag_aws_solutions_has_no_unsuppressed_findings(synth, synth_variant, synth_eni):
+    for result in (synth, synth_variant, synth_eni):
         assert nag_violations(result.nag_report) == []
         assert all(plugin["conclusion"] == "success" for plugin in result.nag_report["pluginReports"])
 
@@ -127,11 +127,13 @@ def test_every_supported_kubernetes_version_maps_to_its_own_kubectl_layer(tmp_pa
     assert not set(KUBERNETES_RELEASES) & set(RETIRED_KUBERNETES)
 
 
-def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_ones(tmp_path, monkeypatch, synth):
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_ones(tmp_path, monkeypatch, request, datapath):
     """Proves the plugin ran on this stack and that no acknowledgement is stale or misplaced."""
     from conftest import synthesize
     from stacks.cilium_eks_stack import CiliumEksStack
 
+    synth = request.getfixturevalue("synth_eni" if datapath == "eni" else "synth")
     acknowledged = {
         (rule[rule.index("AwsSolutions-") :], construct.node.path)
         for construct in synth.stack.node.find_all()
@@ -141,7 +143,7 @@ def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_
         if "AwsSolutions-" in rule
     }
     monkeypatch.setattr(CiliumEksStack, "_acknowledge_findings", lambda self: None)
-    bare = synthesize(tmp_path / "bare")
+    bare = synthesize(tmp_path / "bare", datapath=datapath)
     findings = [
         (violation["ruleName"], construct["constructPath"])
         for plugin in bare.nag_report["pluginReports"]
