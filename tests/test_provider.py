@@ -216,7 +216,10 @@ def test_ingress_hostname_is_read_from_cilium_ingress(steps, ids):
     assert len(find_step(steps, ids["hostname"], "Delete").commands) == 1  # only the log-in
 
 
-def test_every_object_the_handler_would_create_is_valid(synth, steps):
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_every_object_the_handler_would_create_is_valid(request, datapath):
+    suffix = "_eni" if datapath == "eni" else ""
+    synth, steps = request.getfixturevalue("synth" + suffix), request.getfixturevalue("provider_steps" + suffix)
     documents = [d for s in steps if s.request_type == "Create" for d in s.manifests or []]
     assert len(documents) >= 20
     for document in documents:
