@@ -23,7 +23,7 @@ from typing import Any
 
 import botocore
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
-from cilium_mesh.manifests import WORKLOAD_FILES, load_documents, service_names
+from cilium_mesh.manifests import DATAPATHS, WORKLOAD_FILES, load_documents, service_names
 from cilium_mesh.versions import CILIUM_RELEASES
 
 from .versions import KUBERNETES_RELEASES, RETIRED_KUBERNETES
@@ -42,11 +42,6 @@ KEYS = (
     "network_policy",
     "datapath",
 )
-
-# How pods get their network (README, "Two datapaths"):
-#   chaining: Cilium chained onto the AWS VPC CNI (the walkthrough); L3/L4 policy.
-#   eni:      Cilium as the only CNI, its operator assigning pod addresses from ENIs; L7 policy too.
-DATAPATHS = ("chaining", "eni")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {

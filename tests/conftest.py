@@ -82,6 +82,15 @@ def provider_steps_eni(synth_eni):
     return dry_run(synth_eni.template, synth_eni.stack)
 
 
+def synth_of(request, datapath: str) -> Synth:
+    """The session's synth of a datapath, for tests parametrized over both."""
+    return request.getfixturevalue("synth_eni" if datapath == "eni" else "synth")
+
+
+def provider_steps_of(request, datapath: str):
+    return request.getfixturevalue("provider_steps_eni" if datapath == "eni" else "provider_steps")
+
+
 @pytest.fixture(scope="session")
 def synth_variant(tmp_path_factory) -> Synth:
     """The other side of every switch: no network policy, an admin principal, 90/10."""

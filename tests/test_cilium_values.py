@@ -4,8 +4,8 @@ import subprocess
 
 import pytest
 import yaml
-from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE
-from cilium_mesh.values import DATAPATHS, cilium_values, merge
+from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS
+from cilium_mesh.values import cilium_values, merge
 from tools.check_cilium_chart import API_SERVER, CLUSTER_NAME, check, dead_keys, key_paths, render, supported_charts
 from tools.fixtures import cilium_chart
 from tools.kubectl_layer import layer_helm

@@ -23,7 +23,6 @@ THROUGH_APP = [
     ("cluster_name", "cilium-mesh\n", "must start with a letter"),  # '$' would match before the newline
     ("kube_proxy", True, "removed: Cilium's Ingress needs kube-proxy replacement"),
     ("node_cout", 3, "not a configuration key"),
-    ("datapath", "ENI", "must be one of chaining, eni"),
 ]
 
 BAD = THROUGH_APP + [
@@ -85,6 +84,7 @@ BAD = THROUGH_APP + [
     ("network_policy", "maybe", "true or false"),
     ("network_policy", 1, "true or false"),
     ("datapath", "cni-chaining", "must be one of chaining, eni"),
+    ("datapath", "ENI", "must be one of chaining, eni"),
     ("datapath", True, "must be one of chaining, eni"),
     ("kube_proxy", "false", "removed"),
 ]

@@ -4,16 +4,21 @@ import copy
 import importlib.util
 import json
 
+import boto3
 import pytest
 from botocore.stub import Stubber
-from cilium_mesh.eni import CLEANUP_HANDLER_DIR, CLUSTER_NAME_TAG, MANAGED_TAG, OPERATOR_CHANGE_ACTIONS, OPERATOR_EC2_ACTIONS
+from cilium_mesh.eni import (
+    CLEANUP_HANDLER_DIR,
+    CLUSTER_NAME_TAG,
+    MANAGED_TAG,
+    OPERATOR_CHANGE_ACTIONS,
+    OPERATOR_EC2_ACTIONS,
+)
 from cilium_mesh.mesh import INGRESS_SERVICE, STEP_TIMEOUT
 from conftest import CONTEXT, manifest_documents
 from tools.deploy_graph import Graph
 from tools.provider_dry_run import find_step
 from tools.readiness import ENI_ORDER, check_admission, check_destroy, check_order, provider_ids, role_ids
-
-import boto3
 
 # Cilium docs, "AWS ENI" IPAM, Required Privileges (1.18 to 1.20): the base list. DescribeTags,
 # UnassignPrivateIpAddresses and DescribeInstances are needed only for settings this stack leaves off.

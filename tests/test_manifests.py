@@ -16,7 +16,7 @@ from cilium_mesh.manifests import (
     load_documents,
     replaced_by_name,
 )
-from conftest import CONTEXT, manifest_documents
+from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
 from tools.schemas import InvalidObject, validate_object
 
@@ -50,7 +50,7 @@ def test_manifest_file_is_valid_for_the_cluster_version(path):
 
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_every_object_the_stack_applies_is_valid(request, datapath):
-    documents = applied_documents(request.getfixturevalue("synth_eni" if datapath == "eni" else "synth"))
+    documents = applied_documents(synth_of(request, datapath))
     assert len(documents) >= 20
     for document in documents:
         validate(document)

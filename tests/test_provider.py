@@ -16,6 +16,7 @@ import pytest
 from cilium_mesh.mesh import PROVIDER_LAMBDA_TIMEOUT, STEP_TIMEOUT
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
+from conftest import provider_steps_of, synth_of
 from stacks.cilium_eks_stack import LOAD_BALANCER_CONTROLLER_VERSION
 from tools.deploy_graph import Graph, creation_order
 from tools.kubectl_layer import layer_kubectl
@@ -64,14 +65,18 @@ def test_creation_order_puts_every_resource_after_its_dependencies(synth):
     assert creation_order(reordered) == order  # ties go by logical ID, not by template order
 
 
-def test_every_provider_resource_is_created_then_deleted(synth, steps):
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_every_provider_resource_is_created_then_deleted(request, datapath):
+    synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     resources = {k for k, r in synth.template["Resources"].items() if r["Type"].startswith("Custom::AWSCDK-EKS-")}
     created = [s.logical_id for s in steps if s.request_type == "Create"]
     deleted = [s.logical_id for s in steps if s.request_type == "Delete"]
     assert resources and sorted(created) == sorted(deleted) == sorted(resources)
 
 
-def test_every_call_logs_in_to_the_configured_cluster_first(synth, steps):
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_every_call_logs_in_to_the_configured_cluster_first(request, datapath):
+    synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     login = ["aws", "eks", "update-kubeconfig", "--name", synth.stack.config.cluster_name, "--kubeconfig", "kubeconfig"]
     for s in steps:
         assert files_by_name(s.commands[0]) == login, (s.logical_id, s.request_type)
@@ -111,7 +116,9 @@ def test_cilium_chart_waits_on_install_and_uninstall(synth, steps, ids):
     ]  # fmt: skip
 
 
-def test_every_wait_ends_well_before_the_provider_lambda_does(synth, steps):
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_every_wait_ends_well_before_the_provider_lambda_does(request, datapath):
+    synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     handler = synth.stack.cluster.node.find_child("KubectlProvider").node.find_child("Handler")
     lambda_timeout = synth.resource(handler)["Properties"]["Timeout"]
     assert lambda_timeout == PROVIDER_LAMBDA_TIMEOUT.to_seconds() == 900
@@ -177,8 +184,7 @@ def test_each_namespace_exists_before_its_objects_and_outlives_them(steps):
 
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(request, datapath):
-    suffix = "_eni" if datapath == "eni" else ""
-    synth, steps = request.getfixturevalue("synth" + suffix), request.getfixturevalue("provider_steps" + suffix)
+    synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     values = find_step(steps, synth.logical_id(synth.stack.mesh.cilium), "Create").values
     assert values == cilium_values(API_SERVER_HOST, datapath, synth.stack.config.cluster_name)
     assert values["k8sServiceHost"] == API_SERVER_HOST
@@ -218,8 +224,7 @@ def test_ingress_hostname_is_read_from_cilium_ingress(steps, ids):
 
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_every_object_the_handler_would_create_is_valid(request, datapath):
-    suffix = "_eni" if datapath == "eni" else ""
-    synth, steps = request.getfixturevalue("synth" + suffix), request.getfixturevalue("provider_steps" + suffix)
+    synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     documents = [d for s in steps if s.request_type == "Create" for d in s.manifests or []]
     assert len(documents) >= 20
     for document in documents:

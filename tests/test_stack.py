@@ -5,7 +5,7 @@ import os
 
 import pytest
 from aws_cdk.assertions import Match
-from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_assets
+from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_assets, synth_of
 
 SNAPSHOTS = {
     "chaining": ROOT / "tests" / "snapshots" / "CiliumMeshEks.template.json",
@@ -235,7 +235,7 @@ def test_traffic_check_shows_the_split_beside_the_weights_and_pinned_requests(sy
 
 @pytest.mark.parametrize("datapath", SNAPSHOTS)
 def test_template_matches_the_reviewed_snapshot(request, datapath):
-    synth = request.getfixturevalue("synth_eni" if datapath == "eni" else "synth")
+    synth = synth_of(request, datapath)
     current = normalize_assets(json.dumps(synth.template, indent=1, sort_keys=True)) + "\n"
     snapshot = SNAPSHOTS[datapath]
     if update_requested():

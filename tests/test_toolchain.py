@@ -11,7 +11,7 @@ import constructs
 import pytest
 from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
-from conftest import ROOT, STACK_NAME
+from conftest import ROOT, STACK_NAME, synth_of
 
 CDK_CLI = ROOT / "node_modules" / ".bin" / "cdk"
 
@@ -26,7 +26,8 @@ def test_constructs_folder_does_not_shadow_the_constructs_library():
     assert cilium_mesh.__file__ == str(ROOT / "constructs" / "cilium_mesh" / "__init__.py")
 
 
-def test_cdk_cli_synthesizes_without_credentials_or_lookups(tmp_path):
+def test_cdk_cli_synthesizes_both_datapaths_without_credentials_or_lookups(tmp_path):
+    """The real CLI, with no AWS credentials or config, once per datapath (both at once: the suite's longest wait)."""
     if not CDK_CLI.exists():
         pytest.fail("node_modules/.bin/cdk missing: run the README's set-up command (npm ci)")
     work = tmp_path / "app"
@@ -38,15 +39,26 @@ def test_cdk_cli_synthesizes_without_credentials_or_lookups(tmp_path):
         AWS_CONFIG_FILE=str(tmp_path / "none"),
         PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}",
     )
-    result = subprocess.run(
-        [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--output", str(tmp_path / "out"), "--app", f"{sys.executable} app.py"],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    template = json.loads((tmp_path / "out" / f"{STACK_NAME}.template.json").read_text())
-    assert "AWS::EKS::Cluster" in {r["Type"] for r in template["Resources"].values()}
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert not manifest.get("missing"), "a context lookup would need AWS at synth"
+    synths = {
+        datapath: subprocess.Popen(
+            [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--output", str(tmp_path / datapath),
+             "--app", f"{sys.executable} app.py", "-c", f"datapath={datapath}"],
+            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for datapath in ("chaining", "eni")
+    }
+    try:
+        errors = {datapath: process.communicate(timeout=300)[1] for datapath, process in synths.items()}
+    finally:
+        for process in synths.values():
+            process.kill()
+    for datapath, process in synths.items():
+        assert process.returncode == 0, (datapath, errors[datapath][-3000:])
+        template = json.loads((tmp_path / datapath / f"{STACK_NAME}.template.json").read_text())
+        types = {r["Type"] for r in template["Resources"].values()}
+        assert "AWS::EKS::Cluster" in types and ("Custom::CiliumEniCleanup" in types) == (datapath == "eni")
+        manifest = json.loads((tmp_path / datapath / "manifest.json").read_text())
+        assert not manifest.get("missing"), "a context lookup would need AWS at synth"
     assert not (work / "cdk.context.json").exists()
 
 
@@ -133,7 +145,7 @@ def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_
     from conftest import synthesize
     from stacks.cilium_eks_stack import CiliumEksStack
 
-    synth = request.getfixturevalue("synth_eni" if datapath == "eni" else "synth")
+    synth = synth_of(request, datapath)
     acknowledged = {
         (rule[rule.index("AwsSolutions-") :], construct.node.path)
         for construct in synth.stack.node.find_all()

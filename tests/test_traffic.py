@@ -268,7 +268,7 @@ def test_a_drained_version_takes_no_failover_traffic():
     assert result.versions.get("v2", 0) == 0 and result.answered == 0
 
 
-@pytest.mark.parametrize(("fault", "requests"), [("down", 200), ("empty", FAULT_REQUESTS)])
+@pytest.mark.parametrize(("fault", "requests"), [("down", 120), ("empty", FAULT_REQUESTS)])
 def test_walkthrough_policy_loses_the_share_of_a_failing_version(fault, requests):
     """The contrast the failover fixes, on the same harness ('down' backs off between its retries: fewer requests)."""
     result = run(TrafficPolicy.walkthrough(), TAG, requests, {"v2": Fault(fault)})

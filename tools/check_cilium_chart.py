@@ -21,7 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from cilium_mesh.values import DATAPATHS, cilium_values
+from cilium_mesh.manifests import DATAPATHS
+from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
 from tools.fixtures import cilium_chart
 from tools.kubectl_layer import layer_helm

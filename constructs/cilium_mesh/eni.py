@@ -83,8 +83,9 @@ class CiliumOperatorIdentity(Construct):
             description=f"cilium-operator of EKS cluster {cluster_name}: ENI IPAM (Cilium docs, Required Privileges)",
         )
         statements = [
-            iam.PolicyStatement(actions=list(OPERATOR_DESCRIBE_ACTIONS), resources=["*"], conditions=in_region),
-            iam.PolicyStatement(actions=list(OPERATOR_CHANGE_ACTIONS), resources=["*"], conditions=in_region),
+            iam.PolicyStatement(
+                actions=[*OPERATOR_DESCRIBE_ACTIONS, *OPERATOR_CHANGE_ACTIONS], resources=["*"], conditions=in_region
+            ),
             iam.PolicyStatement(
                 actions=["ec2:CreateTags"],
                 resources=[_own_enis(stack)],

@@ -12,7 +12,11 @@ NETWORK_POLICY_FILE = MANIFESTS_DIR / "policy" / "network-policy.yaml"
 # Datapath eni only: L7 versions of some of NETWORK_POLICY_FILE's policies, which they replace by name.
 NETWORK_POLICY_L7_FILE = MANIFESTS_DIR / "policy" / "network-policy-eni.yaml"
 CILIUM_VALUES_FILE = MANIFESTS_DIR / "cilium" / "values.yaml"
-CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in ("chaining", "eni")}
+# How pods get their network (README, "Two datapaths"):
+#   chaining: Cilium chained onto the AWS VPC CNI (the walkthrough); L3/L4 policy.
+#   eni:      Cilium as the only CNI, its operator assigning pod addresses from ENIs; L7 policy too.
+DATAPATHS = ("chaining", "eni")
+CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in DATAPATHS}
 TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
 
 

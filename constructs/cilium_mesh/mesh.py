@@ -130,16 +130,17 @@ class CiliumMesh(Construct):
             self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
             ready = [self.cilium]
 
-        network_policy = load_documents(NETWORK_POLICY_FILE)
-        if eni:
-            network_policy = replaced_by_name(network_policy, load_documents(NETWORK_POLICY_L7_FILE))
         manifests = {
             "App": load_documents(*WORKLOAD_FILES),
             "Ingress": load_documents(INGRESS_FILE),
             "TrafficPolicy": [props.traffic_policy.cilium_envoy_config()],
         }
         if props.network_policy:
-            manifests["NetworkPolicy"] = network_policy
+            manifests["NetworkPolicy"] = load_documents(NETWORK_POLICY_FILE)
+            if eni:  # only Cilium as the only CNI enforces L7 rules
+                manifests["NetworkPolicy"] = replaced_by_name(
+                    manifests["NetworkPolicy"], load_documents(NETWORK_POLICY_L7_FILE)
+                )
         self.manifests = {
             name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents)
             for name, documents in manifests.items()

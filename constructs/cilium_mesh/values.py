@@ -4,8 +4,6 @@ import copy
 
 from .manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, load_documents
 
-DATAPATHS = tuple(CILIUM_DATAPATH_FILES)
-
 
 def merge(base: dict, override: dict) -> dict:
     """Deep-merge ``override`` over ``base`` (maps merge, everything else replaces), as helm merges ``-f`` files."""
