@@ -3,6 +3,8 @@
 import copy
 import importlib.util
 import json
+import re
+from pathlib import Path
 
 import boto3
 import pytest
@@ -137,6 +139,43 @@ def test_operator_gets_exactly_the_documented_ec2_actions_through_pod_identity(w
         operator["metadata"]["namespace"],
         operator["spec"]["template"]["spec"]["serviceAccountName"],
     )
+
+
+# Action-level condition keys, which cfn-lint's copy of the Service Authorization Reference does not carry
+# (the reference lists ec2:CreateAction under CreateTags).
+ACTION_CONDITION_KEYS = {"ec2:createtags": {"ec2:CreateAction"}}
+
+
+def unsupported_condition_keys(statement: dict) -> list[str]:
+    """Condition keys that no resource type of the statement's actions supports, by the IAM reference
+    data cfn-lint bundles (global aws:* keys apply everywhere)."""
+    import cfnlint.data.AdditionalSpecs as specs
+
+    reference = json.loads((Path(specs.__file__).parent / "Policies.json").read_text())
+    unsupported = []
+    for action in actions(statement):
+        service, name = action.split(":")
+        entry = reference[service]["Actions"][name.lower()]
+        patterns = [
+            re.escape(key).replace(re.escape("${TagKey}"), ".+")
+            for resource_type in entry.get("Resources", [])
+            for key in reference[service]["Resources"][resource_type].get("ConditionKeys", [])
+        ]
+        for key in (k for condition in statement.get("Condition", {}).values() for k in condition):
+            allowed = key.startswith("aws:") or key in ACTION_CONDITION_KEYS.get(action.lower(), ())
+            if not allowed and not any(re.fullmatch(p, key) for p in patterns):
+                unsupported.append(f"{action} {key}")
+    return unsupported
+
+
+def test_every_condition_key_applies_to_its_actions(synth_eni):
+    identity, cleanup = synth_eni.stack.mesh.operator_identity, synth_eni.stack.eni_cleanup
+    found = [s for policy in (identity.policy, cleanup.handler.role.node.find_child("DefaultPolicy"))
+             for s in statements(synth_eni, policy)]  # fmt: skip
+    assert sum("Condition" in s for s in found) == 4
+    assert [key for s in found for key in unsupported_condition_keys(s)] == []
+    typo = {"Action": "ec2:DeleteNetworkInterface", "Condition": {"StringEquals": {"ec2:ResourceTagg/x": "y"}}}
+    assert unsupported_condition_keys(typo) == ["ec2:DeleteNetworkInterface ec2:ResourceTagg/x"]
 
 
 def test_no_other_role_may_touch_enis_beyond_the_cleanup(synth_eni):
