@@ -190,14 +190,26 @@ def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(request, dat
     assert values["k8sServiceHost"] == API_SERVER_HOST
 
 
-def test_cilium_chart_renders_with_the_handlers_values_file(steps, ids):
-    rendered = find_step(steps, ids["cilium"], "Create").rendered
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_cilium_chart_renders_with_the_handlers_values_file(request, datapath):
+    synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
+    rendered = find_step(steps, synth.logical_id(synth.stack.mesh.cilium), "Create").rendered
     config = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
-    assert {k: config.get(k) for k in ("cni-chaining-mode", "kube-proxy-replacement", "enable-envoy-config")} == {
-        "cni-chaining-mode": "aws-cni",
+    keys = ("cni-chaining-mode", "ipam", "kube-proxy-replacement", "enable-envoy-config", "enable-hubble")
+    assert {k: config.get(k) for k in keys} == {
+        "cni-chaining-mode": "aws-cni" if datapath == "chaining" else None,
+        "ipam": "cluster-pool" if datapath == "chaining" else "eni",
         "kube-proxy-replacement": "true",
         "enable-envoy-config": "true",
+        "enable-hubble": "true",
     }
+    # The shared Ingress: an NLB with instance targets, in front of a Service whose only endpoint is a placeholder.
+    service = next(d for d in rendered if d["kind"] == "Service" and d["metadata"]["name"] == "cilium-ingress")
+    assert service["spec"]["type"] == "LoadBalancer" and "selector" not in service["spec"]
+    assert service["metadata"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "instance"
+    placeholder = next(d for d in rendered if d["kind"] in ("Endpoints", "EndpointSlice") and "cilium-ingress" in d["metadata"]["name"])
+    assert "192.192.192.192" in json.dumps(placeholder)
+    assert {d["metadata"]["name"] for d in rendered if d["kind"] == "Deployment"} >= {"hubble-relay", "hubble-ui"}
     # The chart hands the API server to Cilium's pods as environment, not in cilium-config.
     api_server = {
         (d["metadata"]["name"], c["name"]): {e["name"]: e.get("value") for e in c.get("env", [])
