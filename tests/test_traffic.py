@@ -264,7 +264,7 @@ def test_failover_keeps_answering_when_one_version_fails(fault):
 
 def test_a_drained_version_takes_no_failover_traffic():
     """Every request fails and backs off between retries, so few suffice."""
-    result = run(TrafficPolicy(weights={"v1": 100, "v2": 0}), TAG, 30, {"v1": Fault("down")})
+    result = run(TrafficPolicy(weights={"v1": 100, "v2": 0}), TAG, 15, {"v1": Fault("down")})
     assert result.versions.get("v2", 0) == 0 and result.answered == 0
 
 
