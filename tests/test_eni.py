@@ -57,6 +57,15 @@ def test_cilium_is_installed_before_the_nodes_without_waiting(world, synth_eni):
     assert "Wait" not in synth_eni.resource(synth_eni.stack.mesh.cilium)["Properties"]
 
 
+def test_cilium_chart_has_no_hooks_helm_would_wait_for_without_nodes(world):
+    """helm runs hooks (a Job, say) and waits for them even without --wait; before the nodes none could run."""
+    _, roles, steps = world
+    rendered = find_step(steps, roles["cilium"][0]).rendered
+    assert any(d["kind"] == "Job" for d in rendered)  # hubble's certificate Job: a plain Job, not a hook
+    hooks = [d["metadata"]["name"] for d in rendered if "helm.sh/hook" in (d["metadata"].get("annotations") or {})]
+    assert hooks == []
+
+
 def test_every_step_follows_what_it_needs(world):
     graph, roles, _ = world
     assert check_order(graph, roles, ENI_ORDER) == []
