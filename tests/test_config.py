@@ -117,13 +117,15 @@ def run_app(context: dict, outdir) -> subprocess.CompletedProcess:
 def app_runs(tmp_path_factory):
     """Each THROUGH_APP configuration through the real app.py, two at a time."""
 
-    def run(case):
+    def run(case, outdir):
         key, value, _ = case
-        outdir = tmp_path_factory.mktemp("bad")
         return run_app({**CONTEXT, key: value}, outdir), outdir
 
+    # Made here, not in the threads: pytest creates its base temporary directory on first use, and two
+    # threads doing that at once get different ones (ValueError "not a normalized and relative path").
+    outdirs = [tmp_path_factory.mktemp("bad") for _ in THROUGH_APP]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(run, THROUGH_APP))
+        return list(pool.map(run, THROUGH_APP, outdirs))
 
 
 @pytest.mark.parametrize("index", range(len(THROUGH_APP)), ids=map(case_id, THROUGH_APP))
