@@ -277,7 +277,7 @@ def test_walkthrough_policy_loses_the_share_of_a_failing_version(fault, requests
 
 def test_preview_command_prints_the_table(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tools.preview", "--requests", "300", "--fault", "v2=empty", "--compare"],
+        [sys.executable, "-m", "tools.preview", "--requests", "200", "--fault", "v2=empty", "--compare"],
         cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
