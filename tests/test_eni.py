@@ -1,6 +1,7 @@
 """Datapath eni: Cilium as the only CNI. Its own order, no aws-node, the operator's permissions, ENI cleanup."""
 
 import copy
+import functools
 import importlib.util
 import json
 import re
@@ -155,12 +156,18 @@ def test_operator_gets_exactly_the_documented_ec2_actions_through_pod_identity(w
 ACTION_CONDITION_KEYS = {"ec2:createtags": {"ec2:CreateAction"}}
 
 
+@functools.cache
+def iam_reference() -> dict:
+    """cfn-lint's copy of the Service Authorization Reference (read once: it is large)."""
+    import cfnlint.data.AdditionalSpecs as specs
+
+    return json.loads((Path(specs.__file__).parent / "Policies.json").read_text())
+
+
 def unsupported_condition_keys(statement: dict) -> list[str]:
     """Condition keys that no resource type of the statement's actions supports, by the IAM reference
     data cfn-lint bundles (global aws:* keys apply everywhere)."""
-    import cfnlint.data.AdditionalSpecs as specs
-
-    reference = json.loads((Path(specs.__file__).parent / "Policies.json").read_text())
+    reference = iam_reference()
     unsupported = []
     for action in actions(statement):
         service, name = action.split(":")
@@ -279,9 +286,11 @@ def ec2():
         stubber.assert_no_pending_responses()
 
 
+# The Lambda asset cannot import cilium_mesh, so it has its own copy of the tags: built from the
+# construct's here, Stubber fails the handler tests if the two drift apart.
 FILTERS = [
-    {"Name": "tag:io.cilium/cilium-managed", "Values": ["true"]},
-    {"Name": "tag:io.cilium/cluster-name", "Values": ["cilium-mesh"]},
+    {"Name": f"tag:{MANAGED_TAG[0]}", "Values": [MANAGED_TAG[1]]},
+    {"Name": f"tag:{CLUSTER_NAME_TAG}", "Values": ["cilium-mesh"]},
 ]
 
 

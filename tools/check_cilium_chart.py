@@ -25,7 +25,7 @@ from cilium_mesh.manifests import DATAPATHS
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
 from tools.fixtures import cilium_chart
-from tools.kubectl_layer import layer_helm
+from tools.kubectl_layer import helm_template, layer_helm
 
 API_SERVER = "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
 CLUSTER_NAME = "cilium-mesh"
@@ -85,11 +85,7 @@ def render(chart: Path, helm: Path, values: dict, kubernetes_version: str = "1.3
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
         yaml.safe_dump(values, file)
         file.flush()
-        return subprocess.run(
-            [str(helm), "template", "cilium", str(chart), "-n", "kube-system", "-f", file.name,
-             "--kube-version", kubernetes_version],
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
+        return helm_template(helm, "cilium", chart, "kube-system", file.name, kubernetes_version)
 
 
 def check(chart: Path, helm: Path, datapath: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import io
+import subprocess
 import tarfile
 import tempfile
 import zipfile
@@ -20,6 +21,7 @@ from stacks import cdk_json_context
 from stacks.versions import KUBERNETES_RELEASES
 
 _DIRECTORIES: list[tempfile.TemporaryDirectory] = []  # kept alive until exit, then removed
+HELM_TEMPLATE_TIMEOUT_S = 120
 
 
 @functools.cache
@@ -50,3 +52,13 @@ def layer_helm(kubernetes_version: str | None = None) -> Path:
 def layer_kubectl(kubernetes_version: str | None = None) -> Path:
     """The layer's kubectl; by default for the Kubernetes version configured in cdk.json."""
     return layer_binaries(kubernetes_version or cdk_json_context()["kubernetes_version"])["kubectl"]
+
+
+def helm_template(helm: Path, release: str, chart: Path, namespace: str, values_file: str,
+                  kubernetes_version: str) -> subprocess.CompletedProcess:  # fmt: skip
+    """``helm template`` of a chart archive with a values file, for a Kubernetes version like "1.35.0"."""
+    return subprocess.run(
+        [str(helm), "template", release, str(chart), "--namespace", namespace, "--values", values_file,
+         "--kube-version", kubernetes_version],
+        capture_output=True, text=True, timeout=HELM_TEMPLATE_TIMEOUT_S, check=False,
+    )  # fmt: skip

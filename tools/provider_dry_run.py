@@ -34,7 +34,7 @@ from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
 
 from tools.deploy_graph import creation_order
 from tools.fixtures import cilium_chart
-from tools.kubectl_layer import layer_helm
+from tools.kubectl_layer import helm_template, layer_helm
 
 HANDLER_DIR = "package/custom-resource-handlers/dist/aws-eks-v2/kubectl-handler/"
 HANDLER_MODULES = ("index", "apply", "helm", "get", "patch")
@@ -42,7 +42,6 @@ HANDLER_FILES = ("index.py", "apply/__init__.py", "helm/__init__.py", "get/__ini
 RESOURCE_PREFIX = "Custom::AWSCDK-EKS-"
 CLUSTER_ENDPOINT = "https://ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
 INGRESS_HOSTNAME = "k8s-kubesyst-ciliumin-0123456789.elb.us-west-2.amazonaws.com"
-HELM_TEMPLATE_TIMEOUT_S = 120
 
 
 @dataclass
@@ -278,14 +277,11 @@ class Recorder:
     def _render_cilium(self, argv: list[str]) -> list[dict]:
         """``helm template`` of the real Cilium chart with the values file the handler wrote."""
         chart = cilium_chart(_option(argv, "--version"))
-        command = [
-            str(layer_helm(self.cluster.kubernetes_version)), "template", argv[2], str(chart),
-            "--namespace", _option(argv, "--namespace"), "--values", _option(argv, "--values"),
-            "--kube-version", f"{self.cluster.kubernetes_version}.0",
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=HELM_TEMPLATE_TIMEOUT_S, check=False)
+        helm = layer_helm(self.cluster.kubernetes_version)
+        result = helm_template(helm, argv[2], chart, _option(argv, "--namespace"), _option(argv, "--values"),
+                               f"{self.cluster.kubernetes_version}.0")  # fmt: skip
         if result.returncode != 0:
-            raise RuntimeError(f"helm template failed: {command}\n{result.stderr[-3000:]}")
+            raise RuntimeError(f"helm template failed: {result.args}\n{result.stderr[-3000:]}")
         return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 

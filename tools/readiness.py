@@ -355,5 +355,5 @@ def check_destroy(graph: Graph, ids: dict[str, str], controller_values: dict, da
         Problem(owner, f"on destroy the controller needs {what}, but {role} ({ids[role]}) is deleted before "
                 "the cilium-ingress Service")  # fmt: skip
         for what, (role, _) in needs.items()
-        if role != "ingress_owner" and ids[role] != owner and ids[role] not in graph.after(owner)
+        if ids[role] not in graph.after(owner)
     ]
