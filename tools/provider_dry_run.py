@@ -34,7 +34,7 @@ from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
 
 from tools.deploy_graph import creation_order
 from tools.fixtures import cilium_chart
-from tools.kubectl_layer import helm_template, layer_helm
+from tools.kubectl_layer import helm_template, kubectl_output, layer_helm
 
 HANDLER_DIR = "package/custom-resource-handlers/dist/aws-eks-v2/kubectl-handler/"
 HANDLER_MODULES = ("index", "apply", "helm", "get", "patch")
@@ -42,6 +42,37 @@ HANDLER_FILES = ("index.py", "apply/__init__.py", "helm/__init__.py", "get/__ini
 RESOURCE_PREFIX = "Custom::AWSCDK-EKS-"
 CLUSTER_ENDPOINT = "https://ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
 INGRESS_HOSTNAME = "k8s-kubesyst-ciliumin-0123456789.elb.us-west-2.amazonaws.com"
+
+
+def _crd_established(name: str, kind: str) -> dict:
+    plural, group = name.split(".", 1)
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": name},
+        "status": {"acceptedNames": {"kind": kind, "plural": plural}},
+    }
+
+
+# The objects the stack reads (KubernetesObjectValue) as the API server returns them once ready, keyed by
+# the handler's object type and name. The dry run answers each `kubectl get ... -o=jsonpath=...` by
+# running the layer's kubectl printer on these, so the handler's own jsonpath is what gets evaluated.
+READY_OBJECTS = {
+    ("service", "cilium-ingress"): {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "cilium-ingress", "namespace": "kube-system"},
+        "status": {"loadBalancer": {"ingress": [{"hostname": INGRESS_HOSTNAME}]}},
+    },
+    ("deployment", "cilium-operator"): {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "cilium-operator", "namespace": "kube-system"},
+        "status": {"replicas": 2, "readyReplicas": 2, "availableReplicas": 2},
+    },
+    ("crd", "ciliumenvoyconfigs.cilium.io"): _crd_established("ciliumenvoyconfigs.cilium.io", "CiliumEnvoyConfig"),
+    ("crd", "ciliumnetworkpolicies.cilium.io"): _crd_established("ciliumnetworkpolicies.cilium.io", "CiliumNetworkPolicy"),
+}
 
 
 @dataclass
@@ -271,7 +302,10 @@ class Recorder:
                 self.step.manifests = _json_stream(Path(_option(args, "-f")).read_text())
                 return b""
             if args[0] == "get":
-                return f"'{INGRESS_HOSTNAME}'".encode()
+                _, _, _, object_type, name, output = args  # get -n <namespace> <type> <name> -o=jsonpath=...
+                if (object_type, name) not in READY_OBJECTS:
+                    raise UnknownCommand(f"the dry run has no ready state for {object_type}/{name}: {argv}")
+                return kubectl_output(self.cluster.kubernetes_version, READY_OBJECTS[object_type, name], output).encode()
         raise UnknownCommand(f"the dry run does not know this command: {argv}")
 
     def _render_cilium(self, argv: list[str]) -> list[dict]:
