@@ -15,8 +15,8 @@ ln -sf "$node_bin" .venv/bin/node
 
 npm ci --no-audit --no-fund --loglevel=error
 
-# The upstream Envoy of each cilium-envoy minor we deploy (pinned in tools/cilium_envoy.py), into .tools/.
-.venv/bin/python -m tools.cilium_envoy install
+# The upstream Envoy of each cilium-envoy minor we deploy (pinned in checks/cilium_envoy.py), into .tools/.
+.venv/bin/python -m checks.cilium_envoy install
 
 source scripts/env.sh
 cdk synth --quiet --no-notices

@@ -185,7 +185,7 @@ class CiliumEksStack(Stack):
         Cilium's chart waits for hubble-relay, which is Ready only once it finds its
         peers through cluster DNS; coredns in turn needs Cilium to route the
         ``kubernetes`` Service and to lift the agent-not-ready taint. So neither may
-        come after the other (tools/readiness.py checks it).
+        come after the other (checks/readiness.py checks it).
         """
         coredns = eks.Addon(self, "CoreDns", cluster=self.cluster, addon_name="coredns", preserve_on_delete=False)
         coredns.node.add_dependency(self.nodes)

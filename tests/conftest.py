@@ -20,8 +20,8 @@ from aws_cdk.assertions import Template  # noqa: E402
 from cdk_nag import AwsSolutionsChecks  # noqa: E402
 from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
 from stacks.config import load_config  # noqa: E402
-from tools.deploy_graph import logical_id  # noqa: E402
-from tools.provider_dry_run import dry_run  # noqa: E402
+from checks.deploy_graph import logical_id  # noqa: E402
+from checks.provider_dry_run import dry_run  # noqa: E402
 
 CONTEXT = cdk_json_context()
 STACK_NAME = "CiliumMeshEks"
@@ -67,7 +67,7 @@ def synth(tmp_path_factory) -> Synth:
 
 @pytest.fixture(scope="session")
 def provider_steps(synth):
-    """The provider dry run of the default stack, once per session (tools/provider_dry_run.py)."""
+    """The provider dry run of the default stack, once per session (checks/provider_dry_run.py)."""
     return dry_run(synth.template, synth.stack)
 
 

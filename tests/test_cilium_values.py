@@ -6,9 +6,9 @@ import pytest
 import yaml
 from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS
 from cilium_mesh.values import cilium_values, merge
-from tools.check_cilium_chart import API_SERVER, CLUSTER_NAME, check, dead_keys, key_paths, render, supported_charts
-from tools.fixtures import cilium_chart
-from tools.kubectl_layer import layer_helm
+from checks.cilium_chart import API_SERVER, CLUSTER_NAME, check, dead_keys, key_paths, render, supported_charts
+from checks.fixtures import cilium_chart
+from checks.kubectl_layer import layer_helm
 
 
 def test_merge_keeps_base_and_overrides_leaves():

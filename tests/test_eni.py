@@ -19,10 +19,10 @@ from cilium_mesh.eni import (
 )
 from cilium_mesh.mesh import INGRESS_SERVICE, STEP_TIMEOUT
 from conftest import CONTEXT, manifest_documents
-from tools.deploy_graph import Graph
-from tools.kubectl_layer import kubectl_output
-from tools.provider_dry_run import READY_OBJECTS, find_step
-from tools.readiness import ENI_ORDER, check_admission, check_destroy, check_order, provider_ids, role_ids
+from checks.deploy_graph import Graph
+from checks.kubectl_layer import kubectl_output
+from checks.provider_dry_run import READY_OBJECTS, find_step
+from checks.readiness import ENI_ORDER, check_admission, check_destroy, check_order, provider_ids, role_ids
 
 KUBERNETES = CONTEXT["kubernetes_version"]
 

@@ -18,7 +18,7 @@ from cilium_mesh.manifests import (
 )
 from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
-from tools.schemas import InvalidObject, validate_object
+from checks.schemas import InvalidObject, validate_object
 
 FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, NETWORK_POLICY_L7_FILE, TRAFFIC_POLICY_FILE]
 

@@ -5,7 +5,7 @@ Ref, Fn::GetAtt) and deletes it before them, so one graph proves both orders.
 """
 
 import pytest
-from tools.deploy_graph import Graph
+from checks.deploy_graph import Graph
 
 KUBERNETES_STEP = ("Custom::AWSCDK-EKS-HelmChart", "Custom::AWSCDK-EKS-KubernetesResource", "Custom::AWSCDK-EKS-KubernetesObjectValue")
 

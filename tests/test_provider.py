@@ -1,6 +1,6 @@
 """What the kubectl provider would run on `cdk deploy` and `cdk destroy`: aws-cdk-lib's own handler, dry.
 
-tools/provider_dry_run.py calls the kubectl-handler shipped in the installed
+checks/provider_dry_run.py calls the kubectl-handler shipped in the installed
 aws-cdk-lib with the properties CloudFormation would send (strings), and
 records every command instead of running it; the Cilium chart is rendered
 with the kubectl layer's real helm and the values file the handler wrote.
@@ -18,10 +18,10 @@ from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
 from conftest import provider_steps_of, synth_of
 from stacks.cilium_eks_stack import LOAD_BALANCER_CONTROLLER_VERSION
-from tools.deploy_graph import Graph, creation_order
-from tools.kubectl_layer import layer_kubectl
-from tools.provider_dry_run import CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run, find_step
-from tools.schemas import validate_object
+from checks.deploy_graph import Graph, creation_order
+from checks.kubectl_layer import layer_kubectl
+from checks.provider_dry_run import CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run, find_step
+from checks.schemas import validate_object
 
 # A step that waits must give up this long before the provider's Lambda is killed,
 # leaving time for update-kubeconfig and the chart download (constructs/cilium_mesh/mesh.py).

@@ -4,9 +4,9 @@ import copy
 
 import pytest
 from conftest import CONTEXT
-from tools.deploy_graph import Graph
-from tools.provider_dry_run import find_step
-from tools.readiness import (
+from checks.deploy_graph import Graph
+from checks.provider_dry_run import find_step
+from checks.readiness import (
     NEEDS,
     chart_needs,
     check_admission,

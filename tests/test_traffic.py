@@ -17,8 +17,8 @@ from cilium_mesh.traffic import (
     qualify_like_cilium,
 )
 from conftest import CONTEXT, ROOT
-from tools.cilium_envoy import ENVOY_BUILDS, build_for
-from tools.envoy_harness import Fault, cilium_xds_bootstrap, run, validate_bootstrap
+from checks.cilium_envoy import ENVOY_BUILDS, build_for
+from checks.envoy_harness import Fault, cilium_xds_bootstrap, run, validate_bootstrap
 
 DEFAULT = TrafficPolicy(weights={"v1": 50, "v2": 50})
 CANARY = TrafficPolicy(weights={"v1": 90, "v2": 10})

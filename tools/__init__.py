@@ -1,3 +1,3 @@
-"""Developer tools: preview, benchmarks, checks. Run from the repository root as `python -m tools.<name>`."""
+"""Commands a user runs from the repository root as `python -m tools.<name>`: preview, measure, render, benchmark."""
 
 import stacks  # noqa: F401  (puts constructs/ on the import path)

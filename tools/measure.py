@@ -1,8 +1,8 @@
 """The README's traffic figures in one run: this policy and the walkthrough's, side by side.
 
 Every figure comes from cilium-envoy's extension set for the configured Cilium
-(tools/cilium_envoy.py) and the resources as Cilium delivers them
-(tools/envoy_harness.py), repeated so each cell shows the median and the range:
+(checks/cilium_envoy.py) and the resources as Cilium delivers them
+(checks/envoy_harness.py), repeated so each cell shows the median and the range:
 
 * failover: answered share and v2's share with v2 healthy, pinned by header,
   answering 503 to 30%, down, and without endpoints;
@@ -29,8 +29,8 @@ import sys
 import time
 from contextlib import ExitStack
 
-from tools.cilium_envoy import build_for
-from tools.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running
+from checks.cilium_envoy import build_for
+from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running
 
 from cilium_mesh import TrafficPolicy
 from stacks import cdk_json_context

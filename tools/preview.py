@@ -16,8 +16,8 @@ import argparse
 import dataclasses
 import sys
 
-from tools.cilium_envoy import build_for
-from tools.envoy_harness import DIFFERENCES, Fault, RunResult, run
+from checks.cilium_envoy import build_for
+from checks.envoy_harness import DIFFERENCES, Fault, RunResult, run
 
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
 from stacks import cdk_json_context

@@ -28,7 +28,7 @@ operator and for the CRDs the manifests use. Cilium's chart, installed before
 the nodes, is deleted after them, so on destroy a separate step deletes the
 ``cilium-ingress`` Service (and with it the NLB) while the nodes, Cilium and
 the controller still run. What each step needs, and from where, is data in
-tools/readiness.py.
+checks/readiness.py.
 """
 
 from __future__ import annotations

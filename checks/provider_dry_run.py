@@ -32,9 +32,9 @@ from pathlib import Path
 import yaml
 from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
 
-from tools.deploy_graph import creation_order
-from tools.fixtures import cilium_chart
-from tools.kubectl_layer import helm_template, kubectl_output, layer_helm
+from checks.deploy_graph import creation_order
+from checks.fixtures import cilium_chart
+from checks.kubectl_layer import helm_template, kubectl_output, layer_helm
 
 HANDLER_DIR = "package/custom-resource-handlers/dist/aws-eks-v2/kubectl-handler/"
 HANDLER_MODULES = ("index", "apply", "helm", "get", "patch")

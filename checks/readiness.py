@@ -1,6 +1,6 @@
 """Readiness of the deploy graph: what each waiting step needs exists by then, and admission lets every object in.
 
-Input: the synthesized template and the provider dry run (tools/provider_dry_run.py),
+Input: the synthesized template and the provider dry run (checks/provider_dry_run.py),
 which holds the commands the kubectl handler runs, the values it hands helm and
 the real Cilium chart rendered with them.
 
@@ -27,9 +27,9 @@ import json
 import subprocess
 from dataclasses import dataclass
 
-from tools.deploy_graph import Graph, logical_id
-from tools.kubectl_layer import layer_helm
-from tools.provider_dry_run import find_step
+from checks.deploy_graph import Graph, logical_id
+from checks.kubectl_layer import layer_helm
+from checks.provider_dry_run import find_step
 
 CILIUM_TAINT = "node.cilium.io/agent-not-ready"
 WORKLOAD_KINDS = ("Deployment", "DaemonSet", "StatefulSet")

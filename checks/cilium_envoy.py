@@ -10,8 +10,8 @@ comments out. Names the build list does not mention at all are registered by
 Envoy's core and so are in cilium-envoy too; a few that it comments out are
 linked by core code all the same (CORE_LINKED), and stay enabled.
 
-    python -m tools.cilium_envoy install    # each pinned Envoy into .tools/ (scripts/setup.sh runs it)
-    python -m tools.cilium_envoy show       # the build, binary and disabled extensions per Cilium release
+    python -m checks.cilium_envoy install    # each pinned Envoy into .tools/ (scripts/setup.sh runs it)
+    python -m checks.cilium_envoy show       # the build, binary and disabled extensions per Cilium release
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import yaml
 
-from tools.fixtures import ROOT, cilium_chart, cilium_envoy_build_list
+from checks.fixtures import ROOT, cilium_chart, cilium_envoy_build_list
 
 TOOLS_DIR = ROOT / ".tools"
 LOOPBACK = "127.0.0.1"
@@ -106,7 +106,7 @@ def chart_envoy_tag(cilium_version: str) -> str:
         values = yaml.safe_load(chart.extractfile("cilium/values.yaml"))
     tag = values["envoy"]["image"]["tag"].split("-")[0]
     if tag not in ENVOY_BUILDS:
-        raise KeyError(f"Cilium {cilium_version} runs cilium-envoy {tag}, which tools/cilium_envoy.py does not know")
+        raise KeyError(f"Cilium {cilium_version} runs cilium-envoy {tag}, which checks/cilium_envoy.py does not know")
     return tag
 
 
@@ -161,7 +161,7 @@ def envoy_command(tag: str) -> list[str]:
     """The Envoy to run for a cilium-envoy build: its upstream stand-in with the left-out extensions disabled."""
     build = ENVOY_BUILDS[tag]
     if not build.binary.exists():
-        raise FileNotFoundError(f"{build.binary} missing: run scripts/setup.sh (python -m tools.cilium_envoy install)")
+        raise FileNotFoundError(f"{build.binary} missing: run scripts/setup.sh (python -m checks.cilium_envoy install)")
     return [str(build.binary), "--disable-extensions", ",".join(disabled_extensions(tag))]
 
 

@@ -1,7 +1,7 @@
 """Check manifests/cilium/ against a real Cilium chart, for each datapath: no dead keys, and it renders as meant.
 
-    python -m tools.check_cilium_chart                 # 1.18.12, 1.19.6, 1.20.0 (fixtures or helm.cilium.io)
-    python -m tools.check_cilium_chart path/to/cilium-1.19.6.tgz [...more charts]
+    python -m checks.cilium_chart                 # 1.18.12, 1.19.6, 1.20.0 (fixtures or helm.cilium.io)
+    python -m checks.cilium_chart path/to/cilium-1.19.6.tgz [...more charts]
 
 Every key path we set must exist in the chart's own values.yaml (below a map
 the chart leaves open, such as annotations, anything goes), and `helm template`
@@ -24,8 +24,8 @@ import yaml
 from cilium_mesh.manifests import DATAPATHS
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
-from tools.fixtures import cilium_chart
-from tools.kubectl_layer import helm_template, layer_helm
+from checks.fixtures import cilium_chart
+from checks.kubectl_layer import helm_template, layer_helm
 
 API_SERVER = "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
 CLUSTER_NAME = "cilium-mesh"

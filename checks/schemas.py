@@ -2,7 +2,7 @@
 
 Built-in kinds use kubernetes-validate's strict schemas for the cluster's
 version. cilium.io/v2 kinds use the JSON Schemas of Cilium's own CRDs
-(datreeio/CRDs-catalog, via tools.fixtures), which reject unknown fields
+(datreeio/CRDs-catalog, via checks.fixtures), which reject unknown fields
 below ``spec``; the top level is closed here too, and ``metadata`` is checked
 as the ObjectMeta every object has. A hand-written schema would only know the
 fields we thought of.
@@ -17,7 +17,7 @@ import jsonschema
 import kubernetes_validate
 import regex
 
-from tools.fixtures import cilium_crd_schema
+from checks.fixtures import cilium_crd_schema
 
 CILIUM_API_VERSION = "cilium.io/v2"
 

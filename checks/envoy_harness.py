@@ -1,7 +1,7 @@
 """Run a traffic policy's exact Envoy resources in cilium-envoy's Envoy, on loopback, against stand-in versions.
 
 The Envoy is the upstream release of cilium-envoy's minor version with every
-extension cilium-envoy leaves out disabled (tools/cilium_envoy.py). It gets
+extension cilium-envoy leaves out disabled (checks/cilium_envoy.py). It gets
 the resources as Cilium hands them over: names qualified as Cilium qualifies
 them, the listener, the EDS clusters and the failover clusters unchanged, the
 route configuration over RDS and each version's endpoints over EDS. What
@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from cilium_mesh.traffic import TrafficPolicy, qualify_like_cilium
-from tools.cilium_envoy import envoy_command
+from checks.cilium_envoy import envoy_command
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 10
