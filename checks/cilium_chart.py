@@ -34,21 +34,32 @@ CLUSTER_NAME = "cilium-mesh"
 EXPECTED_CONFIG = {
     "both": {
         "routing-mode": "native",
-        "enable-ipv4-masquerade": "false",
+        "envoy-http-upstream-linger-timeout": "0",
         "enable-envoy-config": "true",
         "enable-ingress-controller": "true",
         "ingress-default-lb-mode": "shared",
         "kube-proxy-replacement": "true",
     },
-    "chaining": {"cni-chaining-mode": "aws-cni", "ipam": "cluster-pool", "cluster-pool-ipv4-cidr": "100.65.0.0/16"},
+    "chaining": {
+        "cni-chaining-mode": "aws-cni",
+        "ipam": "cluster-pool",
+        "cluster-pool-ipv4-cidr": "100.65.0.0/16",
+        # Only Cilium's own pool is masqueraded (iptables): the native routing CIDR is that pool.
+        "enable-ipv4-masquerade": "true",
+        "enable-bpf-masquerade": "false",
+        "ipv4-native-routing-cidr": "100.65.0.0/16",
+    },
     "eni": {
         "ipam": "eni",
         "enable-endpoint-routes": "true",
         "cluster-name": CLUSTER_NAME,
+        "enable-ipv4-masquerade": "false",
         "cni-chaining-mode": None,
         "egress-masquerade-interfaces": None,
     },
 }
+# What a Cilium minor must turn into besides (release-<minor>.yaml).
+EXPECTED_RELEASE_CONFIG = {"1.20": {"envoy-xds-mode": "split"}}
 
 
 def key_paths(values: dict, prefix: str = "") -> list[str]:
@@ -81,6 +92,11 @@ def chart_values(chart: Path) -> dict:
         return yaml.safe_load(archive.extractfile("cilium/values.yaml"))
 
 
+def chart_version(chart: Path) -> str:
+    with tarfile.open(chart) as archive:
+        return yaml.safe_load(archive.extractfile("cilium/Chart.yaml"))["version"]
+
+
 def render(chart: Path, helm: Path, values: dict, kubernetes_version: str = "1.35.0") -> subprocess.CompletedProcess:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
         yaml.safe_dump(values, file)
@@ -91,14 +107,16 @@ def render(chart: Path, helm: Path, values: dict, kubernetes_version: str = "1.3
 def check(chart: Path, helm: Path, datapath: str) -> list[str]:
     """Problems found for one chart and datapath (empty when it is fine)."""
     name = f"{chart.name} ({datapath})"
-    values = cilium_values(API_SERVER, datapath, CLUSTER_NAME)
+    version = chart_version(chart)
+    values = cilium_values(API_SERVER, datapath, CLUSTER_NAME, version)
     problems = [f"{name}: {path} is not in the chart's values.yaml" for path in dead_keys(values, chart_values(chart))]
     result = render(chart, helm, values)
     if result.returncode != 0:
         return [*problems, f"{name}: helm template failed: {result.stderr.strip()[-500:]}"]
     documents = [d for d in yaml.safe_load_all(result.stdout) if d]
     config = next(d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
-    expected = {**EXPECTED_CONFIG["both"], **EXPECTED_CONFIG[datapath]}
+    minor = ".".join(version.split(".")[:2])
+    expected = {**EXPECTED_CONFIG["both"], **EXPECTED_CONFIG[datapath], **EXPECTED_RELEASE_CONFIG.get(minor, {})}
     problems += [
         f"{name}: cilium-config {key}={config.get(key)!r}, expected {value!r}"
         for key, value in expected.items()

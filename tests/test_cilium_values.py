@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 import yaml
-from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS
+from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS, cilium_release_file
 from cilium_mesh.values import cilium_values, merge
-from checks.cilium_chart import API_SERVER, CLUSTER_NAME, check, dead_keys, key_paths, render, supported_charts
+from checks.cilium_chart import API_SERVER, CLUSTER_NAME, chart_values, check, dead_keys, key_paths, render, supported_charts
 from checks.fixtures import cilium_chart
 from checks.kubectl_layer import layer_helm
 
@@ -19,7 +19,7 @@ def test_merge_keeps_base_and_overrides_leaves():
 def test_values_are_the_shared_file_then_the_datapaths_then_the_clusters(datapath):
     shared = yaml.safe_load(CILIUM_VALUES_FILE.read_text())
     own = yaml.safe_load(CILIUM_DATAPATH_FILES[datapath].read_text())
-    values = cilium_values("example.eks.amazonaws.com", datapath, "demo")
+    values = cilium_values("example.eks.amazonaws.com", datapath, "demo", "1.19.6")
     assert values == merge(merge(shared, own), {k: values[k] for k in values.keys() - shared.keys() - own.keys()})
     assert values["k8sServiceHost"] == "example.eks.amazonaws.com"
     assert ("cluster" in values) == (datapath == "eni")
@@ -28,12 +28,12 @@ def test_values_are_the_shared_file_then_the_datapaths_then_the_clusters(datapat
 def test_datapath_files_set_different_keys_from_the_shared_file():
     """Each key lives in one file: a datapath file never overrides the shared one."""
     shared = set(key_paths(yaml.safe_load(CILIUM_VALUES_FILE.read_text())))
-    for path in CILIUM_DATAPATH_FILES.values():
+    for path in [*CILIUM_DATAPATH_FILES.values(), *CILIUM_VALUES_FILE.parent.glob("release-*.yaml")]:
         assert shared.isdisjoint(key_paths(yaml.safe_load(path.read_text()))), path.name
 
 
 def test_eni_sets_no_chaining_key_and_no_masquerade_interfaces():
-    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME)
+    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.18.12")
     assert "cni" not in values and "egressMasqueradeInterfaces" not in values
     assert values["eni"] == {"enabled": True} and values["ipam"] == {"mode": "eni"}
     assert values["cluster"] == {"name": CLUSTER_NAME}
@@ -41,7 +41,7 @@ def test_eni_sets_no_chaining_key_and_no_masquerade_interfaces():
 
 def test_cilium_1_18_needs_ipam_mode_eni_set_explicitly():
     """Why datapath-eni.yaml sets ipam.mode: 1.18.12 does not derive it from eni.enabled (1.19 does)."""
-    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME)
+    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.18.12")
     del values["ipam"]
     rendered = render(cilium_chart("1.18.12"), layer_helm(), values)
     config = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["metadata"]["name"] == "cilium-config")
@@ -72,5 +72,36 @@ def test_values_render_on_the_real_chart_with_no_dead_key(chart, datapath):
 
 def test_a_cluster_name_the_chart_rejects_fails_the_render():
     """The chart's own rule, which the config's cluster_name check for eni mirrors."""
-    values = cilium_values(API_SERVER, "eni", "Cilium_Mesh")
+    values = cilium_values(API_SERVER, "eni", "Cilium_Mesh", "1.19.6")
     assert "The cluster name is invalid" in render(cilium_chart("1.19.6"), layer_helm(), values).stderr
+
+
+def _rendered_config(chart, values) -> dict:
+    rendered = render(chart, layer_helm(), values)
+    return next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["metadata"]["name"] == "cilium-config")["data"]
+
+
+def test_cilium_1_20_needs_xds_mode_split_from_its_release_file():
+    """Why release-1.20.yaml exists: 1.20.0 renders ADS for a new install (cilium/cilium#47624), and
+    the key is one the older charts lack, so it cannot live in values.yaml."""
+    release = cilium_release_file("1.20.0")
+    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.20.0")
+    assert _rendered_config(cilium_chart("1.20.0"), values)["envoy-xds-mode"] == "split"
+    del values["envoy"]["xdsMode"]
+    assert _rendered_config(cilium_chart("1.20.0"), values)["envoy-xds-mode"] == "ads"
+    own = yaml.safe_load(release.read_text())
+    for version in ("1.18.12", "1.19.6"):
+        assert cilium_release_file(version) is None
+        assert dead_keys(own, chart_values(cilium_chart(version))) == ["envoy.xdsMode"]
+
+
+def test_linger_timeout_zero_needs_extra_config():
+    """The chart's own key cannot say 0 before Cilium 1.20.1 (cilium/cilium#47741): its schema takes only
+    null, and its template drops 0. So the agent flag goes through extraConfig, on every supported chart."""
+    for version in ("1.18.12", "1.19.6", "1.20.0"):
+        values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, version)
+        assert _rendered_config(cilium_chart(version), values)["envoy-http-upstream-linger-timeout"] == "0"
+        del values["extraConfig"]
+        assert "envoy-http-upstream-linger-timeout" not in _rendered_config(cilium_chart(version), values)
+        values["envoy"]["httpUpstreamLingerTimeout"] = 0
+        assert "want null" in render(cilium_chart(version), layer_helm(), values).stderr

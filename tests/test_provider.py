@@ -186,7 +186,7 @@ def test_each_namespace_exists_before_its_objects_and_outlives_them(steps):
 def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     values = find_step(steps, synth.logical_id(synth.stack.mesh.cilium), "Create").values
-    assert values == cilium_values(API_SERVER_HOST, datapath, synth.stack.config.cluster_name)
+    assert values == cilium_values(API_SERVER_HOST, datapath, synth.stack.config.cluster_name, synth.stack.config.cilium_version)
     assert values["k8sServiceHost"] == API_SERVER_HOST
 
 

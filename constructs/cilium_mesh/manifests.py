@@ -17,6 +17,15 @@ CILIUM_VALUES_FILE = MANIFESTS_DIR / "cilium" / "values.yaml"
 #   eni:      Cilium as the only CNI, its operator assigning pod addresses from ENIs; L7 policy too.
 DATAPATHS = ("chaining", "eni")
 CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in DATAPATHS}
+
+
+def cilium_release_file(cilium_version: str) -> Path | None:
+    """manifests/cilium/release-<minor>.yaml: values only that minor's chart has, if there are any."""
+    minor = ".".join(cilium_version.split(".")[:2])
+    path = MANIFESTS_DIR / "cilium" / f"release-{minor}.yaml"
+    return path if path.exists() else None
+
+
 TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
 
 

@@ -113,7 +113,7 @@ class CiliumMesh(Construct):
             repository=CILIUM_HELM_REPOSITORY,
             version=props.cilium_version,
             namespace="kube-system",
-            values=cilium_values(api_server_host, props.datapath, props.cluster_name),
+            values=cilium_values(api_server_host, props.datapath, props.cluster_name, props.cilium_version),
             wait=not eni,  # no nodes yet with eni (aws-cdk-lib leaves the property out when false)
             timeout=STEP_TIMEOUT,
         )

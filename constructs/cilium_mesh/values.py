@@ -1,8 +1,8 @@
-"""Cilium Helm values: manifests/cilium/values.yaml, the datapath's file, and what depends on the cluster."""
+"""Cilium Helm values: manifests/cilium/values.yaml, the datapath's file, the release's file, and what depends on the cluster."""
 
 import copy
 
-from .manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, load_documents
+from .manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, cilium_release_file, load_documents
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -26,9 +26,11 @@ def cluster_values(api_server_host: str, datapath: str, cluster_name: str) -> di
     return values
 
 
-def cilium_values(api_server_host: str, datapath: str, cluster_name: str) -> dict:
-    """What the stack hands helm: values.yaml, then datapath-<datapath>.yaml, then the cluster's values."""
-    files = load_documents(CILIUM_VALUES_FILE, CILIUM_DATAPATH_FILES[datapath])
+def cilium_values(api_server_host: str, datapath: str, cluster_name: str, cilium_version: str) -> dict:
+    """What the stack hands helm: values.yaml, datapath-<datapath>.yaml, release-<minor>.yaml where the
+    minor has one, then the cluster's values."""
+    release = cilium_release_file(cilium_version)
+    files = load_documents(CILIUM_VALUES_FILE, CILIUM_DATAPATH_FILES[datapath], *([release] if release else []))
     values = {}
     for layer in (*files, cluster_values(api_server_host, datapath, cluster_name)):
         values = merge(values, layer)
