@@ -62,18 +62,19 @@ def synthesize(outdir: Path, **overrides) -> Synth:
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Synth:
-    return synthesize(tmp_path_factory.mktemp("cdk.out"))
+    """Datapath chaining: Cilium on the VPC CNI (the walkthrough's)."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out"), datapath="chaining")
 
 
 @pytest.fixture(scope="session")
 def provider_steps(synth):
-    """The provider dry run of the default stack, once per session (checks/provider_dry_run.py)."""
+    """The provider dry run of the chaining stack, once per session (checks/provider_dry_run.py)."""
     return dry_run(synth.template, synth.stack)
 
 
 @pytest.fixture(scope="session")
 def synth_eni(tmp_path_factory) -> Synth:
-    """Datapath eni: Cilium as the only CNI."""
+    """Datapath eni: Cilium as the only CNI (the default in cdk.json)."""
     return synthesize(tmp_path_factory.mktemp("cdk.out.eni"), datapath="eni")
 
 

@@ -175,9 +175,9 @@ def test_cidrs_come_back_as_ipv4network_writes_them():
 @pytest.mark.parametrize("name", ["Cilium-Mesh", "cilium-mesh-" + "x" * 21, "mesh-"])
 def test_eni_datapath_needs_a_cluster_name_ciliums_chart_accepts(name):
     """Fine for EKS, but not as Cilium's cluster.name (lowercase, at most 32, no trailing '-')."""
-    assert load_config({**CONTEXT, "cluster_name": name}).datapath == "chaining"
+    assert load_config({**CONTEXT, "cluster_name": name, "datapath": "chaining"}).cluster_name == name
     with pytest.raises(ConfigError, match=r"^cluster_name: .* with datapath eni"):
-        load_config({**CONTEXT, "cluster_name": name, "datapath": "eni"})
+        load_config({**CONTEXT, "cluster_name": name})
 
 
 def test_instance_types_are_checked_against_botocores_ec2_model():
@@ -205,6 +205,8 @@ def test_defaults_in_cdk_json_are_valid_and_complete():
     config = load_config(CONTEXT)
     assert config.kubernetes_version == "1.35" and config.region == "us-west-2"
     assert dict(config.traffic_policy.weights) == {"v1": 50, "v2": 50}
+    # eni by default: the datapath in which every shipped path delivers without masquerading (checks/datapath.py).
+    assert config.datapath == "eni"
 
 
 def test_cdk_json_carries_aws_cdk_libs_recommended_feature_flags():

@@ -10,7 +10,7 @@ from cilium_mesh.manifests import (
     MANIFESTS_DIR,
     NAMESPACE_FILE,
     NETWORK_POLICY_FILE,
-    NETWORK_POLICY_L7_FILE,
+    NETWORK_POLICY_DATAPATH_FILES,
     TRAFFIC_POLICY_FILE,
     WORKLOAD_FILES,
     load_documents,
@@ -20,7 +20,7 @@ from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
 from checks.schemas import InvalidObject, validate_object
 
-FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, NETWORK_POLICY_L7_FILE, TRAFFIC_POLICY_FILE]
+FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(), TRAFFIC_POLICY_FILE]
 
 
 def validate(document: dict) -> None:
@@ -248,20 +248,26 @@ def test_network_policy_has_no_l7_rules_while_cilium_chains_onto_the_vpc_cni(syn
 
 
 def test_eni_adds_l7_rules_on_the_same_peers_and_ports(synth, synth_eni):
-    """catalogdetail answers only GET /catalogDetail and /ping; DNS is visible. Nothing else changes."""
+    """catalogdetail answers only GET /catalogDetail and /ping; DNS is visible. Besides, only chaining's
+    frontend differs: it also admits the nodes (its masqueraded Ingress)."""
     chaining, eni = applied_policies(synth), applied_policies(synth_eni)
     assert chaining.keys() == eni.keys()
-    assert {name: without_l7(spec) for name, spec in eni.items()} == {name: without_l7(spec) for name, spec in chaining.items()}
+    differ = {name for name in eni if without_l7(eni[name]) != without_l7(chaining[name])}
+    assert differ == {"frontend"}
+    assert chaining["frontend"]["ingress"][0]["fromEntities"] == ["ingress", "host", "remote-node"]
+    assert eni["frontend"]["ingress"][0]["fromEntities"] == ["ingress", "host"]
     assert {name for name, spec in eni.items() if l7_rules(spec)} == {"allow-dns", "catalogdetail"}
     http = [{"method": "GET", "path": "/catalogDetail"}, {"method": "GET", "path": "/ping"}]
     assert l7_rules(eni["catalogdetail"]) == [{"http": http}, {"http": http}]
     assert l7_rules(eni["allow-dns"]) == [{"dns": [{"matchPattern": "*"}]}]
 
 
-def test_l7_file_replaces_policies_by_name_and_names_only_existing_ones():
+@pytest.mark.parametrize("datapath", sorted(NETWORK_POLICY_DATAPATH_FILES))
+def test_datapath_file_replaces_policies_by_name_and_names_only_existing_ones(datapath):
     base = load_documents(NETWORK_POLICY_FILE)
-    replaced = replaced_by_name(base, load_documents(NETWORK_POLICY_L7_FILE))
+    own = load_documents(NETWORK_POLICY_DATAPATH_FILES[datapath])
+    replaced = replaced_by_name(base, own)
     assert [d["metadata"]["name"] for d in replaced] == [d["metadata"]["name"] for d in base]
-    stray = {**load_documents(NETWORK_POLICY_L7_FILE)[0], "metadata": {"name": "allow-dnss", "namespace": "workshop"}}
+    stray = {**own[0], "metadata": {"name": "allow-dnss", "namespace": "workshop"}}
     with pytest.raises(ValueError, match="allow-dnss"):
         replaced_by_name(base, [stray])

@@ -128,7 +128,9 @@ def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
     values = helm_values(synth.resource(synth.stack.mesh.cilium))
     assert values["cni"] == {"chainingMode": "aws-cni", "exclusive": False}
     assert values["routingMode"] == "native"
-    assert values["enableIPv4Masquerade"] is False and values["bpf"]["masquerade"] is False
+    # Only Cilium's own pool (its Ingress, router and health addresses) is masqueraded, by iptables.
+    assert values["enableIPv4Masquerade"] is True and values["bpf"]["masquerade"] is False
+    assert values["ipv4NativeRoutingCIDR"] == values["ipam"]["operator"]["clusterPoolIPv4PodCIDRList"][0]
     assert values["kubeProxyReplacement"] is True
     assert values["k8sServiceHost"] == TOKEN and values["k8sServicePort"] == 443
     hubble = values["hubble"]

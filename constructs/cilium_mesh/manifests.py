@@ -9,13 +9,15 @@ NAMESPACE_FILE = MANIFESTS_DIR / "app" / "00-namespace.yaml"
 WORKLOAD_FILES = tuple(MANIFESTS_DIR / "app" / name for name in ("frontend.yaml", "productcatalog.yaml", "catalogdetail.yaml"))
 INGRESS_FILE = MANIFESTS_DIR / "app" / "ingress.yaml"
 NETWORK_POLICY_FILE = MANIFESTS_DIR / "policy" / "network-policy.yaml"
-# Datapath eni only: L7 versions of some of NETWORK_POLICY_FILE's policies, which they replace by name.
-NETWORK_POLICY_L7_FILE = MANIFESTS_DIR / "policy" / "network-policy-eni.yaml"
 CILIUM_VALUES_FILE = MANIFESTS_DIR / "cilium" / "values.yaml"
 # How pods get their network (README, "Two datapaths"):
 #   chaining: Cilium chained onto the AWS VPC CNI (the walkthrough); L3/L4 policy.
 #   eni:      Cilium as the only CNI, its operator assigning pod addresses from ENIs; L7 policy too.
 DATAPATHS = ("chaining", "eni")
+# Each datapath's versions of some of NETWORK_POLICY_FILE's policies, which they replace by name:
+#   chaining: frontend also admits the nodes (Cilium's Ingress is masqueraded to its node across nodes);
+#   eni:      L7 rules, which only Cilium as the only CNI enforces.
+NETWORK_POLICY_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "policy" / f"network-policy-{datapath}.yaml" for datapath in DATAPATHS}
 CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in DATAPATHS}
 
 

@@ -43,8 +43,8 @@ from .eni import CiliumOperatorIdentity
 from .manifests import (
     INGRESS_FILE,
     NAMESPACE_FILE,
+    NETWORK_POLICY_DATAPATH_FILES,
     NETWORK_POLICY_FILE,
-    NETWORK_POLICY_L7_FILE,
     WORKLOAD_FILES,
     load_documents,
     replaced_by_name,
@@ -73,7 +73,7 @@ class CiliumMeshProps:
     cilium_version:           Cilium chart version, one of versions.CILIUM_RELEASES.
     traffic_policy:           L7 traffic management for catalogdetail.
     network_policy:           apply manifests/policy/ (default True: default-deny plus the app's call graph).
-    datapath:                 "chaining" (default: onto the VPC CNI) or "eni" (Cilium as the only CNI).
+    datapath:                 "eni" (Cilium as the only CNI) or "chaining" (onto the VPC CNI, the walkthrough's).
     cluster_name:             the EKS cluster's name; with eni also Cilium's cluster.name (ENI tags).
     """
 
@@ -84,7 +84,7 @@ class CiliumMeshProps:
     traffic_policy: TrafficPolicy
     cluster_name: str
     network_policy: bool = True
-    datapath: str = "chaining"
+    datapath: str = "eni"
 
 
 class CiliumMesh(Construct):
@@ -136,11 +136,9 @@ class CiliumMesh(Construct):
             "TrafficPolicy": [props.traffic_policy.cilium_envoy_config()],
         }
         if props.network_policy:
-            manifests["NetworkPolicy"] = load_documents(NETWORK_POLICY_FILE)
-            if eni:  # only Cilium as the only CNI enforces L7 rules
-                manifests["NetworkPolicy"] = replaced_by_name(
-                    manifests["NetworkPolicy"], load_documents(NETWORK_POLICY_L7_FILE)
-                )
+            manifests["NetworkPolicy"] = replaced_by_name(
+                load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[props.datapath])
+            )
         self.manifests = {
             name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents)
             for name, documents in manifests.items()

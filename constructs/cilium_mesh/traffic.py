@@ -6,7 +6,9 @@ failing hosts. Everything it uses is built into cilium-envoy (no aggregate
 cluster, no retry predicates or priorities: cilium/proxy leaves them out).
 
 With ``failover`` on (the default), each weighted destination is one Envoy
-cluster whose endpoints are the version Services' cluster DNS names, its own
+cluster whose endpoints are the version Services' cluster DNS names (headless
+Services, so DNS answers their pods' addresses, which carry the pods'
+identities in Cilium's policy; a ClusterIP would be "world"), its own
 version at priority 0 and the other versions at priorities 1, 2, ... When
 outlier detection ejects the priority-0 host (a version down, answering
 errors, or without endpoints), Envoy sends that destination's share to the
@@ -94,6 +96,20 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True)
+class CircuitBreakers:
+    """Limits of each cluster, set explicitly: Cilium fills its own into clusters that set none, and
+    which ones depends on its version (1.18: max_retries only; 1.19: connections and requests too;
+    1.20: pending requests too; cec_resource_parser.go fillInCircuitBreakers), while upstream Envoy's
+    defaults are 3 retries and 1024 of the rest. These are Cilium's values: the same behaviour on every
+    supported Cilium, and in the preview's Envoy."""
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 128
+
+
+@dataclass(frozen=True)
 class TrafficPolicy:
     """Traffic policy for ``service`` across its version Services ``<service><version>``.
 
@@ -118,6 +134,7 @@ class TrafficPolicy:
     dns_refresh_ms: int = 5000
     retries: RetryPolicy = field(default_factory=RetryPolicy)
     outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
     split_local_origin_errors: bool = True
 
     def __post_init__(self) -> None:
@@ -159,7 +176,7 @@ class TrafficPolicy:
         return f"{self.service}{version}"
 
     def version_host(self, version: str) -> str:
-        """The version Service's cluster DNS name, which resolves to its ClusterIP."""
+        """The version Service's cluster DNS name: its pods' addresses, the Service being headless."""
         return f"{self.version_service(version)}.{self.namespace}.{CLUSTER_DOMAIN}"
 
     def eds_cluster(self, version: str) -> str:
@@ -208,6 +225,16 @@ class TrafficPolicy:
             "outlier_detection.interval_ms": od.interval_ms,
             "outlier_detection.base_ejection_time_ms": od.base_ejection_time_ms,
         }
+        cb = self.circuit_breakers
+        limits = {
+            "circuit_breakers.max_connections": cb.max_connections,
+            "circuit_breakers.max_pending_requests": cb.max_pending_requests,
+            "circuit_breakers.max_requests": cb.max_requests,
+            "circuit_breakers.max_retries": cb.max_retries,
+        }
+        for label, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOTAL_WEIGHT:
+                raise TrafficPolicyError(f"{label} must be an integer from 1 to {MAX_TOTAL_WEIGHT} (got {value!r})")
         counts = {
             "retries.num_retries": self.retries.num_retries,
             "outlier_detection.consecutive_5xx": od.consecutive_5xx,
@@ -337,6 +364,19 @@ class TrafficPolicy:
             )
         return detection
 
+    def _circuit_breakers(self) -> dict:
+        cb = self.circuit_breakers
+        return {
+            "thresholds": [
+                {
+                    "max_connections": cb.max_connections,
+                    "max_pending_requests": cb.max_pending_requests,
+                    "max_requests": cb.max_requests,
+                    "max_retries": cb.max_retries,
+                }
+            ]
+        }
+
     def _eds_cluster_resource(self, version: str) -> dict:
         return {
             "@type": _type("envoy.config.cluster.v3.Cluster"),
@@ -344,6 +384,7 @@ class TrafficPolicy:
             "type": "EDS",
             "connect_timeout": duration(self.connect_timeout_ms),
             "lb_policy": "ROUND_ROBIN",
+            "circuit_breakers": self._circuit_breakers(),
             "outlier_detection": self._outlier_detection(),
         }
 
@@ -357,6 +398,7 @@ class TrafficPolicy:
             "dns_refresh_rate": duration(self.dns_refresh_ms),
             "connect_timeout": duration(self.connect_timeout_ms),
             "lb_policy": "ROUND_ROBIN",
+            "circuit_breakers": self._circuit_breakers(),
             "outlier_detection": self._outlier_detection(),
             "load_assignment": {
                 "cluster_name": self.failover_cluster(version),
