@@ -13,9 +13,15 @@ differs from the cluster:
   filters Cilium injects (listener filter cilium.bpf_metadata, network filter
   cilium.network, HTTP filter cilium.l7policy; those exist only in cilium-envoy);
 * the version Services' cluster DNS names resolve through a loopback DNS
-  stand-in to the stand-ins' addresses (in the cluster: coredns, to ClusterIPs);
-  a version without endpoints refuses connections here, and Cilium's socket
-  load balancer fails the connect (EHOSTUNREACH) there: both are connect failures.
+  stand-in to the stand-ins' addresses (in the cluster: coredns, to the pods of
+  the headless version Services; a version without endpoints has no answer);
+* what Cilium's filters and the VPC decide comes from the datapath model
+  (checks/datapath.py), per cluster kind and version, and the harness does the
+  same: a request Cilium denies is answered 403 "Access denied" (there before
+  any connect, here by a stand-in, which retries and outlier detection treat
+  alike: not retried, not an error), a dropped one meets an address whose
+  SYNs go unanswered (a connect timeout), and one with no address gets no
+  endpoint or DNS answer.
 
 Everything here is bounded: fixed request counts, socket timeouts, and
 processes and servers that are always stopped.
@@ -53,8 +59,10 @@ VENDORS = ["ABC.com"]
 DIFFERENCES = (
     "Run in cilium-envoy's extension set, resources as Cilium delivers them; differs from the cluster in: "
     "RDS/EDS from files (not Cilium's gRPC xDS), loopback listener without Cilium's injected filters "
-    "(cilium.bpf_metadata, cilium.network, cilium.l7policy), version DNS names resolved by a loopback stand-in."
+    "(cilium.bpf_metadata, cilium.network, cilium.l7policy: their verdicts come from checks/datapath.py and "
+    "are reproduced by stand-ins), version DNS names resolved by a loopback stand-in."
 )
+ACCESS_DENIED = b"Access denied\r\n"  # cilium/proxy: the router's local reply when policy denies the upstream
 
 
 @dataclass(frozen=True)
@@ -122,7 +130,7 @@ class _StandInHandler(BaseHTTPRequestHandler):
 
 
 class DnsStandIn(socketserver.ThreadingUDPServer):
-    """Answers A queries for the version Services' names, as coredns answers with their ClusterIPs."""
+    """Answers A queries for the version Services' names, as coredns answers for headless Services: their pods."""
 
     daemon_threads = True
 
@@ -153,6 +161,50 @@ class _DnsHandler(socketserver.BaseRequestHandler):
             answers = struct.pack("!HHHIH", 0xC00C, 1, 1, 5, 4) + socket.inet_aton(address)
         header = struct.pack("!HHHHHH", ident, 0x8180, 1, 1 if answers else 0, 0, 0)
         sock.sendto(header + question + answers, self.client_address)
+
+
+class DeniedStandIn(ThreadingHTTPServer):
+    """Where Cilium would deny: answers 403 "Access denied", as cilium-envoy's upstream policy check does."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int]):
+        self.served = 0
+        super().__init__(address, _DeniedHandler)
+
+    def handle_error(self, request, client_address):
+        """Envoy closing idle upstream connections at shutdown is expected, not an error."""
+
+
+class _DeniedHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # noqa: N802 (http.server API)
+        self.server.served += 1
+        self.send_response(403)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(ACCESS_DENIED)))
+        self.end_headers()
+        self.wfile.write(ACCESS_DENIED)
+
+    def log_message(self, *args):
+        pass
+
+
+class Blackhole:
+    """Where the VPC would drop: SYNs go unanswered, so connects time out, as for a dropped packet. A
+    listener with a backlog of 0 and its accept queue filled by one connection of its own: Linux then
+    drops every further SYN (tcp_conn_request, accept queue full)."""
+
+    def __init__(self, address: tuple[str, int]):
+        self.socket = socket.socket()
+        self.socket.bind(address)
+        self.socket.listen(0)
+        self.filler = socket.create_connection(address, timeout=REQUEST_TIMEOUT_S)
+
+    def stop(self) -> None:
+        self.filler.close()
+        self.socket.close()
 
 
 def _write_discovery(path: Path, type_url: str, resources: list[dict]) -> dict:
@@ -193,12 +245,11 @@ def _as_delivered(policy: TrafficPolicy, rds_source: Callable[[dict], dict],
     return listeners, clusters
 
 
-def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str], endpoints: dict[str, bool],
-                       dns_port: int, directory: Path) -> dict:  # fmt: skip
+def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str | None], dns_port: int,
+                       directory: Path) -> dict:  # fmt: skip
     """The policy's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
 
-    addresses: version -> the loopback address its Service name resolves to.
-    endpoints: version -> whether its Service has endpoints (EDS lists the stand-in's address).
+    addresses: version -> the loopback address its EDS cluster lists (None: no endpoints).
     """
     eds_versions = {policy.eds_cluster(v): v for v in policy.versions}
 
@@ -211,7 +262,7 @@ def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str], endpoin
         assignment = {
             "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             "cluster_name": cluster["name"],
-            "endpoints": [{"lb_endpoints": lb_endpoints}] if endpoints[version] else [],
+            "endpoints": [{"lb_endpoints": lb_endpoints}] if addresses[version] else [],
         }
         return _write_discovery(directory / f"eds-{version}.json", assignment["@type"], [assignment])
 
@@ -403,20 +454,40 @@ class EnvoyProcess:
         self.process.stderr.close()
 
 
-def _loopback_addresses(versions: tuple[str, ...], rng: random.Random) -> dict[str, str]:
-    """A distinct 127/8 address per version: the port is the policy's, as on a ClusterIP."""
+def _loopback_addresses(names: list[str], rng: random.Random) -> dict[str, str]:
+    """A distinct 127/8 address per name: the port is the policy's, as on a pod."""
     base = f"127.{rng.randrange(1, 255)}.{rng.randrange(0, 256)}"
-    return {version: f"{base}.{index + 1}" for index, version in enumerate(versions)}
+    return {name: f"{base}.{index + 1}" for index, name in enumerate(names)}
+
+
+def model_statuses(policy: TrafficPolicy, datapath: str) -> dict[tuple[str, str], str]:
+    """What Cilium and the VPC do to each cluster kind and version, by the datapath model."""
+    from checks.datapath import Deployed, cec_statuses
+
+    return cec_statuses(Deployed.of(datapath, policy))
 
 
 @contextmanager
-def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7):
-    """Stand-in versions, their DNS names and an Envoy with the policy in front; everything stops on exit."""
+def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7,
+            datapath: str = "eni", statuses: dict[tuple[str, str], str] | None = None):  # fmt: skip
+    """Stand-in versions, their DNS names and an Envoy with the policy in front; everything stops on exit.
+
+    statuses: per (cluster kind "eds"/"dns", version), what Cilium and the VPC do to a request there
+    ("delivered", "denied", "dropped", "no address"); by default the datapath model's for ``datapath``.
+    """
     faults = {v: (faults or {}).get(v, Fault()) for v in policy.versions}
-    addresses = _loopback_addresses(policy.versions, random.Random())
+    statuses = statuses if statuses is not None else model_statuses(policy, datapath)
+    addresses = _loopback_addresses([*policy.versions, "denied", "dropped"], random.Random())
     with ExitStack() as stack:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         stand_ins = {}
+
+        def serve(server):
+            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+            return server
+
         for index, version in enumerate(policy.versions):
             if faults[version].kind in ("down", "empty"):
                 continue
@@ -424,16 +495,21 @@ def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = N
                 server = StandIn(version, faults[version], seed + index, (addresses[version], policy.port))
             except OSError as error:
                 raise RuntimeError(f"cannot listen on {addresses[version]}:{policy.port}: {error}") from None
-            threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-            stack.callback(server.server_close)
-            stack.callback(server.shutdown)
-            stand_ins[server.version_number] = server
-        dns = DnsStandIn({policy.version_host(v): addresses[v] for v in policy.versions})
-        threading.Thread(target=dns.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        stack.callback(dns.server_close)
-        stack.callback(dns.shutdown)
-        endpoints = {v: faults[v].kind != "empty" for v in policy.versions}
-        bootstrap = stand_in_bootstrap(policy, addresses, endpoints, dns.server_address[1], directory)
+            stand_ins[server.version_number] = serve(server)
+        serve(DeniedStandIn((addresses["denied"], policy.port)))
+        stack.callback(Blackhole((addresses["dropped"], policy.port)).stop)
+
+        def address(kind: str, version: str) -> str | None:
+            """Where a cluster of that kind reaches the version: the pod, or Cilium's verdict's stand-in."""
+            status = statuses.get((kind, version), "delivered")
+            if status == "no address" or (status == "delivered" and faults[version].kind == "empty"):
+                return None  # no endpoints: EDS lists none, and a headless Service's name has no answer
+            return addresses[version] if status == "delivered" else addresses[status]
+
+        dns = DnsStandIn({policy.version_host(v): a for v in policy.versions if (a := address("dns", v))})
+        serve(dns)
+        eds = {v: address("eds", v) for v in policy.versions}
+        bootstrap = stand_in_bootstrap(policy, eds, dns.server_address[1], directory)
         envoy = EnvoyProcess(bootstrap, tag, directory)
         stack.callback(envoy.stop)
         envoy.wait_for_config()
@@ -468,9 +544,10 @@ def send(address: tuple[str, int], requests: int,
 
 
 def run(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault] | None = None,
-        headers: dict[str, str] | None = None, seed: int = 7) -> RunResult:  # fmt: skip
-    """Send ``requests`` through the policy with the given faults and collect what happened."""
-    with running(policy, tag, faults, seed) as (envoy, faults, _):
+        headers: dict[str, str] | None = None, seed: int = 7, datapath: str = "eni",
+        statuses: dict[tuple[str, str], str] | None = None) -> RunResult:  # fmt: skip
+    """Send ``requests`` through the policy with the given faults and Cilium's verdicts, and collect what happened."""
+    with running(policy, tag, faults, seed, datapath, statuses) as (envoy, faults, _):
         versions, statuses, latencies, elapsed = send((LOOPBACK, envoy.port), requests, headers)
         counters = envoy.counters()
     retries = sum(v for k, v in counters.items() if k.startswith("cluster.") and k.endswith(".upstream_rq_retry"))

@@ -296,3 +296,36 @@ def test_preview_rejects_bad_flags_in_one_line():
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("preview:")]
     assert errors == ["preview: fault 'sometimes': use 5xx:<ratio>, down or empty"]
+
+
+# --- Cilium's verdicts in the Envoy run (checks/datapath.py) ------------------------------------
+
+
+def test_the_harness_denies_what_cilium_would_deny():
+    """With the version Services as ClusterIPs (main before headless Services), the model denies the
+    failover clusters as world: split requests get Cilium's 403, pinned ones (EDS, pods) still answer."""
+    from checks.datapath import Deployed, cec_statuses
+
+    documents = copy.deepcopy(Deployed.of("eni", DEFAULT).documents)
+    for document in documents:
+        if document["kind"] == "Service" and document["metadata"]["name"].startswith("catalogdetailv"):
+            document["spec"].pop("clusterIP")
+    statuses = cec_statuses(Deployed.of("eni", DEFAULT, documents=list(documents)))
+    split = run(DEFAULT, TAG, 50, statuses=statuses)
+    assert split.statuses == {403: 50} and split.retries == 0
+    pinned = run(DEFAULT, TAG, 20, headers={"x-catalog-version": "v2"}, statuses=statuses)
+    assert pinned.versions == {"v2": 20}
+
+
+def test_the_harness_drops_what_the_vpc_would_drop():
+    """A dropped destination's connects time out (2 s); after two the host is ejected and failover
+    carries its share. Only requests in those first seconds can fail (seen: 1 of 20)."""
+    result = run(DEFAULT, TAG, 20, statuses={("dns", "v2"): "dropped"})
+    assert result.versions.get("v2", 0) == 0 and result.ejections >= 1 and result.answered >= 17, result.statuses
+
+
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_the_shipped_stack_has_every_verdict_delivered(datapath):
+    from checks.envoy_harness import model_statuses
+
+    assert set(model_statuses(DEFAULT, datapath).values()) == {"delivered"}

@@ -30,7 +30,7 @@ import time
 from contextlib import ExitStack
 
 from checks.cilium_envoy import build_for
-from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running
+from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, model_statuses, run, running
 
 from cilium_mesh import TrafficPolicy
 from stacks import cdk_json_context
@@ -52,14 +52,14 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
     return median if low == high else f"{median} ({low} to {high})"
 
 
-def failover_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, repeats: int) -> list[str]:
+def failover_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, repeats: int, datapath: str) -> list[str]:
     header = next(p.pin_header for p in policies.values() if p.pin_header)
     rows = []
     for scenario, (faults, pinned) in SCENARIOS.items():
         cells = []
         for policy in policies.values():
             results: list[RunResult] = [
-                run(policy, tag, requests, faults, {header: "v2"} if pinned else None, seed=7 + repeat)
+                run(policy, tag, requests, faults, {header: "v2"} if pinned else None, seed=7 + repeat, datapath=datapath)
                 for repeat in range(repeats)
             ]
             cells.append(spread([100 * r.answered_share for r in results], ".2f", "%"))
@@ -67,6 +67,12 @@ def failover_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, r
             cells.append(spread([r.retries for r in results], "d") + " / " + spread([r.ejections for r in results], "d"))
         rows.append(f"| {scenario} | " + " | ".join(cells) + " |")
     return rows
+
+
+def verdicts_text(policy: TrafficPolicy, datapath: str) -> str:
+    """The datapath model's verdict per cluster kind and version, the harness reproduces them."""
+    statuses = model_statuses(policy, datapath)
+    return ", ".join(f"{kind} {version} {status}" for (kind, version), status in sorted(statuses.items()))
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -96,14 +102,15 @@ def _interleaved(targets: dict[str, tuple[str, int]], requests: int, rng: random
     return latencies
 
 
-def overhead_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, rounds: int) -> tuple[list[str], list[float]]:
+def overhead_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, rounds: int,
+                  datapath: str) -> tuple[list[str], list[float]]:  # fmt: skip
     """Rows of p50/p99 added per policy, and the per-round ratio of p99 added (this policy / walkthrough)."""
     added = {name: {0.5: [], 0.99: []} for name in policies}
     rng = random.Random(11)
     with ExitStack() as stack:
         targets = {}
         for name, policy in policies.items():
-            envoy, _, stand_ins = stack.enter_context(running(policy, tag))
+            envoy, _, stand_ins = stack.enter_context(running(policy, tag, datapath=datapath))
             targets[f"{name} direct"] = stand_ins["1"].server_address
             targets[f"{name} envoy"] = (LOOPBACK, envoy.port)
         _interleaved(targets, 200, rng)  # warm-up: connections, caches
@@ -139,16 +146,19 @@ def main(argv: list[str] | None = None) -> int:
     build = build_for(config.cilium_version)
     started = time.perf_counter()
     print(f"Envoy {build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
-          f"weights {policy.weights}, {os.cpu_count()} cores. {DIFFERENCES}\n")  # fmt: skip
+          f"weights {policy.weights}, {os.cpu_count()} cores. {DIFFERENCES}")  # fmt: skip
+    for name, candidate in policies.items():
+        print(f"Cilium's verdicts for {name}, datapath {config.datapath} (checks/datapath.py): {verdicts_text(candidate, config.datapath)}")
+    print()
     print(f"Failover: {args.requests} requests per run, {args.repeats} runs per cell: median (range)\n")
     print("| v2 | this policy: answered | v2 share | retries / ejections "
           "| walkthrough: answered | v2 share | retries / ejections |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
-    for row in failover_rows(policies, build.tag, args.requests, args.repeats):
+    for row in failover_rows(policies, build.tag, args.requests, args.repeats, config.datapath):
         print(row, flush=True)
     print(f"\nProxy overhead: {args.latency_requests} GETs per target per round, {args.rounds} rounds, both policies "
           "interleaved on one keep-alive connection per target; ms added over direct, median (range) over rounds\n")  # fmt: skip
-    rows, ratios = overhead_rows(policies, build.tag, args.latency_requests, args.rounds)
+    rows, ratios = overhead_rows(policies, build.tag, args.latency_requests, args.rounds, config.datapath)
     print("| policy | p50 added ms | p99 added ms |")
     print("|---|---|---|")
     print("\n".join(rows))

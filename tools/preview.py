@@ -18,6 +18,7 @@ import sys
 
 from checks.cilium_envoy import build_for
 from checks.envoy_harness import DIFFERENCES, Fault, RunResult, run
+from tools.measure import verdicts_text
 
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
 from stacks import cdk_json_context
@@ -94,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
           f"faults: {fault_text}" + (f", header {policy.pin_header}: {args.header}" if headers else ""))
     print(DIFFERENCES)
+    for label, candidate in runs:
+        print(f"Cilium's verdicts for {label}, datapath {config.datapath} (checks/datapath.py): "
+              f"{verdicts_text(candidate, config.datapath)}")  # fmt: skip
     print(f"{'policy':<12} {'version':<8} {'configured':>10} {'share':>8}   {'95% interval':<18}   fault")
     for label, candidate in runs:
-        result = run(candidate, build.tag, args.requests, faults, headers if label == "this policy" else None)
+        result = run(candidate, build.tag, args.requests, faults, headers if label == "this policy" else None,
+                     datapath=config.datapath)  # fmt: skip
         for line in table(label, result):
             print(line)
     return 0
