@@ -428,7 +428,7 @@ def _cec_hops(deployed: Deployed, client: str, path: str) -> list[Hop]:
                 hops.append(Hop(f"cilium-envoy -> {policy.service}: active health check of cluster {name}",
                                 "cilium-envoy", "health-check", name, Request(policy.port, path=path)))  # fmt: skip
     hops += [replace(h, name=f"{h.name}, retry after a per-try timeout", retry_after_timeout=True)
-             for h in hops if h.via.startswith("cec-") and route_config and h.client == client]  # fmt: skip
+             for h in hops if h.via.startswith("cec-")]  # fmt: skip
     return hops
 
 
@@ -536,8 +536,6 @@ def _targets(deployed: Deployed, hop: Hop, node: str, outcome: Outcome) -> list[
         return found
     if hop.via == "probe":
         return [deployed.pod(hop.target, node)]
-    if hop.via == "health-check":
-        return []
     namespace, name = hop.target.split("/", 1)
     found = deployed.backends(namespace, name, node)
     outcome.check("socket-lb" if hop.via == "direct" else "eds", bool(found),

@@ -87,10 +87,30 @@ class Fault:
         return f"5xx on {self.error_ratio:.0%}" if self.kind == "errors" else self.kind
 
 
-class StandIn(ThreadingHTTPServer):
-    """A catalogdetail version that answers like the real one: {"version":"1","vendors":["ABC.com"]}."""
-
+class _LoopbackServer(ThreadingHTTPServer):
     daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        """Envoy closing idle upstream connections at shutdown is expected, not an error."""
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class StandIn(_LoopbackServer):
+    """A catalogdetail version that answers like the real one: {"version":"1","vendors":["ABC.com"]}."""
 
     def __init__(self, version: str, fault: Fault, seed: int, address: tuple[str, int]):
         self.version_number = version.lstrip("v")
@@ -100,33 +120,19 @@ class StandIn(ThreadingHTTPServer):
         self.served = 0
         super().__init__(address, _StandInHandler)
 
-    def handle_error(self, request, client_address):
-        """Envoy closing idle upstream connections at shutdown is expected, not an error."""
 
-
-class _StandInHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
+class _StandInHandler(_Handler):
     def do_GET(self):  # noqa: N802 (http.server API)
         server: StandIn = self.server
         with server.lock:
             server.served += 1
             failing = server.fault.kind == "errors" and server.random.random() < server.fault.error_ratio
         if failing:
-            body, status = b'{"error":"injected"}', 503
+            self.reply(503, b'{"error":"injected"}')
         elif self.path.startswith("/catalogDetail") or self.path == "/ping":
-            body, status = json.dumps({"version": server.version_number, "vendors": VENDORS}).encode(), 200
+            self.reply(200, json.dumps({"version": server.version_number, "vendors": VENDORS}).encode())
         else:
-            body, status = b"{}", 404
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
+            self.reply(404, b"{}")
 
 
 class DnsStandIn(socketserver.ThreadingUDPServer):
@@ -163,32 +169,18 @@ class _DnsHandler(socketserver.BaseRequestHandler):
         sock.sendto(header + question + answers, self.client_address)
 
 
-class DeniedStandIn(ThreadingHTTPServer):
+class DeniedStandIn(_LoopbackServer):
     """Where Cilium would deny: answers 403 "Access denied", as cilium-envoy's upstream policy check does."""
-
-    daemon_threads = True
 
     def __init__(self, address: tuple[str, int]):
         self.served = 0
         super().__init__(address, _DeniedHandler)
 
-    def handle_error(self, request, client_address):
-        """Envoy closing idle upstream connections at shutdown is expected, not an error."""
 
-
-class _DeniedHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _DeniedHandler(_Handler):
     def do_GET(self):  # noqa: N802 (http.server API)
         self.server.served += 1
-        self.send_response(403)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(ACCESS_DENIED)))
-        self.end_headers()
-        self.wfile.write(ACCESS_DENIED)
-
-    def log_message(self, *args):
-        pass
+        self.reply(403, ACCESS_DENIED, "text/plain")
 
 
 class Blackhole:
