@@ -26,6 +26,7 @@ False: the README lists them as what a real cluster must still confirm.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import ipaddress
 import re
@@ -274,6 +275,16 @@ class Deployed:
         if service["spec"].get("clusterIP") == "None":
             return self.backends(namespace, name, node)
         return [Endpoint("cluster-ip", CLUSTER_IP, None, name, namespace)]
+
+    def with_cluster_ip_version_services(self) -> Deployed:
+        """The same, with the traffic policy's version Services given ClusterIPs again (main before
+        headless Services): the defect this model was first built to catch."""
+        names = {self.traffic.version_service(v) for v in self.traffic.versions}
+        documents = copy.deepcopy(list(self.documents))
+        for document in documents:
+            if document["kind"] == "Service" and document["metadata"]["name"] in names:
+                document["spec"].pop("clusterIP", None)
+        return replace(self, documents=tuple(documents))
 
     @property
     def envoy_uses_cluster_dns(self) -> bool:

@@ -79,6 +79,11 @@ def test_a_version_service_with_a_cluster_ip_again_is_denied_as_world(datapath, 
     assert cec_statuses(model)[("dns", version)] == "denied" and cec_statuses(model)[("eds", version)] == "delivered"
 
 
+def test_both_version_services_with_cluster_ips_deny_every_split_request():
+    model = deployed("eni").with_cluster_ip_version_services()
+    assert {k: v for k, v in cec_statuses(model).items() if v != "delivered"} == {("dns", "v1"): "denied", ("dns", "v2"): "denied"}
+
+
 def test_chaining_without_masquerading_cannot_reach_a_frontend_on_another_node():
     """Defect 2 (main's chaining values): the Ingress IP of Cilium's pool is dropped by the VPC."""
     values = cilium_values("api.example", "chaining", "cilium-mesh", CONFIG.cilium_version)

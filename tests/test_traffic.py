@@ -9,6 +9,7 @@ import sys
 import pytest
 from cilium_mesh.traffic import (
     MAX_TOTAL_WEIGHT,
+    CircuitBreakers,
     TrafficPolicy,
     TrafficPolicyError,
     cluster_references,
@@ -123,11 +124,24 @@ def test_bad_weights_are_rejected(weights, message):
         ("service", "Catalog", "DNS-1123"),
         ("port", 70000, "port must be 1-65535"),
         ("request_timeout_ms", 10**9, "at most 86400000"),
+        ("circuit_breakers", CircuitBreakers(max_retries=0), "circuit_breakers.max_retries must be an integer from 1"),
+        ("circuit_breakers", CircuitBreakers(max_connections=True), "circuit_breakers.max_connections"),
     ],
 )
 def test_bad_settings_are_rejected(field, value, message):
     with pytest.raises(TrafficPolicyError, match=message):
         TrafficPolicy(weights={"v1": 1}, **{field: value})
+
+
+def test_every_cluster_sets_its_circuit_breakers():
+    """Cilium fills its own, version-dependent limits only into clusters that set none."""
+    for policy in (DEFAULT, TrafficPolicy.walkthrough()):
+        clusters = [r for r in policy.envoy_resources() if r["@type"].endswith(".Cluster")]
+        assert clusters and all(
+            c["circuit_breakers"] == {"thresholds": [{"max_connections": 1024, "max_pending_requests": 1024,
+                                                      "max_requests": 1024, "max_retries": 128}]}
+            for c in clusters
+        )  # fmt: skip
 
 
 def test_a_version_needs_its_service():
@@ -306,11 +320,7 @@ def test_the_harness_denies_what_cilium_would_deny():
     failover clusters as world: split requests get Cilium's 403, pinned ones (EDS, pods) still answer."""
     from checks.datapath import Deployed, cec_statuses
 
-    documents = copy.deepcopy(Deployed.of("eni", DEFAULT).documents)
-    for document in documents:
-        if document["kind"] == "Service" and document["metadata"]["name"].startswith("catalogdetailv"):
-            document["spec"].pop("clusterIP")
-    statuses = cec_statuses(Deployed.of("eni", DEFAULT, documents=list(documents)))
+    statuses = cec_statuses(Deployed.of("eni", DEFAULT).with_cluster_ip_version_services())
     split = run(DEFAULT, TAG, 50, statuses=statuses)
     assert split.statuses == {403: 50} and split.retries == 0
     pinned = run(DEFAULT, TAG, 20, headers={"x-catalog-version": "v2"}, statuses=statuses)

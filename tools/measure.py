@@ -30,18 +30,21 @@ import time
 from contextlib import ExitStack
 
 from checks.cilium_envoy import build_for
+from checks.datapath import Deployed, cec_statuses
 from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, model_statuses, run, running
 
 from cilium_mesh import TrafficPolicy
 from stacks import cdk_json_context
 from stacks.config import load_config
 
+# scenario: (faults, pinned, version Services with ClusterIPs as on main before headless Services)
 SCENARIOS = {
-    "healthy": ({}, False),
-    "pinned to v2 by header": ({}, True),
-    "v2 answers 503 on 30%": ({"v2": Fault("errors", 0.3)}, False),
-    "v2 pods down": ({"v2": Fault("down")}, False),
-    "v2 without endpoints": ({"v2": Fault("empty")}, False),
+    "healthy": ({}, False, False),
+    "pinned to v2 by header": ({}, True, False),
+    "v2 answers 503 on 30%": ({"v2": Fault("errors", 0.3)}, False, False),
+    "v2 pods down": ({"v2": Fault("down")}, False, False),
+    "v2 without endpoints": ({"v2": Fault("empty")}, False, False),
+    "healthy, version Services with ClusterIPs (before)": ({}, False, True),
 }
 LIMITS = {"requests": (100, 20000), "repeats": (1, 10), "latency_requests": (100, 100000), "rounds": (1, 20)}
 
@@ -55,11 +58,13 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
 def failover_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, repeats: int, datapath: str) -> list[str]:
     header = next(p.pin_header for p in policies.values() if p.pin_header)
     rows = []
-    for scenario, (faults, pinned) in SCENARIOS.items():
+    for scenario, (faults, pinned, cluster_ips) in SCENARIOS.items():
         cells = []
         for policy in policies.values():
+            deployed = Deployed.of(datapath, policy)
+            statuses = cec_statuses(deployed.with_cluster_ip_version_services() if cluster_ips else deployed)
             results: list[RunResult] = [
-                run(policy, tag, requests, faults, {header: "v2"} if pinned else None, seed=7 + repeat, datapath=datapath)
+                run(policy, tag, requests, faults, {header: "v2"} if pinned else None, seed=7 + repeat, statuses=statuses)
                 for repeat in range(repeats)
             ]
             cells.append(spread([100 * r.answered_share for r in results], ".2f", "%"))

@@ -19,6 +19,7 @@ DATAPATHS = ("chaining", "eni")
 #   eni:      L7 rules, which only Cilium as the only CNI enforces.
 NETWORK_POLICY_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "policy" / f"network-policy-{datapath}.yaml" for datapath in DATAPATHS}
 CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in DATAPATHS}
+TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
 
 
 def cilium_release_file(cilium_version: str) -> Path | None:
@@ -27,8 +28,6 @@ def cilium_release_file(cilium_version: str) -> Path | None:
     path = MANIFESTS_DIR / "cilium" / f"release-{minor}.yaml"
     return path if path.exists() else None
 
-
-TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
 
 
 # libyaml's safe loader parses the same documents ten times faster; PyYAML's wheels bundle it.
