@@ -127,7 +127,9 @@ RULES = {
     "reply": Rule(
         "The reply to an east/west L7 load balancer's original-source connection comes back to "
         "Envoy's transparent socket on the client's node.",
-        "Cilium's L7 load balancing design (IP_TRANSPARENT, proxy marks); Cilium's EKS ENI CI runs it",
+        "Cilium's L7 load balancing design (IP_TRANSPARENT, proxy marks); Cilium's EKS ENI CI runs it, "
+        "its aws-cni CI runs no CiliumEnvoyConfig",
+        confirmed=False,
     ),
     "policy": Rule(
         "A direction is enforced once any policy selecting the endpoint has that section; then only "
@@ -208,6 +210,15 @@ def ipcache(address: Endpoint, viewer_node: str) -> Identity:
     return Identity("world")
 
 
+# What the model evaluates of a CiliumNetworkPolicy; anything else would be judged wrongly, so it is refused.
+MODELLED_RULE_KEYS = {"fromEndpoints", "toEndpoints", "fromEntities", "toEntities", "toPorts"}
+MODELLED_SPEC_KEYS = {"description", "endpointSelector", "ingress", "egress"}
+
+
+class Unmodelled(ValueError):
+    """A policy uses a field the model does not evaluate."""
+
+
 @dataclass(frozen=True)
 class Deployed:
     """One datapath's objects as the stack applies them (or changed, to show what the model catches)."""
@@ -217,6 +228,19 @@ class Deployed:
     policies: tuple
     values: dict
     traffic: TrafficPolicy
+
+    def __post_init__(self) -> None:
+        """Refuse a policy field the model does not evaluate, rather than judge it wrongly."""
+        for policy in self.policies:
+            spec = policy["spec"]
+            extra = spec.keys() - MODELLED_SPEC_KEYS
+            extra |= {key for d in ("ingress", "egress") for rule in spec.get(d, []) for key in rule.keys() - MODELLED_RULE_KEYS}
+            selectors = [spec.get("endpointSelector") or {}]
+            selectors += [s for d in ("ingress", "egress") for rule in spec.get(d, [])
+                          for s in rule.get("fromEndpoints", []) + rule.get("toEndpoints", [])]  # fmt: skip
+            extra |= {key for s in selectors for key in s.keys() - {"matchLabels"}}
+            if extra:
+                raise Unmodelled(f"policy {policy['metadata']['name']} uses {sorted(extra)}, which the model does not evaluate")
 
     @classmethod
     def of(cls, datapath: str, traffic: TrafficPolicy, cilium_version: str = "1.19.6",

@@ -9,6 +9,7 @@ from checks.datapath import (
     PLACEMENTS,
     RULES,
     Deployed,
+    Unmodelled,
     cec_statuses,
     evaluate_all,
     paths,
@@ -208,6 +209,19 @@ def test_active_health_checks_would_come_from_the_node():
     policy = _WithHealthChecks(**{f.name: getattr(POLICY, f.name) for f in dataclasses.fields(POLICY)})
     broken = failing(deployed("eni", traffic=policy))
     assert broken and all("active health check" in line and "other node]: denied" in line and "remote-node" in line for line in broken)
+
+
+@pytest.mark.parametrize("change", [
+    lambda spec: spec["ingress"][0].update(toCIDR=["10.0.0.0/8"]),
+    lambda spec: spec.update(ingressDeny=[{"fromEntities": ["world"]}]),
+    lambda spec: spec["endpointSelector"].update(matchExpressions=[{"key": "app", "operator": "Exists"}]),
+])
+def test_a_policy_field_the_model_does_not_evaluate_is_refused(change):
+    """Rather than judge it wrongly: the model stops, naming what it cannot evaluate."""
+    policies = copy.deepcopy(list(deployed("eni").policies))
+    change(next(p for p in policies if p["metadata"]["name"] == "frontend")["spec"])
+    with pytest.raises(Unmodelled, match="policy frontend uses"):
+        deployed("eni", policies=policies)
 
 
 def test_the_harness_gets_the_models_verdicts():
