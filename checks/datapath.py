@@ -100,6 +100,19 @@ RULES = {
         "its own node the kernel picks the source and the mark 0x0B00|identity carries reserved:ingress.",
         "cilium/proxy cilium/bpf_metadata.cc (north/south branch), socket_option_source_address.cc",
     ),
+    "nlb": Rule(
+        "The AWS Load Balancer Controller backs a LoadBalancer Service annotated type 'external' with an "
+        "NLB; with target type 'instance' it registers every node's NodePort and opens the nodes' security "
+        "group to the NLB; 'internet-facing' puts it in the public subnets.",
+        "AWS Load Balancer Controller docs, Service annotations (aws-load-balancer-type, "
+        "aws-load-balancer-nlb-target-type, aws-load-balancer-scheme, manage-backend-security-group-rules)",
+    ),
+    "nodeport": Rule(
+        "Cilium's kube-proxy replacement answers a NodePort on every node and hands an L7 load balancer "
+        "Service's connections (cilium-ingress) to that node's Envoy; no policy selects reserved:ingress.",
+        "Cilium docs, kube-proxy replacement and Ingress (shared mode needs it for its NodePort from 1.19, "
+        "cilium/cilium#41380)",
+    ),
     "ingress-ip": Rule(
         "The Ingress IP comes from the agent's IPAM: an ENI secondary address with ENI IPAM (with "
         "routing rules), an address of Cilium's cluster pool otherwise.",
@@ -470,7 +483,8 @@ def _cec_hops(deployed: Deployed, client: str, path: str) -> list[Hop]:
 def paths(deployed: Deployed) -> list[Hop]:
     """Every path the stack ships: Ingress, the app's calls (through the traffic policy where it applies),
     DNS from the pods and from cilium-envoy, and the kubelet's probes."""
-    hops = []
+    hops = [Hop("the internet -> NLB -> a node's NodePort -> Cilium's Ingress Envoy", "world", "nlb",
+                "kube-system/cilium-ingress", Request(80))]  # fmt: skip
     for ingress in deployed.kind("Ingress"):
         namespace = ingress["metadata"]["namespace"]
         for rule in ingress["spec"]["rules"]:
@@ -589,6 +603,18 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
             ok, saw = verdict(deployed, target, "ingress", ipcache(node, target.node), hop.request)
             outcome.check("host-source", ok, saw, "denied")
         return outcome
+    if hop.via == "nlb":
+        service = deployed.values.get("ingressController", {})
+        annotations = service.get("service", {}).get("annotations", {})
+        wanted = {"service.beta.kubernetes.io/aws-load-balancer-type": "external",
+                  "service.beta.kubernetes.io/aws-load-balancer-nlb-target-type": "instance",
+                  "service.beta.kubernetes.io/aws-load-balancer-scheme": "internet-facing"}  # fmt: skip
+        missing = {k: v for k, v in wanted.items() if annotations.get(k) != v}
+        outcome.check("nlb", service.get("enabled") is True and not missing,
+                      f"cilium-ingress annotations {'as needed' if not missing else f'lack {missing}'}")  # fmt: skip
+        outcome.check("nodeport", deployed.values.get("kubeProxyReplacement") is True,
+                      f"kubeProxyReplacement: {deployed.values.get('kubeProxyReplacement')}")  # fmt: skip
+        return outcome
     client = deployed.pod(hop.client, CLIENT_NODE) if hop.client not in ("ingress", "kubelet", "cilium-envoy", "world") else None
     if hop.via == "envoy-dns":
         outcome.check("dns", deployed.envoy_uses_cluster_dns,
@@ -634,10 +660,10 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
 
 
 def evaluate_all(deployed: Deployed, hops: list[Hop] | tuple = ()) -> list[Outcome]:
-    """Each path in each placement (a probe is always on its pod's node)."""
+    """Each path in each placement (a probe is always on its pod's node; the NLB reaches every node)."""
     hops = hops or paths(deployed)
     return [evaluate(deployed, hop, placement) for hop in hops if deployed.datapath in hop.datapaths
-            for placement in (PLACEMENTS[:1] if hop.via == "probe" else PLACEMENTS)]  # fmt: skip
+            for placement in (PLACEMENTS[:1] if hop.via in ("probe", "nlb") else PLACEMENTS)]  # fmt: skip
 
 
 def cec_statuses(deployed: Deployed) -> dict[tuple[str, str], str]:

@@ -48,10 +48,10 @@ def test_every_shipped_path_delivers_and_every_must_deny_request_is_denied(datap
     model = deployed(datapath)
     outcomes = evaluate_all(model)
     kinds = {hop.via for hop in paths(model)}
-    assert kinds == {"ingress", "direct", "cec-eds", "cec-dns", "envoy-dns", "probe"}
+    assert kinds == {"nlb", "ingress", "direct", "cec-eds", "cec-dns", "envoy-dns", "probe"}
     assert {o.placement for o in outcomes} == set(PLACEMENTS)
     assert failing(model) == []
-    assert len(outcomes) == 48  # 24 paths on two placements, 8 probes on one
+    assert len(outcomes) == 49  # 24 paths on two placements, 8 probes and the NLB on one
 
 
 def test_every_step_names_a_rule_with_its_source():
@@ -175,6 +175,18 @@ def test_a_deleted_pod_must_outlive_the_dns_staleness_window(datapath):
     assert broken and all("catalogdetailv1" in line and "dns-staleness" in line for line in broken)
     slower = dataclasses.replace(POLICY, dns_refresh_ms=15000)
     assert any("dns-staleness" in line for line in failing(deployed(datapath, traffic=slower)))
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("service.beta.kubernetes.io/aws-load-balancer-nlb-target-type", "ip"),
+    ("service.beta.kubernetes.io/aws-load-balancer-type", None),
+])
+def test_the_nlb_needs_instance_targets_from_the_load_balancer_controller(key, value):
+    """The cilium-ingress Service selects no pods: IP targets would have nothing to register."""
+    values = cilium_values("api.example", "eni", "cilium-mesh", CONFIG.cilium_version)
+    values["ingressController"]["service"]["annotations"][key] = value
+    broken = failing(deployed("eni", values=values))
+    assert [line.split("  <-")[0] for line in broken] == ["the internet -> NLB -> a node's NodePort -> Cilium's Ingress Envoy [eni, same node]: dropped"]
 
 
 def test_cilium_envoy_must_use_cluster_dns():
