@@ -50,6 +50,7 @@ from pathlib import Path
 
 from cilium_mesh.traffic import TrafficPolicy, qualify_like_cilium
 from checks.cilium_envoy import envoy_command
+from checks.datapath import Deployed, cec_statuses
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 10
@@ -454,8 +455,6 @@ def _loopback_addresses(names: list[str], rng: random.Random) -> dict[str, str]:
 
 def model_statuses(policy: TrafficPolicy, datapath: str) -> dict[tuple[str, str], str]:
     """What Cilium and the VPC do to each cluster kind and version, by the datapath model."""
-    from checks.datapath import Deployed, cec_statuses
-
     return cec_statuses(Deployed.of(datapath, policy))
 
 
