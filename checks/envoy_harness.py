@@ -458,6 +458,13 @@ def model_statuses(policy: TrafficPolicy, datapath: str) -> dict[tuple[str, str]
     return cec_statuses(Deployed.of(datapath, policy))
 
 
+def verdicts_line(label: str, policy: TrafficPolicy, datapath: str) -> str:
+    """The model's verdict per cluster kind and version, as preview and measure print it."""
+    statuses = model_statuses(policy, datapath)
+    verdicts = ", ".join(f"{kind} {version} {status}" for (kind, version), status in sorted(statuses.items()))
+    return f"Cilium's verdicts for {label}, datapath {datapath} (checks/datapath.py): {verdicts}"
+
+
 @contextmanager
 def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7,
             datapath: str = "eni", statuses: dict[tuple[str, str], str] | None = None):  # fmt: skip

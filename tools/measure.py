@@ -31,7 +31,7 @@ from contextlib import ExitStack
 
 from checks.cilium_envoy import build_for
 from checks.datapath import Deployed, cec_statuses
-from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, model_statuses, run, running
+from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running, verdicts_line
 
 from cilium_mesh import TrafficPolicy
 from stacks import cdk_json_context
@@ -72,12 +72,6 @@ def failover_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, r
             cells.append(spread([r.retries for r in results], "d") + " / " + spread([r.ejections for r in results], "d"))
         rows.append(f"| {scenario} | " + " | ".join(cells) + " |")
     return rows
-
-
-def verdicts_text(policy: TrafficPolicy, datapath: str) -> str:
-    """The datapath model's verdict per cluster kind and version, the harness reproduces them."""
-    statuses = model_statuses(policy, datapath)
-    return ", ".join(f"{kind} {version} {status}" for (kind, version), status in sorted(statuses.items()))
 
 
 def _percentile(values: list[float], share: float) -> float:
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Envoy {build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
           f"weights {policy.weights}, {os.cpu_count()} cores. {DIFFERENCES}")  # fmt: skip
     for name, candidate in policies.items():
-        print(f"Cilium's verdicts for {name}, datapath {config.datapath} (checks/datapath.py): {verdicts_text(candidate, config.datapath)}")
+        print(verdicts_line(name, candidate, config.datapath))
     print()
     print(f"Failover: {args.requests} requests per run, {args.repeats} runs per cell: median (range)\n")
     print("| v2 | this policy: answered | v2 share | retries / ejections "

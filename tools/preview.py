@@ -17,8 +17,7 @@ import dataclasses
 import sys
 
 from checks.cilium_envoy import build_for
-from checks.envoy_harness import DIFFERENCES, Fault, RunResult, run
-from tools.measure import verdicts_text
+from checks.envoy_harness import DIFFERENCES, Fault, RunResult, run, verdicts_line
 
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
 from stacks import cdk_json_context
@@ -96,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
           f"faults: {fault_text}" + (f", header {policy.pin_header}: {args.header}" if headers else ""))
     print(DIFFERENCES)
     for label, candidate in runs:
-        print(f"Cilium's verdicts for {label}, datapath {config.datapath} (checks/datapath.py): "
-              f"{verdicts_text(candidate, config.datapath)}")  # fmt: skip
+        print(verdicts_line(label, candidate, config.datapath))
     print(f"{'policy':<12} {'version':<8} {'configured':>10} {'share':>8}   {'95% interval':<18}   fault")
     for label, candidate in runs:
         result = run(candidate, build.tag, args.requests, faults, headers if label == "this policy" else None,
