@@ -13,6 +13,7 @@ none is committed here.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tarfile
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from cilium_mesh.manifests import DATAPATHS
+from cilium_mesh.manifests import DATAPATHS, load_documents
+from cilium_mesh.metrics import METRICS_PORTS, SCRAPE_CONFIG_FILE
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
 from checks.fixtures import cilium_chart
@@ -39,6 +41,11 @@ EXPECTED_CONFIG = {
         "enable-ingress-controller": "true",
         "ingress-default-lb-mode": "shared",
         "kube-proxy-replacement": "true",
+        # The metrics ports the collector's security group opens (constructs/cilium_mesh/metrics.py).
+        "prometheus-serve-addr": ":9962",
+        "operator-prometheus-serve-addr": ":9963",
+        "hubble-metrics-server": ":9965",
+        "hubble-metrics-server-enable-tls": "false",
     },
     "chaining": {
         "cni-chaining-mode": "aws-cni",
@@ -122,11 +129,48 @@ def check(chart: Path, helm: Path, datapath: str) -> list[str]:
         for key, value in expected.items()
         if config.get(key) != value
     ]
+    problems += scrape_problems(name, documents, values)
     workloads = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in documents if d["kind"] in ("DaemonSet", "Deployment")}
     if workloads["cilium-envoy"].get("dnsPolicy") != "ClusterFirstWithHostNet":
         problems.append(f"{name}: cilium-envoy does not use cluster DNS (its failover clusters resolve Service names)")
     if datapath == "eni" and not workloads["cilium-operator"].get("hostNetwork"):
         problems.append(f"{name}: cilium-operator is not on the host network (it reads IMDS, hop limit 1)")
+    return problems
+
+
+def _meta_label(key: str) -> str:
+    """A pod label as Prometheus' Kubernetes discovery names it (`io.cilium/app` -> io_cilium_app)."""
+    return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def scrape_problems(name: str, documents: list[dict], values: dict) -> list[str]:
+    """Each scrape job of manifests/metrics/prometheus/scrape-config.yaml keeps a container port the
+    rendered chart declares, on pods with the job's label, within the ports the collector may reach;
+    and Hubble serves the metrics the values enable."""
+    (scrape_config,) = load_documents(SCRAPE_CONFIG_FILE)
+    pods = [d["spec"]["template"] for d in documents if d["kind"] in ("DaemonSet", "Deployment")]
+    problems = []
+    for job in scrape_config["scrape_configs"]:
+        (keep,) = [r for r in job["relabel_configs"] if r.get("action") == "keep"]
+        label, port_name = keep["regex"].split(";")
+        ports = [
+            port["containerPort"]
+            for pod in pods
+            if any(_meta_label(k) == keep["source_labels"][0] and v == label for k, v in pod["metadata"]["labels"].items())
+            for container in pod["spec"]["containers"]
+            for port in container.get("ports", [])
+            if port.get("name") == port_name
+        ]
+        if not ports:
+            problems.append(f"{name}: scrape job {job['job_name']}: no pod labelled {label} has a port named {port_name}")
+        problems += [
+            f"{name}: scrape job {job['job_name']}: port {port} is outside {METRICS_PORTS[0]}-{METRICS_PORTS[1]}"
+            for port in ports
+            if not METRICS_PORTS[0] <= port <= METRICS_PORTS[1]
+        ]
+    config = next(d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
+    if config.get("hubble-metrics", "").split() != values["hubble"]["metrics"]["enabled"]:
+        problems.append(f"{name}: cilium-config hubble-metrics={config.get('hubble-metrics')!r}, not the values' list")
     return problems
 
 

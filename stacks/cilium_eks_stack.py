@@ -13,6 +13,7 @@ from aws_cdk import aws_logs as logs
 from cilium_mesh import CiliumMesh, CiliumMeshProps, TrafficPolicy
 from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
+from cilium_mesh.metrics import MeshMetrics, MeshMetricsProps
 from constructs import Construct
 
 from .config import MeshConfig
@@ -60,6 +61,12 @@ class CiliumEksStack(Stack):
             self.eni_cleanup.node.add_dependency(self.vpc)
             self.nodes.node.add_dependency(self.eni_cleanup)
         self.coredns = self._cluster_dns()
+        if config.metrics:
+            self.metrics = MeshMetrics(
+                self,
+                "Metrics",
+                MeshMetricsProps(cluster=self.cluster, traffic_policy=config.traffic_policy, alert_email=config.alert_email),
+            )
         self._outputs()
         self._acknowledge_findings()
 
@@ -234,6 +241,9 @@ class CiliumEksStack(Stack):
             value="kubectl -n kube-system port-forward svc/hubble-ui 12000:80  # then open http://localhost:12000",
         )
         CfnOutput(self, "CheckTrafficSplit", value=_traffic_check_command(config.traffic_policy))
+        if config.metrics:
+            CfnOutput(self, "PrometheusEndpoint", value=self.metrics.workspace.attr_prometheus_endpoint)
+            CfnOutput(self, "AlertsTopic", value=self.metrics.alerts_topic.topic_arn)
 
     def _acknowledge_findings(self) -> None:
         """cdk-nag AwsSolutions findings that are accepted, each on its construct, with its concrete cause."""

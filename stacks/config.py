@@ -41,7 +41,12 @@ KEYS = (
     "traffic_weights",
     "network_policy",
     "datapath",
+    "metrics",
+    "alert_email",
 )
+
+# Keys whose null is a value (none), not a missing key.
+OPTIONAL_KEYS = ("admin_principal_arn", "alert_email")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {
@@ -75,6 +80,8 @@ _INSTANCE_TYPE = re.compile(r"([a-z][a-z0-9-]*)\.(large|xlarge|[0-9]+xlarge|meta
 # Up to four digits a part: int() of a longer digit string can fail (and no release is that long).
 _CILIUM_VERSION = re.compile(r"v?([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})", re.ASCII)
 _WHOLE_NUMBER = re.compile(r"[0-9]{1,9}", re.ASCII)
+# An address SNS can subscribe: local part, '@', a domain with a dot (no spaces, one '@').
+_EMAIL = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+", re.ASCII)
 _PRINCIPAL_ARN = re.compile(r"arn:aws(-[a-z]+)*:iam::[0-9]{12}:(role|user)/[\w+=,.@/-]+", re.ASCII)
 
 
@@ -98,6 +105,8 @@ class MeshConfig:
     traffic_policy: TrafficPolicy
     network_policy: bool
     datapath: str
+    metrics: bool
+    alert_email: str | None
 
 
 @functools.cache
@@ -254,6 +263,17 @@ def _principal(value: Any) -> str | None:
     return value
 
 
+def _alert_email(value: Any, metrics: bool) -> str | None:
+    """Null, or one address subscribed to the alerts topic; alerts exist only with metrics on."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > 254 or not _EMAIL.fullmatch(value):
+        raise ConfigError(f"alert_email: {_shown(value)} must be null or an e-mail address like 'oncall@example.com'")
+    if not metrics:
+        raise ConfigError("alert_email: needs metrics true (alerts come from the metrics' rules); set it to null")
+    return value
+
+
 def _cidrs(value: Any) -> tuple[str, ...]:
     """Strings only (IPv4Network would also take an int), host bits zero, each once, as IPv4Network writes them."""
     value = _structured(value)
@@ -311,12 +331,13 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
     unknown = sorted(k for k in settings if k not in KEYS and k not in CDK_CLI_KEYS and ":" not in k and "/" not in k)
     if unknown:
         raise ConfigError(f"{_key_shown(unknown[0])}: not a configuration key (keys: {', '.join(KEYS)})")
-    missing = [key for key in KEYS if settings.get(key) is None and key != "admin_principal_arn"]
+    missing = [key for key in KEYS if settings.get(key) is None and key not in OPTIONAL_KEYS]
     if missing:
         raise ConfigError(f"{missing[0]}: missing from cdk.json context (keys: {', '.join(KEYS)})")
     context = settings.get
     region = _region(context("region"))
     cluster_name = _cluster_name(context("cluster_name"))
+    metrics = _flag("metrics", context("metrics"))
     return MeshConfig(
         region=region,
         availability_zones=_zones(context("availability_zones"), region),
@@ -330,6 +351,8 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         traffic_policy=_traffic_policy(context("traffic_weights")),
         network_policy=_flag("network_policy", context("network_policy")),
         datapath=_datapath(context("datapath"), cluster_name),
+        metrics=metrics,
+        alert_email=_alert_email(context("alert_email"), metrics),
     )
 
 

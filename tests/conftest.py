@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +102,46 @@ def synth_variant(tmp_path_factory) -> Synth:
         network_policy=False,
         admin_principal_arn="arn:aws:iam::123456789012:role/PlatformAdmin",
         traffic_weights={"v1": 90, "v2": 10},
+        metrics=False,
     )
+
+
+# The local alert run (checks/metrics_harness.py) takes about 50 s, most of it waiting out the alerts'
+# `for: 30s`. It runs in its own process from the end of collection on, beside the other tests, and
+# the tests that read it run last.
+_ALERT_RUN: dict = {}
+ALERT_RUN_TIMEOUT_S = 240
+
+
+def pytest_collection_modifyitems(session, config, items):
+    readers = [item for item in items if "alert_observations" in getattr(item, "fixturenames", ())]
+    if not readers:
+        return
+    items[:] = [item for item in items if item not in readers] + readers
+    output = Path(tempfile.mkdtemp(prefix="alert-run-")) / "observations.json"
+    _ALERT_RUN.update(
+        output=output,
+        process=subprocess.Popen(
+            [sys.executable, "-m", "checks.metrics_harness", "--json", str(output)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ),  # fmt: skip
+    )
+
+
+def pytest_unconfigure(config):
+    process = _ALERT_RUN.get("process")
+    if process and process.poll() is None:
+        process.kill()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def alert_observations() -> dict:
+    """Every scenario of checks/metrics_harness.py, as it wrote them (see pytest_collection_modifyitems)."""
+    process = _ALERT_RUN["process"]
+    _, stderr = process.communicate(timeout=ALERT_RUN_TIMEOUT_S)
+    assert process.returncode == 0, f"checks.metrics_harness failed: {stderr[-3000:]}"
+    return json.loads(_ALERT_RUN["output"].read_text())
 
 
 def resolve_join(value) -> str:

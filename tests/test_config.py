@@ -87,7 +87,22 @@ BAD = THROUGH_APP + [
     ("datapath", "ENI", "must be one of chaining, eni"),
     ("datapath", True, "must be one of chaining, eni"),
     ("kube_proxy", "false", "removed"),
+    ("metrics", "yes", "true or false"),
+    ("metrics", None, "missing from cdk.json"),
+    ("alert_email", "oncall", "e-mail address"),
+    ("alert_email", "oncall@localhost", "e-mail address"),
+    ("alert_email", "oncall@example.com\n", "e-mail address"),
+    ("alert_email", "on call@example.com", "e-mail address"),
+    ("alert_email", ["oncall@example.com"], "e-mail address"),
 ]
+
+
+def test_alert_email_needs_metrics():
+    with pytest.raises(ConfigError, match=r"^alert_email: needs metrics true"):
+        load_config({**CONTEXT, "metrics": False, "alert_email": "oncall@example.com"})
+    config = load_config({**CONTEXT, "metrics": "false", "alert_email": None})
+    assert (config.metrics, config.alert_email) == (False, None)
+    assert load_config({**CONTEXT, "alert_email": "oncall@example.com"}).alert_email == "oncall@example.com"
 
 
 def case_id(case) -> str:

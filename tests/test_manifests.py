@@ -16,11 +16,13 @@ from cilium_mesh.manifests import (
     load_documents,
     replaced_by_name,
 )
+from cilium_mesh.metrics import SCRAPER_RBAC_FILE
 from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
 from checks.schemas import InvalidObject, validate_object
 
-FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(), TRAFFIC_POLICY_FILE]
+FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(), TRAFFIC_POLICY_FILE,
+         SCRAPER_RBAC_FILE]
 
 
 def validate(document: dict) -> None:
@@ -36,7 +38,7 @@ def applied_documents(synth) -> list[dict]:
 
 
 def test_every_manifest_file_is_listed():
-    on_disk = {p for p in MANIFESTS_DIR.rglob("*.yaml") if p.parent.name != "cilium"}
+    on_disk = {p for p in MANIFESTS_DIR.rglob("*.yaml") if p.parent.name not in ("cilium", "prometheus")}
     assert on_disk == set(FILES)
 
 

@@ -135,7 +135,16 @@ def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
     assert values["k8sServiceHost"] == TOKEN and values["k8sServicePort"] == 443
     hubble = values["hubble"]
     assert hubble["relay"]["enabled"] and hubble["ui"]["enabled"] and hubble["tls"]["auto"]["enabled"]
-    assert hubble["metrics"]["enabled"] == ["dns", "drop", "tcp", "flow", "icmp", "http"]
+    assert hubble["metrics"]["enabled"] == [
+        "dns",
+        "drop:labelsContext=source_namespace,destination_namespace",
+        "tcp",
+        "flow",
+        "icmp",
+        "httpV2:labelsContext=source_namespace,source_workload,destination_namespace,destination_workload,traffic_direction",
+    ]
+    assert values["prometheus"]["enabled"] and values["operator"]["prometheus"]["enabled"]
+    assert values["envoy"]["prometheus"]["enabled"]
     ingress = values["ingressController"]
     assert ingress["enabled"] and ingress["loadbalancerMode"] == "shared"
     assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "instance"

@@ -400,6 +400,10 @@ class TrafficPolicy:
             "lb_policy": "ROUND_ROBIN",
             "circuit_breakers": self._circuit_breakers(),
             "outlier_detection": self._outlier_detection(),
+            # Stats per endpoint, labelled with its hostname (the version Service's name): which
+            # version served a destination's requests, so failover and the split as served are
+            # metrics (manifests/metrics/prometheus/rules.yaml). Envoy has no per-priority stat.
+            "track_cluster_stats": {"per_endpoint_stats": True},
             "load_assignment": {
                 "cluster_name": self.failover_cluster(version),
                 "endpoints": [

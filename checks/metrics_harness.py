@@ -1,0 +1,203 @@
+"""The rules AMP evaluates, in a real Prometheus scraping the real Envoy: what they record and which alerts fire.
+
+Each scenario is the traffic harness (checks/envoy_harness.py: cilium-envoy's
+Envoy with the policy's resources as Cilium delivers them, stand-in versions,
+the datapath model's verdicts) with its own Prometheus (checks/prometheus.py)
+scraping Envoy's ``/stats/prometheus`` (what cilium-envoy serves as ``/metrics``
+on 9964) and evaluating the very rule file the stack loads into AMP
+(constructs/cilium_mesh/metrics.py ``rule_file``). A paced client sends requests
+from the start; faults hold from the start too. What differs from AMP: scrape
+and evaluation every second here, every 30 s (collector) and 60 s (AMP's
+default rule-group interval) there; so an alert's ``for: 30s`` is the same, while
+the time to notice a change is shorter here.
+
+Everything is bounded: a fixed duration and request rate, and every process stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import sys
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from stacks import cdk_json_context
+from stacks.config import load_config
+
+from cilium_mesh.metrics import DASHBOARD_FILE, rule_file
+from cilium_mesh.traffic import TrafficPolicy
+from checks import prometheus
+from checks.cilium_envoy import build_for
+from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, running
+
+SCRAPE_INTERVAL_S = 1.0
+POLL_INTERVAL_S = 0.5
+# Long enough for an alert's `for: 30s` plus a few scrapes; 40 requests/s gives the outlier
+# detection's failure percentage its 20 requests per second and host.
+DURATION_S = 42.0
+RATE_PER_S = 40.0
+# Fault to firing: `for: 30s`, two scrapes before rate() has a value, an evaluation, and the poll.
+ALERT_BOUND_S = 40.0
+
+# What each fault must set off, and nothing beyond it (WorkshopPolicyDrops needs Hubble, absent here).
+SCENARIOS: dict[str, tuple[dict[str, Fault], frozenset[str]]] = {
+    "healthy": ({}, frozenset()),
+    "v2 answers 503 on 30%": ({"v2": Fault("errors", 0.3)}, frozenset({"CatalogdetailErrorBudgetExceeded"})),
+    "v2 pods down": (
+        {"v2": Fault("down")},
+        frozenset({"CatalogdetailErrorBudgetExceeded", "CatalogdetailFailoverActive", "CatalogdetailWeightedVersionWithoutTraffic"}),
+    ),
+    "v2 without endpoints": (
+        {"v2": Fault("empty")},
+        frozenset({"CatalogdetailFailoverActive", "CatalogdetailWeightedVersionWithoutTraffic"}),
+    ),
+}
+# Alerts that a fault may also set off: a version answering 30% errors is ejected, so its share fails over.
+ALSO_ALLOWED = {"v2 answers 503 on 30%": frozenset({"CatalogdetailFailoverActive"})}
+
+
+class PacedClient(threading.Thread):
+    """GET /catalogDetail at a fixed rate over one keep-alive connection, counting what came back, until stopped."""
+
+    def __init__(self, address: tuple[str, int], rate_per_s: float, policy: TrafficPolicy, faults: dict[str, Fault]):
+        super().__init__(daemon=True)
+        self.address, self.period, self.stopping = address, 1.0 / rate_per_s, threading.Event()
+        self.result = RunResult(policy, faults, 0)
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection(*self.address, timeout=REQUEST_TIMEOUT_S)
+        next_at = time.monotonic()
+        try:
+            while not self.stopping.is_set():
+                try:
+                    connection.request("GET", "/catalogDetail")
+                    response = connection.getresponse()
+                    body, status = response.read(), response.status
+                except (OSError, http.client.HTTPException):
+                    connection.close()
+                    connection = http.client.HTTPConnection(*self.address, timeout=REQUEST_TIMEOUT_S)
+                    body, status = b"", 0
+                with self.lock:
+                    self.result.requests += 1
+                    self.result.statuses[status] += 1
+                    if status == 200:
+                        self.result.versions["v" + json.loads(body)["version"]] += 1
+                next_at += self.period
+                self.stopping.wait(max(0.0, next_at - time.monotonic()))
+        finally:
+            connection.close()
+
+    def stop(self) -> RunResult:
+        self.stopping.set()
+        self.join(timeout=REQUEST_TIMEOUT_S * 2)
+        return self.result
+
+
+@dataclass
+class Observation:
+    """One scenario's run: when each alert first fired, and what the rules recorded at the end."""
+
+    name: str
+    faults: dict[str, Fault]
+    expected: frozenset[str]
+    first_fired_s: dict[str, float] = field(default_factory=dict)
+    measured: RunResult | None = None
+    recorded: dict[str, list[dict]] = field(default_factory=dict)
+    rule_errors: list[str] = field(default_factory=list)
+    timeline: dict[str, list[dict]] = field(default_factory=dict)
+
+    @property
+    def unexpected(self) -> set[str]:
+        return set(self.first_fired_s) - self.expected - ALSO_ALLOWED.get(self.name, frozenset())
+
+
+@contextmanager
+def scraped(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], datapath: str = "eni"):
+    """The traffic harness with a Prometheus scraping its Envoy and evaluating the stack's rule file."""
+    with running(policy, tag, faults, datapath=datapath) as (envoy, faults, stand_ins):
+        job = prometheus.scrape_job("cilium-envoy", [envoy.admin], "/stats/prometheus", SCRAPE_INTERVAL_S)
+        with prometheus.running([job], rule_file(policy), SCRAPE_INTERVAL_S) as server:
+            yield envoy, server, faults
+
+
+def observe(policy: TrafficPolicy, tag: str, scenarios: dict[str, tuple[dict[str, Fault], frozenset[str]]],
+            duration_s: float, rate_per_s: float, datapath: str = "eni",
+            queries: tuple[str, ...] = ()) -> dict[str, Observation]:  # fmt: skip
+    """Run every scenario at once for ``duration_s``; ``queries`` are also evaluated at the end and over time."""
+    observations = {name: Observation(name, faults, expected) for name, (faults, expected) in scenarios.items()}
+    with ExitStack() as stack:
+        servers, clients = {}, {}
+        for name, observation in observations.items():
+            envoy, server, faults = stack.enter_context(scraped(policy, tag, observation.faults, datapath))
+            servers[name] = server
+            clients[name] = PacedClient((LOOPBACK, envoy.port), rate_per_s, policy, faults)
+        for server in servers.values():
+            server.wait_for_scrape()  # counters seen at 0 first, as a long-running Prometheus sees them
+        started, wall_started = time.monotonic(), time.time()
+        for client in clients.values():
+            client.start()
+            stack.callback(client.stop)
+        while (elapsed := time.monotonic() - started) < duration_s:
+            for name, server in servers.items():
+                for alert in server.firing():
+                    observations[name].first_fired_s.setdefault(alert, round(elapsed, 1))
+            time.sleep(POLL_INTERVAL_S)
+        for name, observation in observations.items():
+            observation.measured = clients[name].stop()
+            server = servers[name]
+            observation.rule_errors = server.rule_health()
+            for expr in queries:
+                observation.recorded[expr] = server.query(expr)
+                observation.timeline[expr] = server.query_range(expr, wall_started, time.time(), SCRAPE_INTERVAL_S)
+    return observations
+
+
+def dashboard_queries() -> list[str]:
+    """Every panel query of the traffic dashboard (manifests/metrics/dashboards/)."""
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def as_json(observations: dict[str, Observation]) -> dict:
+    return {
+        name: {
+            "expected": sorted(o.expected),
+            "unexpected": sorted(o.unexpected),
+            "first_fired_s": o.first_fired_s,
+            "requests": o.measured.requests,
+            "versions": dict(o.measured.versions),
+            "statuses": {str(k): v for k, v in o.measured.statuses.items()},
+            "intervals": {v: o.measured.interval(v) for v in o.measured.policy.versions},
+            "recorded": o.recorded,
+            "rule_errors": o.rule_errors,
+        }
+        for name, o in observations.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every scenario at once; the observations as JSON (tests/conftest.py starts this at the suite's start)."""
+    parser = argparse.ArgumentParser(prog="python -m checks.metrics_harness", description=main.__doc__)
+    parser.add_argument("--duration", type=float, default=DURATION_S, help="seconds of traffic")
+    parser.add_argument("--rate", type=float, default=RATE_PER_S, help="requests per second per scenario")
+    parser.add_argument("--json", type=Path, required=True, help="where to write the observations")
+    args = parser.parse_args(argv)
+    if not (10 <= args.duration <= 600 and 1 <= args.rate <= 500):
+        print("metrics_harness: --duration must be 10-600 and --rate 1-500", file=sys.stderr)
+        return 2
+    config = load_config(cdk_json_context())
+    queries = ("catalogdetail:share:ratio2m", *dashboard_queries())
+    observations = observe(config.traffic_policy, build_for(config.cilium_version).tag, SCENARIOS,
+                           args.duration, args.rate, config.datapath, tuple(dict.fromkeys(queries)))  # fmt: skip
+    args.json.write_text(json.dumps(as_json(observations), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""A real Prometheus and promtool, from Debian's pinned `prometheus` package, for the mesh's metrics.
+
+The stack stores metrics in Amazon Managed Service for Prometheus (AMP), which
+evaluates the same rule files (constructs/cilium_mesh/metrics.py). Here the
+same files run in Prometheus itself, scraping the real Envoy's Prometheus stats
+on loopback (the admin ``/stats/prometheus`` that cilium-envoy serves on 9964 as
+``/metrics``), and promtool checks the scrape configuration and unit-tests the
+rules. No root: the pinned .deb files from Debian's archive, checked by SHA-256 and unpacked
+with ``dpkg-deb -x`` into .tools/. Debian 13's build, not Debian 12's: bookworm's prometheus
+2.42.0+ds-5+deb12u1 is built without Kubernetes service discovery, so its promtool rejects
+``kubernetes_sd_configs``, the only discovery the managed collector takes.
+
+    python -m checks.prometheus install    # scripts/setup.sh runs it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+
+from checks.fixtures import ROOT
+
+TOOLS_DIR = ROOT / ".tools"
+# Debian 13 (trixie) main: package -> SHA-256 (dists/trixie/main/binary-amd64/Packages).
+DEBIAN_ARCHIVE = "http://deb.debian.org/debian"
+PROMETHEUS_VERSION = "2.53.3+ds1-2"
+PACKAGES = {
+    "prometheus": "58c3e6a86c56cb3bfd71032fa48d65945d526441a212f5815dfe5ed9cb787ecc",
+    "promtool": "ff27654eacc95abd846d344e91fe4ba3b4f0588a50d606ed1d2f09ad3408722f",
+}
+PROMETHEUS_DIR = TOOLS_DIR / f"prometheus-{PROMETHEUS_VERSION}"
+PROMETHEUS = PROMETHEUS_DIR / "usr" / "bin" / "prometheus"
+PROMTOOL = PROMETHEUS_DIR / "usr" / "bin" / "promtool"
+LOOPBACK = "127.0.0.1"
+START_TIMEOUT_S = 30
+QUERY_TIMEOUT_S = 10
+
+
+def install() -> None:
+    """Download the pinned packages, check their SHA-256, and unpack them without root."""
+    if PROMETHEUS.exists() and PROMTOOL.exists():
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        unpacked = Path(tmp) / "unpacked"
+        for name, sha256 in PACKAGES.items():
+            url = f"{DEBIAN_ARCHIVE}/pool/main/p/prometheus/{name}_{PROMETHEUS_VERSION}_amd64.deb"
+            with urllib.request.urlopen(url, timeout=120) as response:
+                data = response.read()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise RuntimeError(f"{url}: SHA-256 {hashlib.sha256(data).hexdigest()}, expected {sha256}")
+            package = Path(tmp) / f"{name}.deb"
+            package.write_bytes(data)
+            subprocess.run(["dpkg-deb", "-x", str(package), str(unpacked)], check=True)
+        shutil.copytree(unpacked / "usr" / "bin", PROMETHEUS_DIR / "usr" / "bin", dirs_exist_ok=True)
+
+
+def _binary(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run scripts/setup.sh (python -m checks.prometheus install)")
+    return str(path)
+
+
+def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([_binary(PROMTOOL), *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+class PrometheusServer:
+    """The HTTP API of a running Prometheus: instant queries and the rules' alerts."""
+
+    def __init__(self, address: str):
+        self.address = address
+
+    def _get(self, path: str, **params: str) -> dict:
+        url = f"http://{self.address}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=QUERY_TIMEOUT_S) as response:
+            body = json.loads(response.read())
+        if body.get("status") != "success":
+            raise RuntimeError(f"prometheus {path}: {body}")
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict]:
+        """An instant query; each result is {"metric": labels, "value": float}."""
+        params = {"query": expr, **({"time": f"{at:.3f}"} if at is not None else {})}
+        data = self._get("/api/v1/query", **params)
+        if data["resultType"] != "vector":
+            raise RuntimeError(f"{expr!r} is a {data['resultType']}, not a vector")
+        return [{"metric": r["metric"], "value": float(r["value"][1])} for r in data["result"]]
+
+    def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
+        """Each result is {"metric": labels, "values": [(time, float), ...]}."""
+        data = self._get("/api/v1/query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step}")
+        return [{"metric": r["metric"], "values": [(float(t), float(v)) for t, v in r["values"]]} for r in data["result"]]
+
+    def wait_for_scrape(self) -> None:
+        """Until every target has been scraped once and is up."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            targets = self._get("/api/v1/targets")["activeTargets"]
+            if targets and all(t["health"] == "up" for t in targets):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("prometheus did not scrape its targets in time")
+
+    def firing(self) -> dict[str, list[dict]]:
+        """Alert name -> the labels of each of its firing alerts."""
+        alerts: dict[str, list[dict]] = {}
+        for alert in self._get("/api/v1/alerts")["alerts"]:
+            if alert["state"] == "firing":
+                alerts.setdefault(alert["labels"]["alertname"], []).append(alert["labels"])
+        return alerts
+
+    def rule_health(self) -> list[str]:
+        """Every rule that failed to evaluate, with its error."""
+        bad = []
+        for group in self._get("/api/v1/rules")["groups"]:
+            bad += [f"{r['name']}: {r.get('lastError')}" for r in group["rules"] if r.get("health") == "err"]
+        return bad
+
+
+def _duration(seconds: float) -> str:
+    """A Prometheus duration: whole milliseconds ("1.0s" is not one)."""
+    return f"{round(seconds * 1000)}ms"
+
+
+def scrape_job(name: str, targets: list[str], metrics_path: str, interval_s: float) -> dict:
+    return {
+        "job_name": name,
+        "metrics_path": metrics_path,
+        "scrape_interval": _duration(interval_s),
+        "static_configs": [{"targets": targets}],
+    }
+
+
+@contextmanager
+def running(scrape_jobs: list[dict], rule_text: str, interval_s: float = 1.0):
+    """A Prometheus on loopback with these scrape jobs and rule file, evaluated every ``interval_s``; stops on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        (directory / "rules.yaml").write_text(rule_text)
+        config = {
+            "global": {"scrape_interval": _duration(interval_s), "evaluation_interval": _duration(interval_s)},
+            "rule_files": ["rules.yaml"],
+            "scrape_configs": scrape_jobs,
+        }
+        (directory / "prometheus.yaml").write_text(yaml.safe_dump(config))
+        address = f"{LOOPBACK}:{_free_port()}"
+        process = subprocess.Popen(
+            [_binary(PROMETHEUS), f"--config.file={directory / 'prometheus.yaml'}",
+             f"--storage.tsdb.path={directory / 'data'}", f"--web.listen-address={address}",
+             "--log.level=error", "--web.enable-lifecycle"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=directory,
+        )  # fmt: skip
+        try:
+            _wait_ready(process, address)
+            yield PrometheusServer(address)
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
+            process.stderr.close()
+
+
+def _wait_ready(process: subprocess.Popen, address: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"prometheus exited: {process.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://{address}/-/ready", timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("prometheus did not become ready in time")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["install"]:
+        print(__doc__.strip().split("\n\n")[-1], file=sys.stderr)
+        sys.exit(2)
+    install()

@@ -1,0 +1,194 @@
+"""MeshMetrics: the mesh's metrics stored in Amazon Managed Service for Prometheus (AMP), with rules and alerts.
+
+AMP's managed collector (AWS::APS::Scraper) scrapes Cilium's agent, operator,
+cilium-envoy and Hubble from inside the VPC with manifests/metrics/prometheus/scrape-config.yaml,
+so no Prometheus runs in the cluster. The workspace evaluates manifests/metrics/prometheus/rules.yaml
+plus the configured weights (one rule groups namespace), and its alert manager
+sends alerts to an encrypted SNS topic.
+"""
+
+from __future__ import annotations
+
+import base64
+import textwrap
+from dataclasses import dataclass
+
+import yaml
+from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_aps as aps
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_eks_v2 as eks
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_kms as kms
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sns_subscriptions as subscriptions
+from constructs import Construct
+
+from .manifests import MANIFESTS_DIR, load_documents
+from .traffic import TrafficPolicy
+
+METRICS_DIR = MANIFESTS_DIR / "metrics"
+SCRAPE_CONFIG_FILE = METRICS_DIR / "prometheus" / "scrape-config.yaml"
+RULES_FILE = METRICS_DIR / "prometheus" / "rules.yaml"
+SCRAPER_RBAC_FILE = METRICS_DIR / "scraper-rbac.yaml"
+DASHBOARD_FILE = METRICS_DIR / "dashboards" / "catalogdetail-traffic.json"
+# Cilium's metrics ports (chart defaults): agent 9962, operator 9963, cilium-envoy 9964, Hubble 9965.
+METRICS_PORTS = (9962, 9965)
+RULES_NAMESPACE = "cilium-mesh"
+WEIGHTS_GROUP = "catalogdetail-weights"
+
+
+def weights_group(policy: TrafficPolicy) -> dict:
+    """The configured split as series (catalogdetail:weight:ratio{version=...}), which the share and
+    no-traffic rules compare with; rendered from the traffic policy, its one source."""
+    total = sum(policy.weights.values())
+    return {
+        "name": WEIGHTS_GROUP,
+        "rules": [
+            {"record": "catalogdetail:weight:ratio", "expr": f"vector({policy.weights[v] / total:g})", "labels": {"version": v}}
+            for v in policy.versions
+        ],
+    }
+
+
+def rule_file(policy: TrafficPolicy) -> str:
+    """What AMP and the local Prometheus evaluate: manifests/metrics/prometheus/rules.yaml and the weights group."""
+    (rules,) = load_documents(RULES_FILE)
+    return yaml.safe_dump({"groups": [*rules["groups"], weights_group(policy)]}, sort_keys=False, width=1000)
+
+
+def alert_manager_definition(topic_arn: str, region: str) -> str:
+    """AMP's alert manager: every alert to the SNS topic, grouped per alert and version."""
+    config = {
+        "route": {
+            "receiver": "sns",
+            "group_by": ["alertname", "destination", "version"],
+            "group_wait": "30s",
+            "repeat_interval": "4h",
+        },
+        "receivers": [
+            {
+                "name": "sns",
+                "sns_configs": [
+                    {
+                        "topic_arn": topic_arn,
+                        "sigv4": {"region": region},
+                        "subject": "[{{ .Status }}] {{ .CommonLabels.alertname }}",
+                        "attributes": {"severity": "{{ .CommonLabels.severity }}"},
+                    }
+                ],
+            }
+        ],
+    }
+    # AMP's format: Alertmanager's own configuration as a block under alertmanager_config.
+    return "alertmanager_config: |\n" + textwrap.indent(yaml.safe_dump(config, sort_keys=False), "  ")
+
+
+@dataclass(frozen=True)
+class MeshMetricsProps:
+    """What MeshMetrics needs.
+
+    cluster:        the cluster whose Cilium pods are scraped (its private subnets and cluster security group).
+    traffic_policy: the split the rules compare the served traffic with.
+    alert_email:    an address subscribed to the alerts topic; None (default): no subscription.
+    """
+
+    cluster: eks.Cluster
+    traffic_policy: TrafficPolicy
+    alert_email: str | None = None
+
+
+class MeshMetrics(Construct):
+    """An AMP workspace with the mesh's rules, its managed collector for the cluster, and the alerts topic."""
+
+    def __init__(self, scope: Construct, id: str, props: MeshMetricsProps) -> None:
+        super().__init__(scope, id)
+        stack = Stack.of(self)
+        cluster = props.cluster
+
+        key = kms.Key(
+            self,
+            "AlertsKey",
+            description="Encrypts the mesh's alerts topic",
+            enable_key_rotation=True,
+            pending_window=Duration.days(7),
+            removal_policy=RemovalPolicy.DESTROY,
+        )
+        # AMP's alert manager publishes to the encrypted topic (AMP user guide, "Allow Amazon Managed
+        # Service for Prometheus to send alert messages to your Amazon SNS topic").
+        key.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal("aps.amazonaws.com")],
+                actions=["kms:GenerateDataKey*", "kms:Decrypt"],
+                resources=["*"],
+                conditions={"StringEquals": {"aws:SourceAccount": stack.account}},
+            )
+        )
+        self.alerts_topic = sns.Topic(self, "Alerts", master_key=key, enforce_ssl=True)
+        if props.alert_email:
+            self.alerts_topic.add_subscription(subscriptions.EmailSubscription(props.alert_email))
+
+        log_group = logs.LogGroup(
+            self, "WorkspaceLogs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
+        )
+        self.workspace = aps.CfnWorkspace(
+            self,
+            "Workspace",
+            alias=f"{cluster.cluster_name}-mesh",
+            alert_manager_definition=alert_manager_definition(self.alerts_topic.topic_arn, stack.region),
+            logging_configuration=aps.CfnWorkspace.LoggingConfigurationProperty(log_group_arn=log_group.log_group_arn),
+        )
+        self.alerts_topic.add_to_resource_policy(
+            iam.PolicyStatement(
+                principals=[iam.ServicePrincipal("aps.amazonaws.com")],
+                actions=["sns:Publish", "sns:GetTopicAttributes"],
+                resources=[self.alerts_topic.topic_arn],
+                conditions={
+                    "ArnEquals": {"aws:SourceArn": self.workspace.attr_arn},
+                    "StringEquals": {"aws:SourceAccount": stack.account},
+                },
+            )
+        )
+        self.rules = aps.CfnRuleGroupsNamespace(
+            self, "Rules", name=RULES_NAMESPACE, workspace=self.workspace.attr_arn, data=rule_file(props.traffic_policy)
+        )
+
+        self.scraper_security_group = ec2.SecurityGroup(
+            self,
+            "ScraperSecurityGroup",
+            vpc=cluster.vpc,
+            description="AMP managed collector: the API server and the Cilium metrics ports on the nodes",
+            allow_all_outbound=False,
+        )
+        nodes = cluster.cluster_security_group
+        metrics_ports = ec2.Port.tcp_range(*METRICS_PORTS)
+        api_server = ec2.Port.tcp(443)
+        for port, purpose in ((metrics_ports, "Cilium metrics"), (api_server, "the Kubernetes API (pod discovery)")):
+            self.scraper_security_group.add_egress_rule(nodes, port, f"AMP collector to {purpose}")
+            nodes.add_ingress_rule(self.scraper_security_group, port, f"{purpose} from the AMP collector")
+
+        # The collector lists pods through the API server as `aps-collector-user`, whose access entry
+        # AMP creates for its service-linked role; this is all that user may do.
+        self.scraper_rbac = eks.KubernetesManifest(
+            self, "ScraperRbac", cluster=cluster, manifest=load_documents(SCRAPER_RBAC_FILE)
+        )
+        self.scraper = aps.CfnScraper(
+            self,
+            "Scraper",
+            alias=f"{cluster.cluster_name}-cilium",
+            source=aps.CfnScraper.SourceProperty(
+                eks_configuration=aps.CfnScraper.EksConfigurationProperty(
+                    cluster_arn=cluster.cluster_arn,
+                    subnet_ids=cluster.vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids,
+                    security_group_ids=[self.scraper_security_group.security_group_id],
+                )
+            ),
+            scrape_configuration=aps.CfnScraper.ScrapeConfigurationProperty(
+                configuration_blob=base64.b64encode(SCRAPE_CONFIG_FILE.read_bytes()).decode()
+            ),
+            destination=aps.CfnScraper.DestinationProperty(
+                amp_configuration=aps.CfnScraper.AmpConfigurationProperty(workspace_arn=self.workspace.attr_arn)
+            ),
+        )
+        self.scraper.node.add_dependency(self.scraper_rbac)

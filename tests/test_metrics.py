@@ -1,0 +1,257 @@
+"""Metrics: the AMP resources, the scrape configuration and rules checked by the real promtool, the rules'
+unit tests, and the same rules in a real Prometheus over the real Envoy, where each fault sets off its alert."""
+
+import base64
+import json
+import re
+import shutil
+
+import pytest
+import yaml
+from cilium_mesh import TrafficPolicy
+from cilium_mesh.manifests import CILIUM_VALUES_FILE, load_documents
+from cilium_mesh.metrics import (
+    DASHBOARD_FILE,
+    METRICS_PORTS,
+    RULES_NAMESPACE,
+    SCRAPE_CONFIG_FILE,
+    SCRAPER_RBAC_FILE,
+    rule_file,
+)
+from conftest import CONTEXT, ROOT, manifest_documents, resolve_join, synth_of
+from checks.cilium_envoy import build_for
+from checks.envoy_harness import LOOPBACK, running, send
+from checks.metrics_harness import ALERT_BOUND_S, SCENARIOS, dashboard_queries
+from checks.prometheus import promtool
+
+RULES_TEST_FILE = ROOT / "tests" / "metrics" / "rules_test.yaml"
+POLICY = TrafficPolicy(weights={"v1": 50, "v2": 50})
+TAG = build_for(CONTEXT["cilium_version"]).tag
+# Labels the collector adds to every series (scrape-config.yaml): the job, and node and pod by relabelling.
+SCRAPE_LABELS = {"job", "node", "pod"}
+# Hubble's own labels after the context ones (pkg/hubble/metrics/http and drop handler.go).
+HUBBLE_LABELS = {
+    "hubble_http_requests_total": {"method", "protocol", "status", "reporter"},
+    "hubble_http_request_duration_seconds_bucket": {"method", "reporter", "le"},
+    "hubble_drop_total": {"reason", "protocol"},
+}
+HUBBLE_METRIC_OPTION = {"hubble_http_requests_total": "httpV2", "hubble_http_request_duration_seconds_bucket": "httpV2",
+                        "hubble_drop_total": "drop"}  # fmt: skip
+
+
+def rendered_rules(tmp_path, policy=POLICY):
+    (tmp_path / "rules.yaml").write_text(rule_file(policy))
+    return tmp_path / "rules.yaml"
+
+
+def test_scrape_configuration_passes_promtool():
+    result = promtool("check", "config", str(SCRAPE_CONFIG_FILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rule_file_passes_promtool(tmp_path):
+    result = promtool("check", "rules", str(rendered_rules(tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 21 rules found" in result.stdout  # 19 in rules.yaml, one weight per version
+
+
+def test_rules_unit_tests_pass_with_promtool(tmp_path):
+    rendered_rules(tmp_path)
+    shutil.copy(RULES_TEST_FILE, tmp_path / "rules_test.yaml")
+    result = promtool("test", "rules", "rules_test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_rules_unit_tests_fail_when_an_alert_breaks(tmp_path):
+    """The unit tests notice a broken rule: the error budget raised from 5% to 50% lets 30% pass."""
+    text = rule_file(POLICY).replace("catalogdetail:errors:ratio2m > 0.05", "catalogdetail:errors:ratio2m > 0.5")
+    (tmp_path / "rules.yaml").write_text(text)
+    shutil.copy(RULES_TEST_FILE, tmp_path / "rules_test.yaml")
+    result = promtool("test", "rules", "rules_test.yaml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "alertname: CatalogdetailErrorBudgetExceeded" in result.stdout + result.stderr
+
+
+def test_weights_group_follows_the_traffic_policy():
+    groups = {g["name"]: g for g in yaml.safe_load(rule_file(TrafficPolicy(weights={"v1": 90, "v2": 10})))["groups"]}
+    weights = {r["labels"]["version"]: r["expr"] for r in groups["catalogdetail-weights"]["rules"]}
+    assert weights == {"v1": "vector(0.9)", "v2": "vector(0.1)"}
+
+
+def input_series() -> list[tuple[str, set[str]]]:
+    """(metric name, label names) of every input series in the promtool unit tests."""
+    series = []
+    for test in yaml.safe_load(RULES_TEST_FILE.read_text())["tests"]:
+        for item in test["input_series"]:
+            name, _, labels = item["series"].partition("{")
+            series.append((name, set(re.findall(r'(\w+)="', labels))))
+    return series
+
+
+def test_envoy_input_series_are_shaped_like_the_real_envoys():
+    """Names and labels exactly as the real Envoy exposes them for the policy's clusters."""
+    with running(POLICY, TAG) as (envoy, _, _):
+        send((LOOPBACK, envoy.port), 50)
+        envoy.get(envoy.admin, "/stats/prometheus")  # histograms are flushed on an interval
+        exposed = envoy.get(envoy.admin, "/stats/prometheus")
+    real = {}
+    for line in exposed.splitlines():
+        if line and not line.startswith("#"):
+            name, _, labels = line.partition("{")
+            real.setdefault(name, []).append(set(re.findall(r'(\w+)="', labels)))
+    envoy_series = [(n, labels) for n, labels in input_series() if n.startswith("envoy_")]
+    assert envoy_series
+    for name, labels in envoy_series:
+        assert labels - SCRAPE_LABELS in real.get(name, []), f"{name} with {sorted(labels - SCRAPE_LABELS)} not exposed"
+    assert 'envoy_endpoint_hostname="catalogdetailv1.workshop.svc.cluster.local"' in exposed
+    assert 'envoy_cluster_name="workshop/catalogdetail-traffic/catalogdetail-v2"' in exposed
+
+
+def test_hubble_input_series_carry_the_configured_context_labels():
+    (values,) = load_documents(CILIUM_VALUES_FILE)
+    options = dict(item.partition(":")[::2] for item in values["hubble"]["metrics"]["enabled"])
+    for name, labels in input_series():
+        if not name.startswith("hubble_"):
+            continue
+        context = set(re.search(r"labelsContext=([\w,]+)", options[HUBBLE_METRIC_OPTION[name]]).group(1).split(","))
+        # An empty label (the world has no namespace) is stored as no label.
+        assert labels - SCRAPE_LABELS <= context | HUBBLE_LABELS[name], name
+        assert HUBBLE_LABELS[name] <= labels, name
+        assert len(context - labels) <= 1, name
+
+
+def test_scraper_rbac_only_lists_pods():
+    role, binding = load_documents(SCRAPER_RBAC_FILE)
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}]
+    assert binding["subjects"] == [{"kind": "User", "name": "aps-collector-user", "apiGroup": "rbac.authorization.k8s.io"}]
+    jobs = load_documents(SCRAPE_CONFIG_FILE)[0]["scrape_configs"]
+    assert {sd["role"] for job in jobs for sd in job["kubernetes_sd_configs"]} == {"pod"}
+
+
+# --- the stack ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_stack_stores_metrics_in_amp_with_the_files(request, datapath):
+    synth = synth_of(request, datapath)
+    metrics = synth.stack.metrics
+    scraper = synth.resource(metrics.scraper)["Properties"]
+    blob = scraper["ScrapeConfiguration"]["ConfigurationBlob"]
+    assert base64.b64decode(blob) == SCRAPE_CONFIG_FILE.read_bytes()
+    source = scraper["Source"]["EksConfiguration"]
+    assert source["ClusterArn"] == {"Fn::GetAtt": [synth.logical_id(synth.stack.cluster), "Arn"]}
+    private = {synth.logical_id(s) for s in synth.stack.vpc.private_subnets}
+    assert {s["Ref"] for s in source["SubnetIds"]} == {f"{i}" for i in private}
+    rules = synth.resource(metrics.rules)["Properties"]
+    assert rules["Name"] == RULES_NAMESPACE
+    assert rules["Data"] == rule_file(synth.stack.config.traffic_policy)
+    assert not synth.resources("AWS::Grafana::Workspace")
+
+
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_collector_reaches_only_the_metrics_ports_and_the_api_server(request, datapath):
+    synth = synth_of(request, datapath)
+    collector = synth.logical_id(synth.stack.metrics.scraper_security_group)
+    cluster_sg = {"Fn::GetAtt": [synth.logical_id(synth.stack.cluster), "ClusterSecurityGroupId"]}
+    ingress = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupIngress").values()
+               if r["Properties"].get("SourceSecurityGroupId") == {"Fn::GetAtt": [collector, "GroupId"]}]  # fmt: skip
+    egress = [r["Properties"] for r in synth.resources("AWS::EC2::SecurityGroupEgress").values()
+              if r["Properties"]["GroupId"] == {"Fn::GetAtt": [collector, "GroupId"]}]  # fmt: skip
+    expected = {("tcp", METRICS_PORTS[0], METRICS_PORTS[1]), ("tcp", 443, 443)}
+    assert {(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in ingress} == expected
+    assert all(r["GroupId"] == cluster_sg for r in ingress)
+    assert {(r["IpProtocol"], r["FromPort"], r["ToPort"]) for r in egress} == expected
+    assert all(r["DestinationSecurityGroupId"] == cluster_sg for r in egress)
+    group = synth.resource(synth.stack.metrics.scraper_security_group)["Properties"]
+    assert all(rule.get("CidrIp") != "0.0.0.0/0" for rule in group.get("SecurityGroupEgress", []))
+
+
+def test_alerts_go_to_an_encrypted_topic_only_amp_of_this_workspace_may_publish_to(synth_eni):
+    metrics = synth_eni.stack.metrics
+    topic = synth_eni.resource(metrics.alerts_topic)["Properties"]
+    assert "KmsMasterKeyId" in topic
+    definition = yaml.safe_load(resolve_join(synth_eni.resource(metrics.workspace)["Properties"]["AlertManagerDefinition"]))
+    alertmanager = yaml.safe_load(definition["alertmanager_config"])
+    (receiver,) = alertmanager["receivers"]
+    assert alertmanager["route"]["receiver"] == receiver["name"]
+    (sns,) = receiver["sns_configs"]
+    assert sns["sigv4"] == {"region": CONTEXT["region"]} and sns["topic_arn"] == "<TOKEN>"
+    (policy,) = synth_eni.resources("AWS::SNS::TopicPolicy").values()
+    (allow,) = [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"]
+    assert allow["Principal"] == {"Service": "aps.amazonaws.com"}
+    assert allow["Condition"]["ArnEquals"]["aws:SourceArn"] == {"Fn::GetAtt": [synth_eni.logical_id(metrics.workspace), "Arn"]}
+    assert not synth_eni.resources("AWS::SNS::Subscription")
+
+
+def test_metrics_off_creates_no_amp_resource_and_an_email_subscribes(synth_variant, tmp_path):
+    from conftest import synthesize
+
+    assert not [r for r in synth_variant.template["Resources"].values() if r["Type"].startswith("AWS::APS::")]
+    assert "PrometheusEndpoint" not in synth_variant.template["Outputs"]
+    subscribed = synthesize(tmp_path / "out", alert_email="oncall@example.com")
+    (subscription,) = subscribed.resources("AWS::SNS::Subscription").values()
+    assert subscription["Properties"]["Protocol"] == "email"
+    assert subscription["Properties"]["Endpoint"] == "oncall@example.com"
+
+
+def test_the_collector_rbac_is_applied_before_the_scraper(synth_eni):
+    metrics = synth_eni.stack.metrics
+    applied = manifest_documents(synth_eni.resource(metrics.scraper_rbac))
+    for document in applied:
+        document["metadata"].pop("labels")  # CDK's prune label
+    assert applied == load_documents(SCRAPER_RBAC_FILE)
+    assert synth_eni.logical_id(metrics.scraper_rbac) in synth_eni.resource(metrics.scraper)["DependsOn"]
+
+
+# --- the rules in a real Prometheus over the real Envoy (checks/metrics_harness.py) -----------------
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if s != "healthy"])
+def test_each_fault_sets_off_its_alerts_within_the_bound(alert_observations, scenario):
+    observed = alert_observations[scenario]
+    fired = observed["first_fired_s"]
+    missing = set(observed["expected"]) - set(fired)
+    assert not missing, f"{scenario}: {sorted(missing)} did not fire; fired: {fired}"
+    late = {alert: s for alert, s in fired.items() if alert in observed["expected"] and s > ALERT_BOUND_S}
+    assert not late, f"{scenario}: fired later than {ALERT_BOUND_S} s: {late}"
+    assert not observed["unexpected"], f"{scenario}: also fired {observed['unexpected']}"
+
+
+def test_nothing_fires_while_healthy(alert_observations):
+    observed = alert_observations["healthy"]
+    assert observed["first_fired_s"] == {}
+    assert observed["statuses"] == {"200": observed["requests"]}
+
+
+def test_recorded_share_is_within_the_measured_splits_interval(alert_observations):
+    observed = alert_observations["healthy"]
+    recorded = {r["metric"]["version"]: r["value"] for r in observed["recorded"]["catalogdetail:share:ratio2m"]}
+    assert set(recorded) == {"v1", "v2"}
+    for version, share in recorded.items():
+        low, high = observed["intervals"][version]
+        assert low <= share <= high, f"{version}: recorded {share:.4f}, measured 95% interval [{low:.4f}, {high:.4f}]"
+
+
+def test_rules_evaluate_without_errors(alert_observations):
+    assert {name: o["rule_errors"] for name, o in alert_observations.items() if o["rule_errors"]} == {}
+
+
+def test_every_dashboard_query_is_evaluated_and_the_envoy_ones_return_data(alert_observations):
+    queries = dashboard_queries()
+    assert len(queries) == len(set(queries)) >= 10
+    for expr in queries:
+        results = [o["recorded"][expr] for o in alert_observations.values()]
+        if expr.startswith("workshop:"):
+            continue  # Hubble's: no cluster here (README); their rules are unit-tested above
+        assert any(results), f"{expr}: no data in any scenario"
+
+
+def test_dashboard_is_importable_with_the_amp_data_source():
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    (source,) = dashboard["__inputs"]
+    assert source["type"] == "datasource" and source["pluginId"] == "prometheus"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${" + source["name"] + "}"
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+    recorded = {r.get("record") for g in yaml.safe_load(rule_file(POLICY))["groups"] for r in g["rules"]}
+    assert set(dashboard_queries()) <= recorded, "panels show recorded series only"
