@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from cilium_mesh.manifests import DATAPATHS, load_documents
-from cilium_mesh.metrics import METRICS_PORTS, SCRAPE_CONFIG_FILE
+from cilium_mesh.metrics_files import METRICS_PORTS, SCRAPE_CONFIG_FILE
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
 from checks.fixtures import cilium_chart

@@ -122,13 +122,28 @@ class StandIn(_LoopbackServer):
         super().__init__(address, _StandInHandler)
 
 
+    def fail(self, fault: Fault) -> None:
+        """From now on answer as ``fault`` says; "down" also stops accepting and ends open connections."""
+        if fault.kind not in ("ok", "errors", "down"):
+            raise ValueError(f"a running version cannot become {fault.describe()!r}")
+        with self.lock:
+            self.fault = fault
+        if fault.kind == "down":
+            self.shutdown()
+            self.server_close()
+
+
 class _StandInHandler(_Handler):
     def do_GET(self):  # noqa: N802 (http.server API)
         server: StandIn = self.server
         with server.lock:
-            server.served += 1
+            down = server.fault.kind == "down"
+            server.served += not down
             failing = server.fault.kind == "errors" and server.random.random() < server.fault.error_ratio
-        if failing:
+        if down:  # a pod that went away: the connection ends without an answer
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+        elif failing:
             self.reply(503, b'{"error":"injected"}')
         elif self.path.startswith("/catalogDetail") or self.path == "/ping":
             self.reply(200, json.dumps({"version": server.version_number, "vendors": VENDORS}).encode())
@@ -546,8 +561,14 @@ def run(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault]
         statuses: dict[tuple[str, str], str] | None = None) -> RunResult:  # fmt: skip
     """Send ``requests`` through the policy with the given faults and Cilium's verdicts, and collect what happened."""
     with running(policy, tag, faults, seed, datapath, statuses) as (envoy, faults, _):
-        versions, statuses, latencies, elapsed = send((LOOPBACK, envoy.port), requests, headers)
-        counters = envoy.counters()
+        return send_and_collect(envoy, policy, faults, requests, headers)
+
+
+def send_and_collect(envoy: EnvoyProcess, policy: TrafficPolicy, faults: dict[str, Fault], requests: int,
+                     headers: dict[str, str] | None = None) -> RunResult:  # fmt: skip
+    """Send ``requests`` through a running Envoy, then read its retries and ejections."""
+    versions, statuses, latencies, elapsed = send((LOOPBACK, envoy.port), requests, headers)
+    counters = envoy.counters()
     retries = sum(v for k, v in counters.items() if k.startswith("cluster.") and k.endswith(".upstream_rq_retry"))
     ejections = sum(v for k, v in counters.items() if k.endswith(".outlier_detection.ejections_enforced_total"))
     return RunResult(policy, faults, requests, versions, statuses, retries, ejections, latencies, elapsed)

@@ -29,11 +29,11 @@ from pathlib import Path
 from stacks import cdk_json_context
 from stacks.config import load_config
 
-from cilium_mesh.metrics import DASHBOARD_FILE, rule_file
+from cilium_mesh.metrics_files import DASHBOARD_FILE, rule_file
 from cilium_mesh.traffic import TrafficPolicy
 from checks import prometheus
 from checks.cilium_envoy import build_for
-from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, running
+from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, running, send_and_collect
 
 SCRAPE_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 0.5
@@ -110,7 +110,6 @@ class Observation:
     measured: RunResult | None = None
     recorded: dict[str, list[dict]] = field(default_factory=dict)
     rule_errors: list[str] = field(default_factory=list)
-    timeline: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def unexpected(self) -> set[str]:
@@ -118,28 +117,101 @@ class Observation:
 
 
 @contextmanager
-def scraped(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], datapath: str = "eni"):
+def scraped(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], datapath: str = "eni", seed: int = 7,
+            statuses: dict[tuple[str, str], str] | None = None):  # fmt: skip
     """The traffic harness with a Prometheus scraping its Envoy and evaluating the stack's rule file."""
-    with running(policy, tag, faults, datapath=datapath) as (envoy, faults, stand_ins):
+    with running(policy, tag, faults, seed, datapath, statuses) as (envoy, faults, stand_ins):
         job = prometheus.scrape_job("cilium-envoy", [envoy.admin], "/stats/prometheus", SCRAPE_INTERVAL_S)
         with prometheus.running([job], rule_file(policy), SCRAPE_INTERVAL_S) as server:
-            yield envoy, server, faults
+            server.wait_for_scrape()  # counters seen at 0 first, as a long-running Prometheus sees them
+            yield envoy, server, faults, stand_ins
+
+
+# What preview prints from Prometheus after a run: label, recorded series, format.
+RECORDED = (
+    ("share", "catalogdetail:share:ratio2m", "{:.1%}"),
+    ("failed attempts", "catalogdetail:errors:ratio2m", "{:.1%}"),
+    ("answered", "catalogdetail:answered:ratio2m", "{:.2%}"),
+    ("failover req/s", "catalogdetail:failover:rate2m", "{:.1f}"),
+    ("ejected hosts", "catalogdetail:ejections_active", "{:.0f}"),
+)
+
+
+def _series_label(metric: dict) -> str:
+    if "destination" in metric and "version" in metric:
+        return f"{metric['destination']}->{metric['version']}"
+    return metric.get("version") or metric.get("destination") or ""
+
+
+def recorded_line(server: prometheus.PrometheusServer) -> str:
+    """The recorded rules now, one field each, and the alerts firing or pending."""
+    fields = []
+    for label, record, fmt in RECORDED:
+        results = sorted(server.query(record), key=lambda r: _series_label(r["metric"]))
+        values = " ".join(f"{_series_label(r['metric'])} {fmt.format(r['value'])}".strip() for r in results)
+        fields.append(f"{label} {values or 'none'}")
+    alerts = sorted({f"{a['alertname']} ({a['alertstate']})" for a in (r["metric"] for r in server.query("ALERTS"))})
+    return "; ".join(fields) + f"; alerts: {', '.join(alerts) or 'none'}"
+
+
+def run_recorded(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault] | None = None,
+                 headers: dict[str, str] | None = None, datapath: str = "eni") -> tuple[RunResult, str]:  # fmt: skip
+    """Like envoy_harness.run, scraped by Prometheus; also returns what the rules recorded at the end."""
+    with scraped(policy, tag, faults or {}, datapath) as (envoy, server, faults, _):
+        result = send_and_collect(envoy, policy, faults, requests, headers)
+        server.wait_for_evaluation_after(time.time())
+        return result, recorded_line(server)
+
+
+@dataclass
+class Timeline:
+    """A run whose faults start part-way: the recorded series over time, and when each alert first fired."""
+
+    start: float
+    fault_at_s: float
+    series: dict[str, list[dict]]
+    first_fired_s: dict[str, float]
+    measured: RunResult
+
+
+PLOTTED = ("catalogdetail:share:ratio2m", "catalogdetail:weight:ratio", "catalogdetail:answered:ratio2m",
+           "catalogdetail:ejections_active")  # fmt: skip
+
+
+def timeline(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], fault_after_s: float, duration_s: float,
+             rate_per_s: float, datapath: str = "eni") -> Timeline:  # fmt: skip
+    """Healthy for ``fault_after_s``, then ``faults`` (5xx or down) until ``duration_s``."""
+    with scraped(policy, tag, {}, datapath) as (envoy, server, healthy, stand_ins):
+        client = PacedClient((LOOPBACK, envoy.port), rate_per_s, policy, healthy)
+        started, wall_started, first_fired, faulted = time.monotonic(), time.time(), {}, False
+        client.start()
+        try:
+            while (elapsed := time.monotonic() - started) < duration_s:
+                if not faulted and elapsed >= fault_after_s:
+                    for version, fault in faults.items():
+                        stand_ins[version.lstrip("v")].fail(fault)
+                    faulted = True
+                for alert in server.firing():
+                    first_fired.setdefault(alert, round(elapsed - fault_after_s, 1))
+                time.sleep(POLL_INTERVAL_S)
+        finally:
+            measured = client.stop()
+        series = {q: server.query_range(q, wall_started, time.time(), SCRAPE_INTERVAL_S) for q in PLOTTED}
+        return Timeline(wall_started, fault_after_s, series, first_fired, measured)
 
 
 def observe(policy: TrafficPolicy, tag: str, scenarios: dict[str, tuple[dict[str, Fault], frozenset[str]]],
             duration_s: float, rate_per_s: float, datapath: str = "eni",
             queries: tuple[str, ...] = ()) -> dict[str, Observation]:  # fmt: skip
-    """Run every scenario at once for ``duration_s``; ``queries`` are also evaluated at the end and over time."""
+    """Run every scenario at once for ``duration_s``; ``queries`` are evaluated at the end."""
     observations = {name: Observation(name, faults, expected) for name, (faults, expected) in scenarios.items()}
     with ExitStack() as stack:
         servers, clients = {}, {}
         for name, observation in observations.items():
-            envoy, server, faults = stack.enter_context(scraped(policy, tag, observation.faults, datapath))
+            envoy, server, faults, _ = stack.enter_context(scraped(policy, tag, observation.faults, datapath))
             servers[name] = server
             clients[name] = PacedClient((LOOPBACK, envoy.port), rate_per_s, policy, faults)
-        for server in servers.values():
-            server.wait_for_scrape()  # counters seen at 0 first, as a long-running Prometheus sees them
-        started, wall_started = time.monotonic(), time.time()
+        started = time.monotonic()
         for client in clients.values():
             client.start()
             stack.callback(client.stop)
@@ -154,7 +226,6 @@ def observe(policy: TrafficPolicy, tag: str, scenarios: dict[str, tuple[dict[str
             observation.rule_errors = server.rule_health()
             for expr in queries:
                 observation.recorded[expr] = server.query(expr)
-                observation.timeline[expr] = server.query_range(expr, wall_started, time.time(), SCRAPE_INTERVAL_S)
     return observations
 
 

@@ -15,6 +15,7 @@ with ``dpkg-deb -x`` into .tools/. Debian 13's build, not Debian 12's: bookworm'
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import shutil
@@ -76,6 +77,13 @@ def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     return subprocess.run([_binary(PROMTOOL), *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
 
 
+def _epoch(rfc3339: str) -> float:
+    """Prometheus' timestamps (RFC 3339 with up to nanoseconds, "Z") as epoch seconds."""
+    stamp, _, fraction = rfc3339.rstrip("Z").partition(".")
+    seconds = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc).timestamp()
+    return seconds + float(f"0.{fraction or 0}")
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
@@ -118,6 +126,18 @@ class PrometheusServer:
                 return
             time.sleep(0.1)
         raise RuntimeError("prometheus did not scrape its targets in time")
+
+    def wait_for_evaluation_after(self, moment: float) -> None:
+        """Until every target was scraped after ``moment`` (epoch seconds) and every rule group evaluated after that."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            scraped = [_epoch(t["lastScrape"]) for t in self._get("/api/v1/targets")["activeTargets"]]
+            if scraped and min(scraped) > moment:
+                groups = self._get("/api/v1/rules")["groups"]
+                if all(_epoch(g["lastEvaluation"]) > max(scraped) for g in groups):
+                    return
+            time.sleep(0.1)
+        raise RuntimeError("prometheus did not scrape and evaluate in time")
 
     def firing(self) -> dict[str, list[dict]]:
         """Alert name -> the labels of each of its firing alerts."""

@@ -64,8 +64,8 @@ def synthesize(outdir: Path, **overrides) -> Synth:
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Synth:
-    """Datapath chaining: Cilium on the VPC CNI (the walkthrough's)."""
-    return synthesize(tmp_path_factory.mktemp("cdk.out"), datapath="chaining")
+    """Datapath chaining: Cilium on the VPC CNI (the walkthrough's); alerts also by e-mail."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out"), datapath="chaining", alert_email="oncall@example.com")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from cilium_mesh.manifests import (
     load_documents,
     replaced_by_name,
 )
-from cilium_mesh.metrics import SCRAPER_RBAC_FILE
+from cilium_mesh.metrics_files import SCRAPER_RBAC_FILE
 from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
 from checks.schemas import InvalidObject, validate_object

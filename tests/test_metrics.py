@@ -10,7 +10,7 @@ import pytest
 import yaml
 from cilium_mesh import TrafficPolicy
 from cilium_mesh.manifests import CILIUM_VALUES_FILE, load_documents
-from cilium_mesh.metrics import (
+from cilium_mesh.metrics_files import (
     DASHBOARD_FILE,
     METRICS_PORTS,
     RULES_NAMESPACE,
@@ -183,13 +183,10 @@ def test_alerts_go_to_an_encrypted_topic_only_amp_of_this_workspace_may_publish_
     assert not synth_eni.resources("AWS::SNS::Subscription")
 
 
-def test_metrics_off_creates_no_amp_resource_and_an_email_subscribes(synth_variant, tmp_path):
-    from conftest import synthesize
-
+def test_metrics_off_creates_no_amp_resource_and_an_email_subscribes(synth_variant, synth):
     assert not [r for r in synth_variant.template["Resources"].values() if r["Type"].startswith("AWS::APS::")]
     assert "PrometheusEndpoint" not in synth_variant.template["Outputs"]
-    subscribed = synthesize(tmp_path / "out", alert_email="oncall@example.com")
-    (subscription,) = subscribed.resources("AWS::SNS::Subscription").values()
+    (subscription,) = synth.resources("AWS::SNS::Subscription").values()
     assert subscription["Properties"]["Protocol"] == "email"
     assert subscription["Properties"]["Endpoint"] == "oncall@example.com"
 
@@ -255,3 +252,23 @@ def test_dashboard_is_importable_with_the_amp_data_source():
         assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
     recorded = {r.get("record") for g in yaml.safe_load(rule_file(POLICY))["groups"] for r in g["rules"]}
     assert set(dashboard_queries()) <= recorded, "panels show recorded series only"
+
+
+def test_plot_draws_the_recorded_series(tmp_path):
+    from checks.metrics_harness import PLOTTED, Timeline
+    from checks.envoy_harness import RunResult
+    from tools.preview import draw
+
+    def series(labels):
+        return [{"metric": label, "values": [(1000.0 + t, 0.5) for t in range(60)]} for label in labels]
+
+    labels = {"catalogdetail:share:ratio2m": [{"version": "v1"}, {"version": "v2"}],
+              "catalogdetail:weight:ratio": [{"version": "v1"}, {"version": "v2"}],
+              "catalogdetail:answered:ratio2m": [{}],
+              "catalogdetail:ejections_active": [{"destination": "v1"}, {"destination": "v2"}]}  # fmt: skip
+    assert set(labels) == set(PLOTTED)
+    run_ = Timeline(1000.0, 30.0, {q: series(v) for q, v in labels.items()}, {"CatalogdetailFailoverActive": 32.0},
+                    RunResult(POLICY, {}, 0))  # fmt: skip
+    path = tmp_path / "plot.png"
+    draw(run_, POLICY, "v2 down", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000

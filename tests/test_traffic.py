@@ -20,7 +20,7 @@ from cilium_mesh.traffic import (
 )
 from conftest import CONTEXT, ROOT
 from checks.cilium_envoy import ENVOY_BUILDS, build_for
-from checks.envoy_harness import Fault, cilium_xds_bootstrap, run, validate_bootstrap
+from checks.envoy_harness import Fault, cilium_xds_bootstrap, run, running, send_and_collect, validate_bootstrap
 
 DEFAULT = TrafficPolicy(weights={"v1": 50, "v2": 50})
 CANARY = TrafficPolicy(weights={"v1": 90, "v2": 10})
@@ -301,6 +301,18 @@ def test_preview_command_prints_the_table(tmp_path):
     answered = [line.split("answered ")[1].split("%")[0] for line in lines if "answered" in line]
     assert float(answered[0]) >= 99.5 and float(answered[1]) <= 60
     assert result.stdout.count("95%") == 1 and "walkthrough" in result.stdout
+    (recorded,) = [line for line in lines if line.startswith("Prometheus, this policy's rules")]
+    assert "share v1 100.0%;" in recorded and "failover req/s v2->v1" in recorded, recorded
+
+
+def test_a_version_that_goes_down_mid_run_fails_over():
+    """What `preview --plot` does part-way: the stand-in stops accepting and ends its open connections."""
+    with running(DEFAULT, TAG) as (envoy, _, stand_ins):
+        before = send_and_collect(envoy, DEFAULT, {}, 200)
+        stand_ins["2"].fail(Fault("down"))
+        after = send_and_collect(envoy, DEFAULT, {}, 200)
+    assert before.versions["v2"] > 50
+    assert after.statuses == {200: 200} and after.versions == {"v1": 200}, (after.statuses, after.versions)
 
 
 def test_preview_rejects_bad_flags_in_one_line():

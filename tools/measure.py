@@ -9,9 +9,13 @@ Every figure comes from cilium-envoy's extension set for the configured Cilium
 * proxy overhead: p50 and p99 added over a direct request. Both policies' Envoys
   and stand-ins run at once and each round interleaves, request by request and
   in shuffled order, direct and proxied requests to both, so machine noise lands
-  on all four alike.
+  on all four alike;
+* alerts: each fault held from the start, with a real Prometheus evaluating the
+  rules the stack loads into AMP (checks/metrics_harness.py): when each alert
+  fired, and v2's share as Prometheus recorded it next to the share measured.
 
     python -m tools.measure [--requests 1000] [--repeats 3] [--latency-requests 5000] [--rounds 5]
+                            [--alert-seconds 42]
 
 Everything runs on loopback, with fixed request counts, and stops by itself.
 """
@@ -32,6 +36,7 @@ from contextlib import ExitStack
 from checks.cilium_envoy import build_for
 from checks.datapath import Deployed, cec_statuses
 from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running, verdicts_line
+from checks import metrics_harness
 
 from cilium_mesh import TrafficPolicy
 from stacks import cdk_json_context
@@ -46,7 +51,8 @@ SCENARIOS = {
     "v2 without endpoints": ({"v2": Fault("empty")}, False, False),
     "healthy, version Services with ClusterIPs (before)": ({}, False, True),
 }
-LIMITS = {"requests": (100, 20000), "repeats": (1, 10), "latency_requests": (100, 100000), "rounds": (1, 20)}
+LIMITS = {"requests": (100, 20000), "repeats": (1, 10), "latency_requests": (100, 100000), "rounds": (1, 20),
+          "alert_seconds": (35, 600)}  # fmt: skip
 
 
 def spread(values: list[float], fmt: str, unit: str = "") -> str:
@@ -128,12 +134,28 @@ def overhead_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, r
     return rows, [m / t if t > 0 else float("inf") for m, t in zip(mine, theirs)]
 
 
+def alert_rows(policy: TrafficPolicy, tag: str, seconds: float, datapath: str) -> list[str]:
+    """Per scenario: the alerts that fired and when, and v2's share recorded next to the one measured."""
+    observations = metrics_harness.observe(policy, tag, metrics_harness.SCENARIOS, seconds, metrics_harness.RATE_PER_S,
+                                           datapath, ("catalogdetail:share:ratio2m",))  # fmt: skip
+    rows = []
+    for name, observation in observations.items():
+        fired = ", ".join(f"{a} {t:.1f} s" for a, t in sorted(observation.first_fired_s.items(), key=lambda i: i[1]))
+        recorded = {r["metric"]["version"]: r["value"] for r in observation.recorded["catalogdetail:share:ratio2m"]}
+        measured = observation.measured
+        low, high = measured.interval("v2")
+        rows.append(f"| {name} | {fired or 'none'} | {100 * recorded.get('v2', 0):.2f}% | "
+                    f"{100 * measured.share('v2'):.2f}% [{100 * low:.2f}, {100 * high:.2f}] |")  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.measure", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests per failover run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per failover cell")
     parser.add_argument("--latency-requests", type=int, default=5000, help="requests per target per latency round")
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    parser.add_argument("--alert-seconds", type=int, default=42, help="seconds each alert scenario runs")
     args = parser.parse_args(argv)
     for name, (low, high) in LIMITS.items():
         if not low <= getattr(args, name) <= high:
@@ -164,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "met" if statistics.median(ratios) <= 1.2 else "NOT met"
     print(f"\np99 added, this policy / walkthrough, per round: {spread(ratios, '.2f')}; "
           f"goal at most 1.2: {verdict}")  # fmt: skip
+    print(f"\nAlerts: every scenario at once for {args.alert_seconds} s at {metrics_harness.RATE_PER_S:g} requests/s, the fault from the "
+          "start; Prometheus scrapes and evaluates every second\n")  # fmt: skip
+    print("| scenario | alerts fired (s after the fault) | v2 share recorded | v2 share measured [95%] |")
+    print("|---|---|---|---|")
+    print("\n".join(alert_rows(policy, build.tag, args.alert_seconds, config.datapath)))
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0
 

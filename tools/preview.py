@@ -5,8 +5,14 @@
     python -m tools.preview --fault v2=down --compare        # v2 pods down, next to the walkthrough's policy
     python -m tools.preview --fault v2=5xx:0.3 --fault v1=ok
     python -m tools.preview --header v2                      # requests pinned with x-catalog-version: v2
+    python -m tools.preview --plot failover.png              # v2 goes down after 30 s: the dashboard's view
 
 Faults: 5xx:<ratio> (that share answered 503), down (connection refused), empty (no endpoints).
+A real Prometheus scrapes the Envoy and evaluates the rules the stack loads into AMP
+(manifests/metrics/prometheus/rules.yaml); the run ends with what they recorded. With
+--plot the faults (default v2=down) start after --fault-after seconds of healthy traffic at
+--rate requests per second, and the picture shows per-version share, answered and ejected
+hosts over --seconds, with the moment each alert fired.
 Everything runs on 127.0.0.1 and stops by itself.
 """
 
@@ -15,15 +21,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from checks.cilium_envoy import build_for
 from checks.envoy_harness import DIFFERENCES, Fault, RunResult, run, verdicts_line
+from checks.metrics_harness import Timeline, run_recorded, timeline
 
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
 from stacks import cdk_json_context
 from stacks.config import ConfigError, load_config
 
 MAX_REQUESTS = 20000
+PLOT_LIMITS = {"seconds": (40, 600), "rate": (1, 200), "fault_after": (0, 590)}
 
 
 def parse_pairs(text: str) -> dict[str, str]:
@@ -61,10 +70,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault", action="append", default=[], help="version=5xx:<ratio>|down|empty")
     parser.add_argument("--header", help="pin every request to this version with the policy's header")
     parser.add_argument("--compare", action="store_true", help="also run the walkthrough's original policy")
+    parser.add_argument("--plot", type=Path, help="draw share, answered and ejections over time into this PNG")
+    parser.add_argument("--seconds", type=float, default=120.0, help="with --plot: length of the run")
+    parser.add_argument("--rate", type=float, default=40.0, help="with --plot: requests per second")
+    parser.add_argument("--fault-after", type=float, default=30.0, help="with --plot: healthy seconds before the faults")
     args = parser.parse_args(argv)
     try:
         if not 1 <= args.requests <= MAX_REQUESTS:
             raise ValueError(f"--requests must be 1-{MAX_REQUESTS}")
+        for name, (low, high) in PLOT_LIMITS.items():
+            if not low <= getattr(args, name) <= high:
+                raise ValueError(f"--{name.replace('_', '-')} must be {low}-{high}")
+        if args.fault_after >= args.seconds:
+            raise ValueError("--fault-after must be less than --seconds")
         context = cdk_json_context()
         if args.weights:
             context["traffic_weights"] = {v: int(w) for v, w in parse_pairs(args.weights).items()}
@@ -76,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                 if version not in policy.weights:
                     raise ValueError(f"--fault names {version!r}; versions: {', '.join(policy.versions)}")
                 faults[version] = Fault.parse(text)
+        if args.plot:
+            faults = faults or {"v2": Fault("down")}
+            if any(f.kind == "empty" for f in faults.values()):
+                raise ValueError("--plot: a fault that starts part-way is 5xx:<ratio> or down (endpoints are fixed)")
+            if args.header or args.compare:
+                raise ValueError("--plot runs this policy's split: no --header or --compare")
         headers = None
         if args.header:
             if not policy.pin_header or args.header not in policy.weights:
@@ -86,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     build = build_for(config.cilium_version)
+    if args.plot:
+        return plot_run(args, policy, faults, build, config.datapath)
     runs = [("this policy", policy)]
     if args.compare:
         runs.append(("walkthrough", dataclasses.replace(TrafficPolicy.walkthrough(), weights=policy.weights)))
@@ -97,12 +123,66 @@ def main(argv: list[str] | None = None) -> int:
     for label, candidate in runs:
         print(verdicts_line(label, candidate, config.datapath))
     print(f"{'policy':<12} {'version':<8} {'configured':>10} {'share':>8}   {'95% interval':<18}   fault")
+    recorded = None
     for label, candidate in runs:
-        result = run(candidate, build.tag, args.requests, faults, headers if label == "this policy" else None,
-                     datapath=config.datapath)  # fmt: skip
+        if label == "this policy":
+            result, recorded = run_recorded(candidate, build.tag, args.requests, faults, headers, config.datapath)
+        else:
+            result = run(candidate, build.tag, args.requests, faults, datapath=config.datapath)
         for line in table(label, result):
             print(line)
+    print(f"Prometheus, this policy's rules (as in AMP): {recorded}")
     return 0
+
+
+def plot_run(args: argparse.Namespace, policy: TrafficPolicy, faults: dict[str, Fault], build, datapath: str) -> int:
+    fault_text = ", ".join(f"{v} {f.describe()}" for v, f in faults.items())
+    print(f"{policy.name}: {args.rate:g} requests/s for {args.seconds:g} s in Envoy {build.upstream_version} limited to "
+          f"cilium-envoy {build.tag}; after {args.fault_after:g} s: {fault_text}")  # fmt: skip
+    run_ = timeline(policy, build.tag, faults, args.fault_after, args.seconds, args.rate, datapath)
+    draw(run_, policy, fault_text, args.plot)
+    fired = ", ".join(f"{a} {s:+.1f} s" for a, s in sorted(run_.first_fired_s.items(), key=lambda i: i[1])) or "none"
+    print(f"answered {run_.measured.answered_share:.2%} of {run_.measured.requests}; alerts fired (after the fault): {fired}")
+    print(f"wrote {args.plot}")
+    return 0
+
+
+def draw(run_: Timeline, policy: TrafficPolicy, fault_text: str, path: Path) -> None:
+    """Three panels over time, from Prometheus' recorded series, as the dashboard shows them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def lines(axis, record, label_of, style="-"):
+        for result in run_.series[record]:
+            times = [t - run_.start for t, _ in result["values"]]
+            axis.plot(times, [v for _, v in result["values"]], style, label=label_of(result["metric"]))
+
+    figure, (share, answered, ejected) = plt.subplots(3, 1, sharex=True, figsize=(9, 8), constrained_layout=True)
+    lines(share, "catalogdetail:share:ratio2m", lambda m: f"{m['version']} share")
+    lines(share, "catalogdetail:weight:ratio", lambda m: f"{m['version']} weight", "--")
+    share.set_ylabel("share of answered")
+    share.set_ylim(-0.05, 1.05)
+    lines(answered, "catalogdetail:answered:ratio2m", lambda m: "answered")
+    answered.set_ylabel("answered (2xx)")
+    answered.set_ylim(0, 1.05)
+    lines(ejected, "catalogdetail:ejections_active", lambda m: f"{m['destination']}'s cluster")
+    ejected.set_ylabel("ejected hosts")
+    ejected.set_xlabel("seconds")
+    for axis in (share, answered, ejected):
+        axis.axvline(run_.fault_at_s, color="red", linewidth=1)
+        for alert, after in run_.first_fired_s.items():
+            axis.axvline(run_.fault_at_s + after, color="grey", linestyle=":", linewidth=1)
+        axis.legend(loc="center left", fontsize=8)
+        axis.grid(alpha=0.3)
+    for alert, after in sorted(run_.first_fired_s.items(), key=lambda item: item[1]):
+        ejected.annotate(alert, (run_.fault_at_s + after, 0.5), xycoords=("data", "axes fraction"), rotation=90,
+                         fontsize=7, va="center", ha="right", color="grey")  # fmt: skip
+    share.set_title(f"{policy.name}, weights {policy.weights}: {fault_text} at {run_.fault_at_s:g} s (red); "
+                    "alerts firing (grey)", fontsize=9)  # fmt: skip
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -25,37 +25,9 @@ from aws_cdk import aws_sns as sns
 from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
-from .manifests import MANIFESTS_DIR, load_documents
+from .manifests import load_documents
+from .metrics_files import METRICS_PORTS, RULES_NAMESPACE, SCRAPE_CONFIG_FILE, SCRAPER_RBAC_FILE, rule_file
 from .traffic import TrafficPolicy
-
-METRICS_DIR = MANIFESTS_DIR / "metrics"
-SCRAPE_CONFIG_FILE = METRICS_DIR / "prometheus" / "scrape-config.yaml"
-RULES_FILE = METRICS_DIR / "prometheus" / "rules.yaml"
-SCRAPER_RBAC_FILE = METRICS_DIR / "scraper-rbac.yaml"
-DASHBOARD_FILE = METRICS_DIR / "dashboards" / "catalogdetail-traffic.json"
-# Cilium's metrics ports (chart defaults): agent 9962, operator 9963, cilium-envoy 9964, Hubble 9965.
-METRICS_PORTS = (9962, 9965)
-RULES_NAMESPACE = "cilium-mesh"
-WEIGHTS_GROUP = "catalogdetail-weights"
-
-
-def weights_group(policy: TrafficPolicy) -> dict:
-    """The configured split as series (catalogdetail:weight:ratio{version=...}), which the share and
-    no-traffic rules compare with; rendered from the traffic policy, its one source."""
-    total = sum(policy.weights.values())
-    return {
-        "name": WEIGHTS_GROUP,
-        "rules": [
-            {"record": "catalogdetail:weight:ratio", "expr": f"vector({policy.weights[v] / total:g})", "labels": {"version": v}}
-            for v in policy.versions
-        ],
-    }
-
-
-def rule_file(policy: TrafficPolicy) -> str:
-    """What AMP and the local Prometheus evaluate: manifests/metrics/prometheus/rules.yaml and the weights group."""
-    (rules,) = load_documents(RULES_FILE)
-    return yaml.safe_dump({"groups": [*rules["groups"], weights_group(policy)]}, sort_keys=False, width=1000)
 
 
 def alert_manager_definition(topic_arn: str, region: str) -> str:
@@ -130,7 +102,7 @@ class MeshMetrics(Construct):
             self.alerts_topic.add_subscription(subscriptions.EmailSubscription(props.alert_email))
 
         log_group = logs.LogGroup(
-            self, "WorkspaceLogs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
+            self, "Logs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
         )
         self.workspace = aps.CfnWorkspace(
             self,
@@ -189,6 +161,16 @@ class MeshMetrics(Construct):
             ),
             destination=aps.CfnScraper.DestinationProperty(
                 amp_configuration=aps.CfnScraper.AmpConfigurationProperty(workspace_arn=self.workspace.attr_arn)
+            ),
+            # Discovery, scrape and write errors, beside the workspace's rule and alert manager errors.
+            scraper_logging_configuration=aps.CfnScraper.ScraperLoggingConfigurationProperty(
+                logging_destination=aps.CfnScraper.ScraperLoggingDestinationProperty(
+                    cloud_watch_logs=aps.CfnScraper.CloudWatchLogDestinationProperty(log_group_arn=log_group.log_group_arn)
+                ),
+                scraper_components=[
+                    aps.CfnScraper.ScraperComponentProperty(type=component)
+                    for component in ("SERVICE_DISCOVERY", "COLLECTOR", "EXPORTER")
+                ],
             ),
         )
         self.scraper.node.add_dependency(self.scraper_rbac)
