@@ -42,6 +42,7 @@ from cilium_mesh.manifests import (
     load_documents,
     replaced_by_name,
 )
+from cilium_mesh.smoke_files import smoke_documents
 from cilium_mesh.traffic import TrafficPolicy
 from cilium_mesh.values import cilium_values
 
@@ -228,6 +229,12 @@ MODELLED_RULE_KEYS = {"fromEndpoints", "toEndpoints", "fromEntities", "toEntitie
 MODELLED_SPEC_KEYS = {"description", "endpointSelector", "ingress", "egress"}
 
 
+def workload_name(workload: dict) -> str:
+    """A Deployment by its name; a Job (named after a digest of its settings) by its app label."""
+    metadata = workload["metadata"]
+    return metadata["labels"]["app"] if workload["kind"] == "Job" else metadata["name"]
+
+
 class Unmodelled(ValueError):
     """A policy uses a field the model does not evaluate."""
 
@@ -259,12 +266,13 @@ class Deployed:
     def of(cls, datapath: str, traffic: TrafficPolicy, cilium_version: str = "1.19.6",
            documents: list[dict] | None = None, policies: list[dict] | None = None,
            values: dict | None = None) -> Deployed:  # fmt: skip
+        smoke = smoke_documents(traffic, datapath, True)
         if documents is None:
-            documents = load_documents(*WORKLOAD_FILES, INGRESS_FILE)
+            documents = load_documents(*WORKLOAD_FILES, INGRESS_FILE) + [d for d in smoke if d["kind"] == "Job"]
         if policies is None:
             policies = replaced_by_name(
                 load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[datapath])
-            )
+            ) + [d for d in smoke if d["kind"] == "CiliumNetworkPolicy"]
         if values is None:
             values = cilium_values("api.example", datapath, "cilium-mesh", cilium_version)
         return cls(datapath, tuple(documents), tuple(policies), values, traffic)
@@ -280,14 +288,19 @@ class Deployed:
         """One pod of every Deployment on ``node`` (and coredns, which EKS runs), with distinct addresses."""
         prefix = NODES[node].rsplit(".", 1)[0]
         pods = [Endpoint("pod", f"{prefix}.40", node, "coredns", "kube-system", (("k8s-app", "kube-dns"),))]
-        for index, deployment in enumerate(self.kind("Deployment")):
+        for index, deployment in enumerate(self.workloads()):
             template = deployment["spec"]["template"]
             sleeps = [c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
                       for c in template["spec"]["containers"]]  # fmt: skip
-            pods.append(Endpoint("pod", f"{prefix}.{50 + index}", node, deployment["metadata"]["name"],
+            pods.append(Endpoint("pod", f"{prefix}.{50 + index}", node, workload_name(deployment),
                                  deployment["metadata"]["namespace"], tuple(sorted(template["metadata"]["labels"].items())),
                                  min(sleeps)))  # fmt: skip
         return pods
+
+    def workloads(self) -> list[dict]:
+        """What runs pods: the Deployments, and the smoke test's Job."""
+        return [d for d in self.documents if d.get("kind") in ("Deployment", "Job")]
+
 
     def pod(self, workload: str, node: str) -> Endpoint:
         return next(p for p in self.pods(node) if p.workload == workload)
@@ -438,14 +451,17 @@ class Outcome:
 
 
 def _url_calls(deployed: Deployed) -> list[tuple[str, str, int, str]]:
-    """(workload, service host, port, path) of every http:// URL in a container's environment."""
+    """(workload, service host, port, path) of every http:// URL in a container's environment, but those the
+    smoke test expects refused (DENIED_*, in MUST_DENY)."""
     calls = []
-    for deployment in deployed.kind("Deployment"):
+    for deployment in deployed.workloads():
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             for env in container.get("env", []):
+                if env["name"].startswith("DENIED_"):
+                    continue
                 url = urlsplit(str(env.get("value", "")))
                 if url.scheme == "http" and url.hostname:
-                    calls.append((deployment["metadata"]["name"], url.hostname, url.port or 80, url.path or "/"))
+                    calls.append((workload_name(deployment), url.hostname, url.port or 80, url.path or "/"))
     return calls
 
 
@@ -503,6 +519,11 @@ def paths(deployed: Deployed) -> list[Hop]:
             hops += _cec_hops(deployed, workload, path)
         else:
             hops.append(Hop(f"{workload} -> {name}:{port}", workload, "direct", f"{namespace}/{name}", Request(port, path=path)))
+    for workload in deployed.workloads():
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            if any(env["name"] == "INGRESS_SERVICE" for env in container.get("env", [])):
+                name = workload_name(workload)
+                hops.append(Hop(f"{name} -> the NLB's addresses:80 (through a NAT gateway)", name, "direct", "world", Request(80)))
     hosts = sorted({h.target for h in hops if h.via == "cec-dns"})
     hops += [Hop(f"cilium-envoy -> DNS ({host})", "cilium-envoy", "envoy-dns", "kube-system/kube-dns",
                  Request(53, "UDP", dns_name=host)) for host in hosts]  # fmt: skip
@@ -524,6 +545,9 @@ MUST_DENY = (
     Hop("catalogdetail -> the internet:443", "catalogdetail", "direct", "world", Request(443)),
     Hop("the internet -> frontend:9000, around the Ingress", "world", "direct", "workshop/frontend", Request(9000)),
     Hop("productcatalog -> catalogdetail: DELETE /catalogDetail", "productcatalog", "direct", "workshop/catalogdetailv1",
+        Request(3000, method="DELETE", path="/catalogDetail"), datapaths=("eni",)),
+    Hop("smoke test -> frontend:9000 (its deny check)", "smoke-test", "direct", "workshop/frontend", Request(9000)),
+    Hop("smoke test -> catalogdetail: DELETE /catalogDetail", "smoke-test", "direct", "workshop/catalogdetailv1",
         Request(3000, method="DELETE", path="/catalogDetail"), datapaths=("eni",)),
 )
 
@@ -668,11 +692,12 @@ def evaluate_all(deployed: Deployed, hops: list[Hop] | tuple = ()) -> list[Outco
 
 def cec_statuses(deployed: Deployed) -> dict[tuple[str, str], str]:
     """For the loopback harness: per (cluster kind, version), what a request's first try meets in the cluster,
-    the worse of both placements: "delivered", "denied" (403 before connect), "dropped" or "no address"."""
+    the worst of both placements and of every client (productcatalog, the smoke test): "delivered", "denied"
+    (403 before connect), "dropped" or "no address"."""
     policy = deployed.traffic
-    (client,) = {workload for workload, host, _, _ in _url_calls(deployed) if host.split(".")[0] == policy.service}
+    clients = sorted({workload for workload, host, _, _ in _url_calls(deployed) if host.split(".")[0] == policy.service})
     statuses: dict[tuple[str, str], str] = {}
-    for hop in _cec_hops(deployed, client, "/catalogDetail"):
+    for hop in (h for client in clients for h in _cec_hops(deployed, client, "/catalogDetail")):
         if hop.retry_after_timeout or not hop.via.startswith("cec-"):
             continue
         version = next(v for v in policy.versions if hop.target in (policy.eds_cluster(v), policy.version_host(v)))

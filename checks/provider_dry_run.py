@@ -99,41 +99,100 @@ class UnknownCommand(RuntimeError):
     """The handler ran something the recorder does not know how to answer."""
 
 
-def dry_run(template: dict, stack) -> list[Step]:
-    """Create every kubectl-provider resource of ``template`` in deploy order, then Delete them in reverse."""
-    cluster = Cluster(
+def stack_ready_objects(stack) -> dict[tuple[str, str], dict]:
+    """The objects only this stack's configuration names, once ready: the smoke test's verdict after a pass."""
+    smoke = getattr(stack, "smoke_test", None)
+    if smoke is None:
+        return {}
+    return {("configmap", smoke.verdict_configmap): smoke_verdict_object(stack, "pass")}
+
+
+def smoke_verdict_object(stack, verdict: str | None) -> dict:
+    """The verdict ConfigMap as the API server returns it: with the Job's line, or while it runs (None)."""
+    smoke = stack.smoke_test
+    data = {} if verdict is None else {smoke.verdict_key: verdict}
+    metadata = {"name": smoke.verdict_configmap, "namespace": smoke.verdict_namespace}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
+
+
+def _cluster(stack) -> Cluster:
+    return Cluster(
         logical_id=stack.get_logical_id(stack.cluster.node.default_child),
         name=stack.config.cluster_name,
         kubernetes_version=stack.config.kubernetes_version,
     )
+
+
+def _invoke(modules: dict, cluster: Cluster, name: str, resource: dict, request_type: str,
+            ready_objects: dict, overrides: dict | None = None) -> Step:  # fmt: skip
+    """One call of the handler, as CloudFormation makes it, with subprocess recorded."""
+    properties = {k: v for k, v in resource["Properties"].items() if k != "ServiceToken"}
+    step = Step(name, resource["Type"], request_type)
+    event = {
+        "RequestType": request_type,
+        "ResourceType": resource["Type"],
+        "LogicalResourceId": name,
+        "ResourceProperties": {**cloudformation_strings(cluster.resolve(properties)), **(overrides or {})},
+    }
+    recorder = Recorder(step, cluster, ready_objects)
+    with recorder.installed(modules):
+        try:
+            step.result = modules["index"].handler(event, None)
+            if recorder.errors:  # the handler swallows errors on Delete; a dry run must not
+                raise recorder.errors[0]
+        except Exception as error:
+            error.add_note(f"{request_type} {name}")
+            raise
+    return step
+
+
+def dry_run(template: dict, stack) -> list[Step]:
+    """Create every kubectl-provider resource of ``template`` in deploy order, then Delete them in reverse."""
+    cluster = _cluster(stack)
+    ready_objects = {**READY_OBJECTS, **stack_ready_objects(stack)}
     order = [name for name in creation_order(template) if template["Resources"][name]["Type"].startswith(RESOURCE_PREFIX)]
     with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
         outdir = Path(work) / "out"
         outdir.mkdir()
         modules = _import_handler(Path(work) / "handler", outdir)
-        steps = []
-        for request_type, names in (("Create", order), ("Delete", order[::-1])):
-            for name in names:
-                resource = template["Resources"][name]
-                properties = {k: v for k, v in resource["Properties"].items() if k != "ServiceToken"}
-                step = Step(name, resource["Type"], request_type)
-                event = {
-                    "RequestType": request_type,
-                    "ResourceType": resource["Type"],
-                    "LogicalResourceId": name,
-                    "ResourceProperties": cloudformation_strings(cluster.resolve(properties)),
-                }
-                recorder = Recorder(step, cluster)
-                with recorder.installed(modules):
-                    try:
-                        step.result = modules["index"].handler(event, None)
-                        if recorder.errors:  # the handler swallows errors on Delete; a dry run must not
-                            raise recorder.errors[0]
-                    except Exception as error:
-                        error.add_note(f"{request_type} {name}")
-                        raise
-                steps.append(step)
-    return steps
+        return [
+            _invoke(modules, cluster, name, template["Resources"][name], request_type, ready_objects)
+            for request_type, names in (("Create", order), ("Delete", order[::-1]))
+            for name in names
+        ]
+
+
+class VirtualClock:
+    """Stands in for the handler's ``time`` module: a sleep advances the clock at once and is recorded."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def wait_step(template: dict, stack, logical_id: str, document: dict, timeout_s: int | None = None,
+              clock: VirtualClock | None = None) -> Step:  # fmt: skip
+    """The Create of one KubernetesObjectValue while its object is ``document``: the handler runs
+    ``kubectl get`` until the field has a value or its timeout (the template's, or ``timeout_s``) runs
+    out, on ``clock`` when given (so its sleeps between polls take no time)."""
+    cluster = _cluster(stack)
+    resource = template["Resources"][logical_id]
+    key = (resource["Properties"]["ObjectType"], resource["Properties"]["ObjectName"])
+    overrides = {"TimeoutSeconds": str(timeout_s)} if timeout_s is not None else None
+    with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
+        outdir = Path(work) / "out"
+        outdir.mkdir()
+        modules = _import_handler(Path(work) / "handler", outdir)
+        if clock is not None:
+            modules["get"].time = clock
+        return _invoke(modules, cluster, logical_id, resource, "Create", {key: document}, overrides)
 
 
 @dataclass(frozen=True)
@@ -242,9 +301,10 @@ class Recorder:
     STDOUT = subprocess.STDOUT
     PIPE = subprocess.PIPE
 
-    def __init__(self, step: Step, cluster: Cluster):
+    def __init__(self, step: Step, cluster: Cluster, ready_objects: dict):
         self.step = step
         self.cluster = cluster
+        self.ready_objects = ready_objects
         self.errors: list[Exception] = []
 
     @contextlib.contextmanager
@@ -303,9 +363,9 @@ class Recorder:
                 return b""
             if args[0] == "get":
                 _, _, _, object_type, name, output = args  # get -n <namespace> <type> <name> -o=jsonpath=...
-                if (object_type, name) not in READY_OBJECTS:
+                if (object_type, name) not in self.ready_objects:
                     raise UnknownCommand(f"the dry run has no ready state for {object_type}/{name}: {argv}")
-                return kubectl_output(self.cluster.kubernetes_version, READY_OBJECTS[object_type, name], output).encode()
+                return kubectl_output(self.cluster.kubernetes_version, self.ready_objects[object_type, name], output).encode()
         raise UnknownCommand(f"the dry run does not know this command: {argv}")
 
     def _render_cilium(self, argv: list[str]) -> list[dict]:

@@ -14,6 +14,7 @@ from cilium_mesh import CiliumMesh, CiliumMeshProps, TrafficPolicy
 from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
 from cilium_mesh.metrics import MeshMetrics, MeshMetricsProps
+from cilium_mesh.smoke import SmokeTest, SmokeTestProps
 from constructs import Construct
 
 from .config import MeshConfig
@@ -66,6 +67,18 @@ class CiliumEksStack(Stack):
                 self,
                 "Metrics",
                 MeshMetricsProps(cluster=self.cluster, traffic_policy=config.traffic_policy, alert_email=config.alert_email),
+            )
+        if config.smoke_test:
+            self.smoke_test = SmokeTest(
+                self,
+                "SmokeTest",
+                SmokeTestProps(
+                    cluster=self.cluster,
+                    traffic_policy=config.traffic_policy,
+                    datapath=config.datapath,
+                    network_policy=config.network_policy,
+                    after=self.mesh.manifests_after,
+                ),
             )
         self._outputs()
         self._acknowledge_findings()
@@ -247,6 +260,7 @@ class CiliumEksStack(Stack):
 
     def _acknowledge_findings(self) -> None:
         """cdk-nag AwsSolutions findings that are accepted, each on its construct, with its concrete cause."""
+        config = self.config
         kubectl_provider = self.cluster.node.find_child("KubectlProvider")
         handler = kubectl_provider.node.find_child("Handler")
         framework = kubectl_provider.node.find_child("Provider").node.find_child("framework-onEvent")
@@ -317,6 +331,12 @@ class CiliumEksStack(Stack):
         ]
         if self.eni:
             acknowledgements += self._eni_acknowledgements()
+        if config.smoke_test:
+            acknowledgements.append((
+                self.smoke_test.handler,
+                [_managed_policy("service-role/AWSLambdaBasicExecutionRole")],
+                "The smoke test's verdict relay Lambda writes its logs with AWSLambdaBasicExecutionRole.",
+            ))  # fmt: skip
         for construct, findings, reason in acknowledgements:
             Validations.of(construct).acknowledge(*(Acknowledgment(id=f, reason=reason) for f in findings))
 

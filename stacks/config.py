@@ -43,6 +43,7 @@ KEYS = (
     "datapath",
     "metrics",
     "alert_email",
+    "smoke_test",
 )
 
 # Keys whose null is a value (none), not a missing key.
@@ -107,6 +108,7 @@ class MeshConfig:
     datapath: str
     metrics: bool
     alert_email: str | None
+    smoke_test: bool
 
 
 @functools.cache
@@ -353,6 +355,7 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         datapath=_datapath(context("datapath"), cluster_name),
         metrics=metrics,
         alert_email=_alert_email(context("alert_email"), metrics),
+        smoke_test=_flag("smoke_test", context("smoke_test")),
     )
 
 

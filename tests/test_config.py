@@ -94,6 +94,7 @@ BAD = THROUGH_APP + [
     ("alert_email", "oncall@example.com\n", "e-mail address"),
     ("alert_email", "on call@example.com", "e-mail address"),
     ("alert_email", ["oncall@example.com"], "e-mail address"),
+    ("smoke_test", "sometimes", "true or false"),
 ]
 
 

@@ -17,12 +17,13 @@ from cilium_mesh.manifests import (
     replaced_by_name,
 )
 from cilium_mesh.metrics_files import SCRAPER_RBAC_FILE
+from cilium_mesh.smoke_files import SMOKE_POLICY_DATAPATH_FILES, SMOKE_POLICY_FILE, SMOKE_TEST_FILE
 from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
 from checks.schemas import InvalidObject, validate_object
 
 FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(), TRAFFIC_POLICY_FILE,
-         SCRAPER_RBAC_FILE]
+         SCRAPER_RBAC_FILE, SMOKE_TEST_FILE, SMOKE_POLICY_FILE, *filter(None, SMOKE_POLICY_DATAPATH_FILES.values())]
 
 
 def validate(document: dict) -> None:
@@ -258,7 +259,8 @@ def test_eni_adds_l7_rules_on_the_same_peers_and_ports(synth, synth_eni):
     assert differ == {"frontend"}
     assert chaining["frontend"]["ingress"][0]["fromEntities"] == ["ingress", "host", "remote-node"]
     assert eni["frontend"]["ingress"][0]["fromEntities"] == ["ingress", "host"]
-    assert {name for name, spec in eni.items() if l7_rules(spec)} == {"allow-dns", "catalogdetail"}
+    assert {name for name, spec in eni.items() if l7_rules(spec)} == {"allow-dns", "catalogdetail", "smoke-test-to-catalogdetail"}
+    assert l7_rules(eni["smoke-test-to-catalogdetail"]) == [{"http": [{"method": "GET", "path": "/catalogDetail"}]}]
     http = [{"method": "GET", "path": "/catalogDetail"}, {"method": "GET", "path": "/ping"}]
     assert l7_rules(eni["catalogdetail"]) == [{"http": http}, {"http": http}]
     assert l7_rules(eni["allow-dns"]) == [{"dns": [{"matchPattern": "*"}]}]

@@ -83,11 +83,14 @@ def test_controller_service_account_does_not_wait_for_nodes(synth, graph, ids):
     assert ids["nodes"] not in graph.after(account)
 
 
-def test_at_most_three_kubernetes_steps_after_the_node_group(graph, ids):
+def test_at_most_four_kubernetes_steps_after_the_node_group(synth, graph, ids):
+    """The controller, Cilium, the manifests with the smoke test's Job beside them, and the wait for its verdict."""
     steps = {
         name
         for name, res in graph.resources.items()
         if res["Type"] in KUBERNETES_STEP and ids["nodes"] in graph.after(name)
     }
     chain = graph.longest_chain(steps)
-    assert len(chain) == 3 and chain[1:] == [ids["cilium"], ids["lbc"]], chain
+    smoke = synth.stack.smoke_test
+    expected = [synth.logical_id(smoke.verdict), synth.logical_id(smoke.job), ids["cilium"], ids["lbc"]]
+    assert chain == expected, chain

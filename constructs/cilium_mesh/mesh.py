@@ -143,8 +143,9 @@ class CiliumMesh(Construct):
             name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents)
             for name, documents in manifests.items()
         }
+        self.manifests_after = (*ready, self.namespace)
         for manifest in self.manifests.values():
-            manifest.node.add_dependency(*ready, self.namespace)
+            manifest.node.add_dependency(*self.manifests_after)
 
         self.ingress_hostname = eks.KubernetesObjectValue(
             self,

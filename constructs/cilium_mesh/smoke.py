@@ -1,0 +1,88 @@
+"""SmokeTest: the last step of the deploy, a Job in the cluster that checks the mesh carries traffic.
+
+The Job (manifests/smoke/) is applied beside the app, its policies, the traffic policy and the Ingress
+(its script retries until they answer), and writes one line into a ConfigMap: "pass" or what failed.
+A KubernetesObjectValue waits for that line, the one step the smoke test adds after the manifests, and
+a relay (smoke_verdict/handler.py) fails the stack with it. Each change of
+the Job (script, weights, settings) gets a new name, so an update reruns it; an unchanged deploy
+does not.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+from aws_cdk import CustomResource, Duration, RemovalPolicy
+from aws_cdk import aws_eks_v2 as eks
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct, IConstruct
+
+from .smoke_files import VERDICT_WAIT_S, smoke_documents, verdict_configmap
+from .traffic import TrafficPolicy
+
+VERDICT_HANDLER_FILE = Path(__file__).resolve().parent / "smoke_verdict" / "handler.py"
+
+
+@dataclass(frozen=True)
+class SmokeTestProps:
+    """What SmokeTest needs.
+
+    cluster:        the cluster, with its kubectl provider.
+    traffic_policy: the weights and pin header the Job checks.
+    datapath:       picks the smoke test's network policy (eni: L7 rules).
+    network_policy: whether the app's policy is applied (without it the deny check is left out).
+    after:          what the app's manifests wait for (Cilium ready, the namespace): the Job goes beside them.
+    """
+
+    cluster: eks.Cluster
+    traffic_policy: TrafficPolicy
+    datapath: str
+    network_policy: bool
+    after: tuple[IConstruct, ...]
+
+
+class SmokeTest(Construct):
+    """The Job, the wait for its verdict, and the verdict as the deploy's outcome."""
+
+    def __init__(self, scope: Construct, id: str, props: SmokeTestProps) -> None:
+        super().__init__(scope, id)
+        cluster = props.cluster
+        documents = smoke_documents(props.traffic_policy, props.datapath, props.network_policy)
+        self.documents = copy.deepcopy(documents)
+        self.job = eks.KubernetesManifest(self, "Job", cluster=cluster, manifest=documents)
+        self.job.node.add_dependency(*props.after)
+        namespace, configmap, key = verdict_configmap(documents)
+        self.verdict_namespace, self.verdict_configmap, self.verdict_key = namespace, configmap, key
+        self.verdict = eks.KubernetesObjectValue(
+            self,
+            "Verdict",
+            cluster=cluster,
+            object_type="configmap",
+            object_name=configmap,
+            object_namespace=namespace,
+            json_path=f".data.{key}",
+            timeout=Duration.seconds(VERDICT_WAIT_S),
+        )
+        self.verdict.node.add_dependency(self.job)
+        self.handler = lambda_.Function(
+            self,
+            "Handler",
+            runtime=lambda_.Runtime.PYTHON_3_14,
+            handler="index.handler",
+            code=lambda_.Code.from_inline(VERDICT_HANDLER_FILE.read_text()),
+            timeout=Duration.seconds(30),
+            description="Fails the deploy with the smoke test's verdict unless it is pass",
+            log_group=logs.LogGroup(
+                self, "Logs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
+            ),
+        )
+        self.result = CustomResource(
+            self,
+            "Result",
+            service_token=self.handler.function_arn,
+            resource_type="Custom::CiliumMeshSmokeTest",
+            properties={"Verdict": self.verdict.value},
+        )

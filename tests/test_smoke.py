@@ -1,0 +1,274 @@
+"""The deploy's smoke test: its Job and policy as the stack applies them, the wait on its verdict through
+aws-cdk-lib's own kubectl handler, the relay that fails the stack, and its script against the harness."""
+
+import importlib.util
+import json
+import sys
+import types
+from contextlib import ExitStack
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from cilium_mesh import TrafficPolicy
+from cilium_mesh.mesh import PROVIDER_LAMBDA_TIMEOUT
+from cilium_mesh.smoke import VERDICT_HANDLER_FILE
+from cilium_mesh.smoke_files import SMOKE_SCRIPT_FILE, VERDICT_WAIT_S
+from conftest import CONTEXT, manifest_documents, synth_of
+from checks.cilium_envoy import build_for
+from checks.datapath import Deployed, cec_statuses
+from checks.envoy_harness import LOOPBACK, Blackhole, Fault, running
+from checks.provider_dry_run import VirtualClock, find_step, smoke_verdict_object, wait_step
+
+TAG = build_for(CONTEXT["cilium_version"]).tag
+POLICY = TrafficPolicy(weights={"v1": 50, "v2": 50})
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("smoke_test", SMOKE_SCRIPT_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SMOKE = load_script()
+
+
+def job_of(documents):
+    (job,) = [d for d in documents if d["kind"] == "Job"]
+    return job
+
+
+# --- the stack -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_the_job_goes_beside_the_manifests_and_its_verdict_decides_the_deploy(request, datapath):
+    synth = synth_of(request, datapath)
+    smoke, mesh = synth.stack.smoke_test, synth.stack.mesh
+    job_resource = synth.resource(smoke.job)
+    assert {synth.logical_id(c) for c in mesh.manifests_after} <= set(job_resource["DependsOn"])
+    assert not {synth.logical_id(m) for m in mesh.manifests.values()} & set(job_resource["DependsOn"])
+    assert synth.logical_id(smoke.job) in synth.resource(smoke.verdict)["DependsOn"]
+    verdict = synth.resource(smoke.verdict)["Properties"]
+    job = job_of(manifest_documents(job_resource))
+    assert (verdict["ObjectType"], verdict["ObjectName"], verdict["JsonPath"]) == (
+        "configmap", "smoke-test-verdict", f".data.{job['metadata']['name']}")  # fmt: skip
+    result = synth.resource(smoke.result)["Properties"]
+    assert result["Verdict"] == {"Fn::GetAtt": [synth.logical_id(smoke.verdict), "Value"]}
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["WEIGHTS"]) == dict(synth.stack.config.traffic_policy.weights)
+    assert env["INGRESS_SERVICE"] == "kube-system/cilium-ingress" and env["VERDICT_KEY"] == job["metadata"]["name"]
+    script = next(d for d in manifest_documents(job_resource) if d["metadata"]["name"] == "smoke-test-script")
+    assert script["data"]["smoke_test.py"] == SMOKE_SCRIPT_FILE.read_text()
+    policies = {d["metadata"]["name"]: d for d in manifest_documents(job_resource) if d["kind"] == "CiliumNetworkPolicy"}
+    catalogdetail_rule = policies["smoke-test-to-catalogdetail"]["spec"]["ingress"][0]["toPorts"][0]
+    assert ("rules" in catalogdetail_rule) == (datapath == "eni"), "eni: L7 only, or it widens catalogdetail's L7 rules"
+
+
+def test_deadlines_nest_inside_the_provider_lambda(synth_eni):
+    smoke = synth_eni.stack.smoke_test
+    job = job_of(smoke.documents)
+    wait = int(synth_eni.resource(smoke.verdict)["Properties"]["TimeoutSeconds"])
+    assert job["spec"]["activeDeadlineSeconds"] < wait == VERDICT_WAIT_S < PROVIDER_LAMBDA_TIMEOUT.to_seconds() - 240
+    assert job["spec"]["backoffLimit"] == 0
+    settings = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert float(settings["DEADLINE_S"]) + 60 < job["spec"]["activeDeadlineSeconds"]
+
+
+def test_a_changed_configuration_names_a_new_job(synth, synth_variant):
+    """A Job's pod template cannot change; a new name makes an update run the smoke test again."""
+    names = {job_of(s.stack.smoke_test.documents)["metadata"]["name"] for s in (synth, synth_variant)}
+    assert len(names) == 2
+
+
+def test_smoke_test_off_leaves_it_out(tmp_path):
+    from conftest import synthesize
+
+    off = synthesize(tmp_path / "out", smoke_test=False, metrics=False)
+    assert not hasattr(off.stack, "smoke_test")
+    assert not off.resources("Custom::CiliumMeshSmokeTest")
+
+
+# --- the wait, with aws-cdk-lib's handler (checks/provider_dry_run.py) -----------------------------------
+
+
+def test_the_wait_returns_the_verdict_once_written_and_keeps_polling_while_the_job_runs(synth_eni):
+    stack, template = synth_eni.stack, synth_eni.template
+    verdict_id = synth_eni.logical_id(stack.smoke_test.verdict)
+    passed = wait_step(template, stack, verdict_id, smoke_verdict_object(stack, "pass"))
+    assert passed.result == {"Data": {"Value": "pass"}}
+    command = passed.commands[-1]
+    assert command[command.index("get") :][:5] == ["get", "-n", "workshop", "configmap", "smoke-test-verdict"]
+    failure = "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
+    failed = wait_step(template, stack, verdict_id, smoke_verdict_object(stack, failure))
+    assert failed.result == {"Data": {"Value": failure}}
+    # While the Job runs the ConfigMap has no verdict: the handler asks every 10 s; here with the
+    # timeout cut to 30 s on a virtual clock, then it gives up (in the stack after VERDICT_WAIT_S).
+    clock = VirtualClock()
+    with pytest.raises(RuntimeError, match="Timeout waiting for output"):
+        wait_step(template, stack, verdict_id, smoke_verdict_object(stack, None), timeout_s=30, clock=clock)
+    assert clock.sleeps == [10, 10, 10]
+
+
+def test_the_dry_run_applies_the_job_once_cilium_is_ready_and_then_waits(provider_steps_eni, synth_eni):
+    stack = synth_eni.stack
+    order = [s.logical_id for s in provider_steps_eni if s.request_type == "Create"]
+    job_id, verdict_id = synth_eni.logical_id(stack.smoke_test.job), synth_eni.logical_id(stack.smoke_test.verdict)
+    assert order.index(job_id) > max(order.index(synth_eni.logical_id(c)) for c in stack.mesh.manifests_after)
+    assert order.index(verdict_id) > order.index(job_id)
+    applied = find_step(provider_steps_eni, job_id).manifests
+    assert {d["kind"] for d in applied} >= {"Job", "ServiceAccount", "Role", "RoleBinding", "ConfigMap", "CiliumNetworkPolicy"}
+    assert find_step(provider_steps_eni, verdict_id).result == {"Data": {"Value": "pass"}}
+
+
+def relay(verdict: str, request_type: str = "Create") -> dict:
+    """The relay Lambda's code (smoke_verdict/handler.py) with CloudFormation's cfnresponse module recorded."""
+    sent = {}
+    cfnresponse = types.SimpleNamespace(SUCCESS="SUCCESS", FAILED="FAILED")
+    cfnresponse.send = lambda event, context, status, data, physical_id, reason=None: sent.update(status=status, reason=reason)
+    module = types.ModuleType("verdict_relay")
+    sys.modules["cfnresponse"] = cfnresponse
+    try:
+        exec(VERDICT_HANDLER_FILE.read_text(), module.__dict__)
+    finally:
+        del sys.modules["cfnresponse"]
+    module.handler({"RequestType": request_type, "ResourceProperties": {"Verdict": verdict}}, None)
+    return sent
+
+
+def test_the_relay_fails_the_stack_with_the_verdict_line():
+    assert relay("pass") == {"status": "SUCCESS", "reason": None}
+    line = "pin v2: v1 20/20 (expected only v2)"
+    assert relay(line) == {"status": "FAILED", "reason": f"smoke test failed: {line}"}
+    assert relay(line, "Delete")["status"] == "SUCCESS", "a failed smoke test must not block rollback or destroy"
+
+
+# --- the script against the harness -----------------------------------------------------------------
+
+
+class _Page(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        body = self.server.body
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def serve(stack: ExitStack, address: str, body: bytes) -> str:
+    server = ThreadingHTTPServer((address, 0), _Page)
+    server.body = body
+    import threading
+
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)
+    return f"{address}:{server.server_address[1]}"
+
+
+def settings_for(envoy_port: int, ingress: str, products: str, denied: str, policy=POLICY) -> dict:
+    return {
+        "ingress_host": "nlb.example",
+        "ingress_port": int(ingress.rsplit(":", 1)[1]),
+        "deadline_s": 0.0,
+        "retry_s": 0.0,
+        "products_url": f"http://{products}/products/",
+        "catalogdetail_url": f"http://{LOOPBACK}:{envoy_port}/catalogDetail",
+        "denied_url": f"http://{denied}/",
+        "deny_timeout_s": 0.5,
+        "weights": dict(policy.weights),
+        "pin_header": policy.pin_header,
+        "split_requests": 200,
+        "pin_requests": 20,
+        "timeout_s": 0.5,
+    }
+
+
+@pytest.fixture
+def app_stand_ins():
+    """Two "NLB addresses" serving frontend's page, productcatalog's answer, a dropped and an answering address."""
+    with ExitStack() as stack:
+        details = json.dumps({"products": {}, "details": {"version": "1", "vendors": ["ABC.com"]}}).encode()
+        page = b"<html><title>Product Catalog</title></html>"
+        port_holder = serve(stack, "127.0.0.11", page)
+        port = int(port_holder.rsplit(":", 1)[1])
+        second = ThreadingHTTPServer(("127.0.0.12", port), _Page)
+        second.body = page
+        import threading
+
+        threading.Thread(target=second.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+        stack.callback(second.server_close)
+        stack.callback(second.shutdown)
+        dropped = ("127.0.0.13", port)
+        stack.callback(Blackhole(dropped).stop)
+        yield {
+            "ingress": port_holder,
+            "addresses": ["127.0.0.11", "127.0.0.12"],
+            "dropped": "127.0.0.13",
+            "dropped_at": f"127.0.0.13:{port}",
+            "products": serve(stack, "127.0.0.14", details),
+            "answering": serve(stack, "127.0.0.15", page),
+        }
+
+
+def run_script(settings: dict, addresses: list[str]) -> str:
+    return SMOKE.verdict(SMOKE.run_checks(settings, resolve=lambda host: set(addresses)))
+
+
+def test_script_passes_and_names_each_failure_it_can_see_without_envoy_changes(app_stand_ins):
+    apps = app_stand_ins
+    with running(POLICY, TAG) as (envoy, _, _):
+        healthy = settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"])
+        assert run_script(healthy, apps["addresses"]) == "pass"
+        one_node = run_script(healthy, [apps["addresses"][0], apps["dropped"]])
+        allowed = run_script({**healthy, "denied_url": f"http://{apps['answering']}/"}, apps["addresses"])
+    assert one_node == (f"ingress: http://nlb.example/ not 200 from every NLB address: "
+                        f"{apps['addresses'][0]} 200, {apps['dropped']} no answer")  # fmt: skip
+    assert allowed == f"deny: http://{apps['answering']}/ answered 200 to the smoke test (its policy must refuse it)"
+
+
+def test_script_fails_when_cilium_denies_the_split(app_stand_ins):
+    apps = app_stand_ins
+    statuses = cec_statuses(Deployed.of("eni", POLICY).with_cluster_ip_version_services())
+    with running(POLICY, TAG, statuses=statuses) as (envoy, _, _):
+        line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
+    assert line == "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
+
+
+def test_script_fails_when_a_version_is_down(app_stand_ins):
+    apps = app_stand_ins
+    with running(POLICY, TAG, {"v2": Fault("down")}) as (envoy, _, _):
+        line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
+    split, pin = line.split("; ")
+    assert split == "split: v1 200/200, v2 0/200 (weights v1 50%, v2 50%)"
+    assert pin.startswith("pin v2: no answer from any version, 20 x ") and pin.endswith("(expected only v2)")
+
+
+def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkeypatch):
+    """A route that pins v1 to v2's Service (a broken render): the pin check names it."""
+    apps = app_stand_ins
+    original = TrafficPolicy.route_configuration
+
+    def crossed(self):
+        config = original(self)
+        for route in config["virtual_hosts"][0]["routes"]:
+            if route["name"] == "pin-v1":
+                route["route"]["cluster"] = self.eds_cluster("v2")
+        return config
+
+    monkeypatch.setattr(TrafficPolicy, "route_configuration", crossed)
+    with running(POLICY, TAG) as (envoy, _, _):
+        line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
+    assert line == "pin v1: v2 20/20 (expected only v1)"
+
+
+def test_split_check_tells_the_weights_apart_from_a_plain_round_robin():
+    """200 requests: a 90/10 policy's band (4.5 standard deviations) excludes the 100/100 a plain Service gives."""
+    policy = TrafficPolicy(weights={"v1": 90, "v2": 10})
+    n, p = 200, 0.9
+    band = SMOKE.SIGMAS * (n * p * (1 - p)) ** 0.5
+    assert abs(100 - n * p) > band
+    assert abs(n * policy.weights["v1"] / sum(policy.weights.values()) - n * p) == 0
