@@ -103,6 +103,7 @@ def synth_variant(tmp_path_factory) -> Synth:
         admin_principal_arn="arn:aws:iam::123456789012:role/PlatformAdmin",
         traffic_weights={"v1": 90, "v2": 10},
         metrics=False,
+        smoke_test=False,
     )
 
 
@@ -111,6 +112,8 @@ def synth_variant(tmp_path_factory) -> Synth:
 # the tests that read it run last.
 _ALERT_RUN: dict = {}
 ALERT_RUN_TIMEOUT_S = 240
+# Requests per second per scenario: enough for every alert, half of tools.measure's, for the suite's CPU.
+ALERT_RUN_RATE = 20
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -122,7 +125,7 @@ def pytest_collection_modifyitems(session, config, items):
     _ALERT_RUN.update(
         output=output,
         process=subprocess.Popen(
-            [sys.executable, "-m", "checks.metrics_harness", "--json", str(output)],
+            [sys.executable, "-m", "checks.metrics_harness", "--json", str(output), "--rate", str(ALERT_RUN_RATE)],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         ),  # fmt: skip
     )

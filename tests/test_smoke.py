@@ -12,7 +12,7 @@ import pytest
 from cilium_mesh import TrafficPolicy
 from cilium_mesh.mesh import PROVIDER_LAMBDA_TIMEOUT
 from cilium_mesh.smoke import VERDICT_HANDLER_FILE
-from cilium_mesh.smoke_files import SMOKE_SCRIPT_FILE, VERDICT_WAIT_S
+from cilium_mesh.smoke_files import SMOKE_SCRIPT_FILE, VERDICT_WAIT_S, smoke_documents
 from conftest import CONTEXT, manifest_documents, synth_of
 from checks.cilium_envoy import build_for
 from checks.datapath import Deployed, cec_statuses
@@ -75,18 +75,19 @@ def test_deadlines_nest_inside_the_provider_lambda(synth_eni):
     assert float(settings["DEADLINE_S"]) + 60 < job["spec"]["activeDeadlineSeconds"]
 
 
-def test_a_changed_configuration_names_a_new_job(synth, synth_variant):
+def test_a_changed_configuration_names_a_new_job():
     """A Job's pod template cannot change; a new name makes an update run the smoke test again."""
-    names = {job_of(s.stack.smoke_test.documents)["metadata"]["name"] for s in (synth, synth_variant)}
-    assert len(names) == 2
+    def name(policy, datapath="eni", network_policy=True):
+        return job_of(smoke_documents(policy, datapath, network_policy))["metadata"]["name"]
+
+    canary = TrafficPolicy(weights={"v1": 90, "v2": 10})
+    assert len({name(POLICY), name(canary), name(POLICY, "chaining"), name(POLICY, network_policy=False)}) == 4
+    assert name(POLICY) == name(TrafficPolicy(weights={"v1": 50, "v2": 50}))
 
 
-def test_smoke_test_off_leaves_it_out(tmp_path):
-    from conftest import synthesize
-
-    off = synthesize(tmp_path / "out", smoke_test=False, metrics=False)
-    assert not hasattr(off.stack, "smoke_test")
-    assert not off.resources("Custom::CiliumMeshSmokeTest")
+def test_smoke_test_off_leaves_it_out(synth_variant):
+    assert not hasattr(synth_variant.stack, "smoke_test")
+    assert not synth_variant.resources("Custom::CiliumMeshSmokeTest")
 
 
 # --- the wait, with aws-cdk-lib's handler (checks/provider_dry_run.py) -----------------------------------
@@ -169,7 +170,7 @@ def serve(stack: ExitStack, address: str, body: bytes) -> str:
     return f"{address}:{server.server_address[1]}"
 
 
-def settings_for(envoy_port: int, ingress: str, products: str, denied: str, policy=POLICY) -> dict:
+def settings_for(envoy_port: int, ingress: str, products: str, denied: str, policy=POLICY, split: int = 100) -> dict:
     return {
         "ingress_host": "nlb.example",
         "ingress_port": int(ingress.rsplit(":", 1)[1]),
@@ -181,8 +182,8 @@ def settings_for(envoy_port: int, ingress: str, products: str, denied: str, poli
         "deny_timeout_s": 0.5,
         "weights": dict(policy.weights),
         "pin_header": policy.pin_header,
-        "split_requests": 200,
-        "pin_requests": 20,
+        "split_requests": split,
+        "pin_requests": 5,
         "timeout_s": 0.5,
     }
 
@@ -234,7 +235,8 @@ def test_script_fails_when_cilium_denies_the_split(app_stand_ins):
     apps = app_stand_ins
     statuses = cec_statuses(Deployed.of("eni", POLICY).with_cluster_ip_version_services())
     with running(POLICY, TAG, statuses=statuses) as (envoy, _, _):
-        line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
+        line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"], split=200),
+                          apps["addresses"])  # fmt: skip
     assert line == "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
 
 
@@ -243,8 +245,8 @@ def test_script_fails_when_a_version_is_down(app_stand_ins):
     with running(POLICY, TAG, {"v2": Fault("down")}) as (envoy, _, _):
         line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
     split, pin = line.split("; ")
-    assert split == "split: v1 200/200, v2 0/200 (weights v1 50%, v2 50%)"
-    assert pin.startswith("pin v2: no answer from any version, 20 x ") and pin.endswith("(expected only v2)")
+    assert split == "split: v1 100/100, v2 0/100 (weights v1 50%, v2 50%)"
+    assert pin.startswith("pin v2: no answer from any version, 5 x ") and pin.endswith("(expected only v2)")
 
 
 def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkeypatch):
@@ -262,7 +264,7 @@ def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkey
     monkeypatch.setattr(TrafficPolicy, "route_configuration", crossed)
     with running(POLICY, TAG) as (envoy, _, _):
         line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
-    assert line == "pin v1: v2 20/20 (expected only v1)"
+    assert line == "pin v1: v2 5/5 (expected only v1)"
 
 
 def test_split_check_tells_the_weights_apart_from_a_plain_round_robin():
