@@ -5,11 +5,16 @@ cdk-nag's AwsSolutions checks run as a validation plugin, so `cdk synth` fails o
 the stack does not acknowledge.
 """
 
-import aws_cdk as cdk
-from cdk_nag import AwsSolutionsChecks
+from stacks.config import cli_context, load_config_or_exit
 
-from stacks.cilium_eks_stack import CiliumEksStack
-from stacks.config import load_config_or_exit
+# A bad value stops here, before the CDK's Node.js runtime starts (about 3 s); cdk.App reads the same context.
+if (context := cli_context()) is not None:
+    load_config_or_exit(context)
+
+import aws_cdk as cdk  # noqa: E402
+from cdk_nag import AwsSolutionsChecks  # noqa: E402
+
+from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
 
 app = cdk.App()
 config = load_config_or_exit(app.node.get_all_context())

@@ -14,6 +14,7 @@ import functools
 import gzip
 import ipaddress
 import json
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -357,6 +358,20 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         alert_email=_alert_email(context("alert_email"), metrics),
         smoke_test=_flag("smoke_test", context("smoke_test")),
     )
+
+
+def cli_context() -> dict | None:
+    """The context the CDK CLI hands the app, as cdk.App reads it (aws-cdk 2.1148.1, toolkit-lib
+    prepare-source.ts writeContextToEnv: CDK_CONTEXT_JSON, and what does not fit in the environment in
+    the file CONTEXT_OVERFLOW_LOCATION_ENV names); None when the app runs without the CLI."""
+    text = os.environ.get("CDK_CONTEXT_JSON")
+    if text is None:
+        return None
+    context = json.loads(text)
+    overflow = os.environ.get("CONTEXT_OVERFLOW_LOCATION_ENV")
+    if overflow:
+        context.update(json.loads(Path(overflow).read_text()))
+    return context
 
 
 def load_config_or_exit(settings: Mapping[str, Any]) -> MeshConfig:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -107,44 +109,96 @@ def synth_variant(tmp_path_factory) -> Synth:
     )
 
 
-# The local alert run (checks/metrics_harness.py) takes about 50 s, most of it waiting out the alerts'
-# `for: 30s`. It runs in its own process from the end of collection on, beside the other tests, and
-# the tests that read it run last.
-_ALERT_RUN: dict = {}
-ALERT_RUN_TIMEOUT_S = 240
-# Requests per second per scenario: enough for every alert, half of tools.measure's, for the suite's CPU.
+# Commands that mostly wait run in their own processes from the end of collection on, beside the other
+# tests, and the tests that read them run last: the local alert run (about 50 s, most of it the alerts'
+# `for: 30s`), the preview (about 7 s, most of it Prometheus' first target discovery) and the CDK CLI's
+# synth of both datapaths (about 11 s).
+BACKGROUND_TIMEOUT_S = 300
+# Requests per second per alert scenario: enough for every alert, half of tools.measure's, for the suite's CPU.
 ALERT_RUN_RATE = 20
+CDK_CLI = ROOT / "node_modules" / ".bin" / "cdk"
+_BACKGROUND: dict = {}
+
+
+def _python(directory: Path, *args: str) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+
+
+def _cli_synths(directory: Path) -> list[subprocess.Popen]:
+    """The real CDK CLI on a copy of the app, once per datapath, with no AWS credentials or config."""
+    work = directory / "app"
+    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "__pycache__"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and not k.startswith("CDK_")}
+    env.update(
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_SHARED_CREDENTIALS_FILE=str(directory / "none"),
+        AWS_CONFIG_FILE=str(directory / "none"),
+        PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}",
+    )
+    return [
+        subprocess.Popen(
+            # --no-staging: the 57 MB of kubectl layer assets are not copied; what is checked here is the synth.
+            [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--no-staging", "--output", str(directory / datapath),
+             "--app", f"{sys.executable} app.py", "-c", f"datapath={datapath}"],
+            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for datapath in ("chaining", "eni")
+    ]
+
+
+# Fixture name -> what starts its processes in a directory of its own.
+_STARTERS = {
+    "alert_observations": lambda d: _python(d, "-m", "checks.metrics_harness", "--json", str(d / "observations.json"),
+                                            "--rate", str(ALERT_RUN_RATE)),
+    "preview_run": lambda d: _python(d, "-m", "tools.preview", "--requests", "100", "--fault", "v2=empty", "--compare"),
+    "cli_synths": _cli_synths,
+}  # fmt: skip
 
 
 def pytest_collection_modifyitems(session, config, items):
-    readers = [item for item in items if "alert_observations" in getattr(item, "fixturenames", ())]
-    if not readers:
-        return
+    readers = [item for item in items if set(_STARTERS) & set(getattr(item, "fixturenames", ()))]
     items[:] = [item for item in items if item not in readers] + readers
-    output = Path(tempfile.mkdtemp(prefix="alert-run-")) / "observations.json"
-    _ALERT_RUN.update(
-        output=output,
-        process=subprocess.Popen(
-            [sys.executable, "-m", "checks.metrics_harness", "--json", str(output), "--rate", str(ALERT_RUN_RATE)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ),  # fmt: skip
-    )
+    for name in sorted({n for item in readers for n in item.fixturenames if n in _STARTERS}):
+        directory = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        _BACKGROUND[name] = (directory, _STARTERS[name](directory))
 
 
 def pytest_unconfigure(config):
-    process = _ALERT_RUN.get("process")
-    if process and process.poll() is None:
-        process.kill()
-        process.wait(timeout=10)
+    for _, processes in _BACKGROUND.values():
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def _finished(name: str) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    directory, processes = _BACKGROUND[name]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=BACKGROUND_TIMEOUT_S)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return directory, results
 
 
 @pytest.fixture(scope="session")
 def alert_observations() -> dict:
     """Every scenario of checks/metrics_harness.py, as it wrote them (see pytest_collection_modifyitems)."""
-    process = _ALERT_RUN["process"]
-    _, stderr = process.communicate(timeout=ALERT_RUN_TIMEOUT_S)
-    assert process.returncode == 0, f"checks.metrics_harness failed: {stderr[-3000:]}"
-    return json.loads(_ALERT_RUN["output"].read_text())
+    directory, (result,) = _finished("alert_observations")
+    assert result.returncode == 0, f"checks.metrics_harness failed: {result.stderr[-3000:]}"
+    return json.loads((directory / "observations.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def preview_run() -> subprocess.CompletedProcess:
+    """`python -m tools.preview --requests 100 --fault v2=empty --compare`, as it ran."""
+    return _finished("preview_run")[1][0]
+
+
+@pytest.fixture(scope="session")
+def cli_synths() -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """The CDK CLI's synth of each datapath: (directory with the app's copy and each output, results)."""
+    directory, results = _finished("cli_synths")
+    return directory, dict(zip(("chaining", "eni"), results))
 
 
 def resolve_join(value) -> str:

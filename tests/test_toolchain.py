@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -11,9 +10,7 @@ import constructs
 import pytest
 from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
-from conftest import ROOT, STACK_NAME, synth_of
-
-CDK_CLI = ROOT / "node_modules" / ".bin" / "cdk"
+from conftest import CDK_CLI, ROOT, STACK_NAME, synth_of
 
 
 def test_constructs_folder_does_not_shadow_the_constructs_library():
@@ -26,41 +23,19 @@ def test_constructs_folder_does_not_shadow_the_constructs_library():
     assert cilium_mesh.__file__ == str(ROOT / "constructs" / "cilium_mesh" / "__init__.py")
 
 
-def test_cdk_cli_synthesizes_both_datapaths_without_credentials_or_lookups(tmp_path):
-    """The real CLI, with no AWS credentials or config, once per datapath (both at once: the suite's longest wait)."""
+def test_cdk_cli_synthesizes_both_datapaths_without_credentials_or_lookups(cli_synths):
+    """The real CLI, with no AWS credentials or config, once per datapath (both at once, beside the other tests)."""
     if not CDK_CLI.exists():
         pytest.fail("node_modules/.bin/cdk missing: run the README's set-up command (npm ci)")
-    work = tmp_path / "app"
-    shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "__pycache__"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and not k.startswith("CDK_")}
-    env.update(
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-        AWS_CONFIG_FILE=str(tmp_path / "none"),
-        PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}",
-    )
-    synths = {
-        datapath: subprocess.Popen(
-            # --no-staging: the 57 MB of kubectl layer assets are not copied; what is checked here is the synth.
-            [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--no-staging", "--output", str(tmp_path / datapath),
-             "--app", f"{sys.executable} app.py", "-c", f"datapath={datapath}"],
-            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for datapath in ("chaining", "eni")
-    }
-    try:
-        errors = {datapath: process.communicate(timeout=300)[1] for datapath, process in synths.items()}
-    finally:
-        for process in synths.values():
-            process.kill()
-    for datapath, process in synths.items():
-        assert process.returncode == 0, (datapath, errors[datapath][-3000:])
-        template = json.loads((tmp_path / datapath / f"{STACK_NAME}.template.json").read_text())
+    directory, results = cli_synths
+    for datapath, result in results.items():
+        assert result.returncode == 0, (datapath, result.stderr[-3000:])
+        template = json.loads((directory / datapath / f"{STACK_NAME}.template.json").read_text())
         types = {r["Type"] for r in template["Resources"].values()}
         assert "AWS::EKS::Cluster" in types and ("Custom::CiliumEniCleanup" in types) == (datapath == "eni")
-        manifest = json.loads((tmp_path / datapath / "manifest.json").read_text())
+        manifest = json.loads((directory / datapath / "manifest.json").read_text())
         assert not manifest.get("missing"), "a context lookup would need AWS at synth"
-    assert not (work / "cdk.context.json").exists()
+    assert not (directory / "app" / "cdk.context.json").exists()
 
 
 # cfn-lint warnings we accept, each with its cause; any other warning (an unknown IAM action, W3037, say) fails.

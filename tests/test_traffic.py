@@ -290,16 +290,13 @@ def test_walkthrough_policy_loses_the_share_of_a_failing_version(fault, requests
     assert 0.35 <= result.answered_share <= 0.65
 
 
-def test_preview_command_prints_the_table(capsys):
-    from tools.preview import main
-
-    assert main(["--requests", "100", "--fault", "v2=empty", "--compare"]) == 0
-    result = capsys.readouterr()
-    lines = result.out.splitlines()
+def test_preview_command_prints_the_table(preview_run):
+    assert preview_run.returncode == 0, preview_run.stderr
+    lines = preview_run.stdout.splitlines()
     assert any("cilium-envoy v1.36.9" in line for line in lines)
     answered = [line.split("answered ")[1].split("%")[0] for line in lines if "answered" in line]
     assert float(answered[0]) >= 99.5 and float(answered[1]) <= 60
-    assert result.out.count("95%") == 1 and "walkthrough" in result.out
+    assert preview_run.stdout.count("95%") == 1 and "walkthrough" in preview_run.stdout
     (recorded,) = [line for line in lines if line.startswith("Prometheus, this policy's rules")]
     assert "share v1 100.0%;" in recorded and "failover req/s v2->v1" in recorded, recorded
 
