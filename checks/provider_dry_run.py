@@ -124,7 +124,7 @@ def _cluster(stack) -> Cluster:
 
 
 def _invoke(modules: dict, cluster: Cluster, name: str, resource: dict, request_type: str,
-            ready_objects: dict, overrides: dict | None = None) -> Step:  # fmt: skip
+            ready_objects: dict, overrides: dict | None = None, refusal: str | None = None) -> Step:  # fmt: skip
     """One call of the handler, as CloudFormation makes it, with subprocess recorded."""
     properties = {k: v for k, v in resource["Properties"].items() if k != "ServiceToken"}
     step = Step(name, resource["Type"], request_type)
@@ -134,7 +134,7 @@ def _invoke(modules: dict, cluster: Cluster, name: str, resource: dict, request_
         "LogicalResourceId": name,
         "ResourceProperties": {**cloudformation_strings(cluster.resolve(properties)), **(overrides or {})},
     }
-    recorder = Recorder(step, cluster, ready_objects)
+    recorder = Recorder(step, cluster, ready_objects, refusal)
     with recorder.installed(modules):
         try:
             step.result = modules["index"].handler(event, None)
@@ -193,6 +193,22 @@ def wait_step(template: dict, stack, logical_id: str, document: dict, timeout_s:
         if clock is not None:
             modules["get"].time = clock
         return _invoke(modules, cluster, logical_id, resource, "Create", {key: document}, overrides)
+
+
+def refused_apply(template: dict, stack, logical_id: str, properties: dict, refusal: str) -> Exception:
+    """What the handler raises (and CloudFormation reports) when the API server refuses the Create of a
+    KubernetesManifest, its properties replaced by ``properties``, with what kubectl prints: ``refusal``."""
+    cluster = _cluster(stack)
+    resource = {**template["Resources"][logical_id], "Properties": properties}
+    with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
+        outdir = Path(work) / "out"
+        outdir.mkdir()
+        modules = _import_handler(Path(work) / "handler", outdir)
+        try:
+            _invoke(modules, cluster, logical_id, resource, "Create", {}, refusal=refusal)
+        except Exception as error:  # noqa: BLE001 (the handler raises a bare Exception)
+            return error
+    raise AssertionError("the handler accepted a refused apply")
 
 
 @dataclass(frozen=True)
@@ -301,10 +317,11 @@ class Recorder:
     STDOUT = subprocess.STDOUT
     PIPE = subprocess.PIPE
 
-    def __init__(self, step: Step, cluster: Cluster, ready_objects: dict):
+    def __init__(self, step: Step, cluster: Cluster, ready_objects: dict, refusal: str | None = None):
         self.step = step
         self.cluster = cluster
         self.ready_objects = ready_objects
+        self.refusal = refusal  # what kubectl prints when the API server refuses an apply
         self.errors: list[Exception] = []
 
     @contextlib.contextmanager
@@ -360,6 +377,8 @@ class Recorder:
             args = _without_option(argv[1:], "--kubeconfig")
             if args[0] in ("create", "apply", "delete"):
                 self.step.manifests = _json_stream(Path(_option(args, "-f")).read_text())
+                if self.refusal and args[0] != "delete":
+                    raise subprocess.CalledProcessError(1, argv, output=self.refusal.encode())
                 return b""
             if args[0] == "get":
                 _, _, _, object_type, name, output = args  # get -n <namespace> <type> <name> -o=jsonpath=...

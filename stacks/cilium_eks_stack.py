@@ -260,7 +260,6 @@ class CiliumEksStack(Stack):
 
     def _acknowledge_findings(self) -> None:
         """cdk-nag AwsSolutions findings that are accepted, each on its construct, with its concrete cause."""
-        config = self.config
         kubectl_provider = self.cluster.node.find_child("KubectlProvider")
         handler = kubectl_provider.node.find_child("Handler")
         framework = kubectl_provider.node.find_child("Provider").node.find_child("framework-onEvent")
@@ -331,12 +330,6 @@ class CiliumEksStack(Stack):
         ]
         if self.eni:
             acknowledgements += self._eni_acknowledgements()
-        if config.smoke_test:
-            acknowledgements.append((
-                self.smoke_test.handler,
-                [_managed_policy("service-role/AWSLambdaBasicExecutionRole")],
-                "The smoke test's verdict relay Lambda writes its logs with AWSLambdaBasicExecutionRole.",
-            ))  # fmt: skip
         for construct, findings, reason in acknowledgements:
             Validations.of(construct).acknowledge(*(Acknowledgment(id=f, reason=reason) for f in findings))
 

@@ -3,21 +3,27 @@ aws-cdk-lib's own kubectl handler, the relay that fails the stack, and its scrip
 
 import importlib.util
 import json
-import sys
-import types
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import celpy
 import pytest
 from cilium_mesh import TrafficPolicy
 from cilium_mesh.mesh import PROVIDER_LAMBDA_TIMEOUT
-from cilium_mesh.smoke import VERDICT_HANDLER_FILE
-from cilium_mesh.smoke_files import SMOKE_SCRIPT_FILE, VERDICT_WAIT_S, smoke_documents
+from cilium_mesh.manifests import load_documents
+from cilium_mesh.smoke_files import (
+    RESULT_CONFIGMAP,
+    SMOKE_SCRIPT_FILE,
+    SMOKE_TEST_FILE,
+    VERDICT_WAIT_S,
+    result_document,
+    smoke_documents,
+)
 from conftest import CONTEXT, manifest_documents, synth_of
 from checks.cilium_envoy import build_for
 from checks.datapath import Deployed, cec_statuses
 from checks.envoy_harness import LOOPBACK, Blackhole, Fault, running
-from checks.provider_dry_run import VirtualClock, find_step, smoke_verdict_object, wait_step
+from checks.provider_dry_run import VirtualClock, find_step, refused_apply, smoke_verdict_object, wait_step
 
 TAG = build_for(CONTEXT["cilium_version"]).tag
 POLICY = TrafficPolicy(weights={"v1": 50, "v2": 50})
@@ -53,8 +59,10 @@ def test_the_job_goes_beside_the_manifests_and_its_verdict_decides_the_deploy(re
     job = job_of(manifest_documents(job_resource))
     assert (verdict["ObjectType"], verdict["ObjectName"], verdict["JsonPath"]) == (
         "configmap", "smoke-test-verdict", f".data.{job['metadata']['name']}")  # fmt: skip
-    result = synth.resource(smoke.result)["Properties"]
-    assert result["Verdict"] == {"Fn::GetAtt": [synth.logical_id(smoke.verdict), "Value"]}
+    (result,) = manifest_documents(synth.resource(smoke.result))
+    assert result["metadata"]["name"] == "smoke-test-result" and result["data"]["verdict"] == "<TOKEN>"
+    assert synth.logical_id(smoke.verdict) in synth.resource(smoke.result)["DependsOn"]
+    assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= {d["kind"] for d in manifest_documents(job_resource)}
     env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert json.loads(env["WEIGHTS"]) == dict(synth.stack.config.traffic_policy.weights)
     assert env["INGRESS_SERVICE"] == "kube-system/cilium-ingress" and env["VERDICT_KEY"] == job["metadata"]["name"]
@@ -87,7 +95,7 @@ def test_a_changed_configuration_names_a_new_job():
 
 def test_smoke_test_off_leaves_it_out(synth_variant):
     assert not hasattr(synth_variant.stack, "smoke_test")
-    assert not synth_variant.resources("Custom::CiliumMeshSmokeTest")
+    assert "smoke-test-verdict" not in json.dumps(synth_variant.template)
 
 
 # --- the wait, with aws-cdk-lib's handler (checks/provider_dry_run.py) -----------------------------------
@@ -122,26 +130,41 @@ def test_the_dry_run_applies_the_job_once_cilium_is_ready_and_then_waits(provide
     assert find_step(provider_steps_eni, verdict_id).result == {"Data": {"Value": "pass"}}
 
 
-def relay(verdict: str, request_type: str = "Create") -> dict:
-    """The relay Lambda's code (smoke_verdict/handler.py) with CloudFormation's cfnresponse module recorded."""
-    sent = {}
-    cfnresponse = types.SimpleNamespace(SUCCESS="SUCCESS", FAILED="FAILED")
-    cfnresponse.send = lambda event, context, status, data, physical_id, reason=None: sent.update(status=status, reason=reason)
-    module = types.ModuleType("verdict_relay")
-    sys.modules["cfnresponse"] = cfnresponse
-    try:
-        exec(VERDICT_HANDLER_FILE.read_text(), module.__dict__)
-    finally:
-        del sys.modules["cfnresponse"]
-    module.handler({"RequestType": request_type, "ResourceProperties": {"Verdict": verdict}}, None)
-    return sent
+def admission_policy():
+    (policy,) = [d for d in load_documents(SMOKE_TEST_FILE) if d["kind"] == "ValidatingAdmissionPolicy"]
+    return policy
 
 
-def test_the_relay_fails_the_stack_with_the_verdict_line():
-    assert relay("pass") == {"status": "SUCCESS", "reason": None}
+def admits(verdict_object: dict) -> tuple[bool, str]:
+    """The policy's CEL expression and message (cel-python), on the ConfigMap as the API server sees it."""
+    (validation,) = admission_policy()["spec"]["validations"]
+    env, activation = celpy.Environment(), {"object": celpy.json_to_cel(verdict_object)}
+    allowed = env.program(env.compile(validation["expression"])).evaluate(activation)
+    return bool(allowed), str(env.program(env.compile(validation["messageExpression"])).evaluate(activation))
+
+
+def test_the_admission_policy_admits_only_a_pass_and_says_what_failed():
+    line = "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
+    assert admits(result_document("workshop", "pass")) == (True, "smoke test failed: pass")
+    assert admits(result_document("workshop", line)) == (False, f"smoke test failed: {line}")
+    assert admits({"metadata": {"name": "smoke-test-result"}}) == (False, "smoke test failed: no verdict")
+    rule = admission_policy()["spec"]["matchConstraints"]["resourceRules"][0]
+    assert rule["resourceNames"] == [RESULT_CONFIGMAP] and set(rule["operations"]) == {"CREATE", "UPDATE"}
+
+
+def test_a_refused_verdict_fails_the_stack_with_its_line(synth_eni):
+    """aws-cdk-lib's handler applying the verdict the policy refuses: the error CloudFormation shows carries
+    the line. kubectl's output as the API server words a ValidatingAdmissionPolicy denial (Kubernetes docs,
+    "Validating Admission Policy": 'The deployments "nginx" is invalid: : ValidatingAdmissionPolicy ...')."""
+    stack, template = synth_eni.stack, synth_eni.template
     line = "pin v2: v1 20/20 (expected only v2)"
-    assert relay(line) == {"status": "FAILED", "reason": f"smoke test failed: {line}"}
-    assert relay(line, "Delete")["status"] == "SUCCESS", "a failed smoke test must not block rollback or destroy"
+    result_id = synth_eni.logical_id(stack.smoke_test.result)
+    properties = {**template["Resources"][result_id]["Properties"], "Manifest": json.dumps([result_document("workshop", line)])}
+    _, message = admits(result_document("workshop", line))
+    kubectl_says = (f'The configmaps "{RESULT_CONFIGMAP}" is invalid: : ValidatingAdmissionPolicy \'smoke-test-verdict\' '
+                    f"with binding 'smoke-test-verdict' denied request: {message}\n")  # fmt: skip
+    error = refused_apply(template, stack, result_id, properties, kubectl_says)
+    assert f"smoke test failed: {line}" in str(error) and "\n" not in str(error).replace("\\n", "")
 
 
 # --- the script against the harness -----------------------------------------------------------------

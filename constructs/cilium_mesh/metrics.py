@@ -22,7 +22,6 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_sns as sns
-from aws_cdk import aws_sns_subscriptions as subscriptions
 from constructs import Construct
 
 from .manifests import load_documents
@@ -99,7 +98,9 @@ class MeshMetrics(Construct):
         )
         self.alerts_topic = sns.Topic(self, "Alerts", master_key=key, enforce_ssl=True)
         if props.alert_email:
-            self.alerts_topic.add_subscription(subscriptions.EmailSubscription(props.alert_email))
+            from aws_cdk import aws_sns_subscriptions  # only then: each aws-cdk-lib module costs synth time
+
+            self.alerts_topic.add_subscription(aws_sns_subscriptions.EmailSubscription(props.alert_email))
 
         log_group = logs.LogGroup(
             self, "Logs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY

@@ -2,8 +2,10 @@
 
 The Job (manifests/smoke/) is applied beside the app, its policies, the traffic policy and the Ingress
 (its script retries until they answer), and writes one line into a ConfigMap: "pass" or what failed.
-A KubernetesObjectValue waits for that line, the one step the smoke test adds after the manifests, and
-a relay (smoke_verdict/handler.py) fails the stack with it. Each change of
+A KubernetesObjectValue waits for that line (the step the smoke test adds after the manifests), and
+one quick apply hands it back to the cluster as the ConfigMap smoke-test-result, which an admission
+policy (in manifests/smoke/smoke-test.yaml) refuses unless it is "pass", with the line as its message:
+the kubectl provider fails the stack with that message. Each change of
 the Job (script, weights, settings) gets a new name, so an update reruns it; an unchanged deploy
 does not.
 """
@@ -12,18 +14,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from pathlib import Path
 
-from aws_cdk import CustomResource, Duration, RemovalPolicy
+from aws_cdk import Duration
 from aws_cdk import aws_eks_v2 as eks
-from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_logs as logs
 from constructs import Construct, IConstruct
 
-from .smoke_files import VERDICT_WAIT_S, smoke_documents, verdict_configmap
+from .smoke_files import VERDICT_WAIT_S, result_document, smoke_documents, verdict_configmap
 from .traffic import TrafficPolicy
-
-VERDICT_HANDLER_FILE = Path(__file__).resolve().parent / "smoke_verdict" / "handler.py"
 
 
 @dataclass(frozen=True)
@@ -67,22 +64,7 @@ class SmokeTest(Construct):
             timeout=Duration.seconds(VERDICT_WAIT_S),
         )
         self.verdict.node.add_dependency(self.job)
-        self.handler = lambda_.Function(
-            self,
-            "Handler",
-            runtime=lambda_.Runtime.PYTHON_3_14,
-            handler="index.handler",
-            code=lambda_.Code.from_inline(VERDICT_HANDLER_FILE.read_text()),
-            timeout=Duration.seconds(30),
-            description="Fails the deploy with the smoke test's verdict unless it is pass",
-            log_group=logs.LogGroup(
-                self, "Logs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
-            ),
+        self.result = eks.KubernetesManifest(
+            self, "Result", cluster=cluster, manifest=[result_document(namespace, self.verdict.value)]
         )
-        self.result = CustomResource(
-            self,
-            "Result",
-            service_token=self.handler.function_arn,
-            resource_type="Custom::CiliumMeshSmokeTest",
-            properties={"Verdict": self.verdict.value},
-        )
+        self.result.node.add_dependency(self.verdict)

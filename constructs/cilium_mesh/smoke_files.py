@@ -51,3 +51,12 @@ def verdict_configmap(documents: list[dict]) -> tuple[str, str, str]:
     (job,) = [d for d in documents if d["kind"] == "Job"]
     env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     return job["metadata"]["namespace"], env["VERDICT_CONFIGMAP"], env["VERDICT_KEY"]
+
+
+RESULT_CONFIGMAP = "smoke-test-result"
+
+
+def result_document(namespace: str, verdict: str) -> dict:
+    """The verdict handed back to the cluster, where the admission policy smoke-test-verdict refuses it unless "pass"."""
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": RESULT_CONFIGMAP, "namespace": namespace},
+            "data": {"verdict": verdict}}  # fmt: skip
