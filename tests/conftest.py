@@ -150,7 +150,7 @@ def _cli_synths(directory: Path) -> list[subprocess.Popen]:
 _STARTERS = {
     "alert_observations": lambda d: _python(d, "-m", "checks.metrics_harness", "--json", str(d / "observations.json"),
                                             "--rate", str(ALERT_RUN_RATE)),
-    "preview_run": lambda d: _python(d, "-m", "tools.preview", "--requests", "100", "--fault", "v2=empty", "--compare"),
+    "preview_run": lambda d: _python(d, "-m", "tools.preview", "--requests", "200", "--fault", "v2=empty", "--compare"),
     "cli_synths": _cli_synths,
 }  # fmt: skip
 
@@ -190,7 +190,7 @@ def alert_observations() -> dict:
 
 @pytest.fixture(scope="session")
 def preview_run() -> subprocess.CompletedProcess:
-    """`python -m tools.preview --requests 100 --fault v2=empty --compare`, as it ran."""
+    """`python -m tools.preview --requests 200 --fault v2=empty --compare`, as it ran."""
     return _finished("preview_run")[1][0]
 
 

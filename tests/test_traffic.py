@@ -316,7 +316,9 @@ def test_preview_command_prints_the_table(preview_run):
     lines = preview_run.stdout.splitlines()
     assert any("cilium-envoy v1.36.9" in line for line in lines)
     answered = [line.split("answered ")[1].split("%")[0] for line in lines if "answered" in line]
-    assert float(answered[0]) >= 99.5 and float(answered[1]) <= 60
+    # 200 requests, half of them to the walkthrough's dead version: at most 65% answered is 4.2 standard
+    # deviations above its expected 50%.
+    assert float(answered[0]) >= 99.5 and float(answered[1]) <= 65
     assert preview_run.stdout.count("95%") == 1 and "walkthrough" in preview_run.stdout
     (recorded,) = [line for line in lines if line.startswith("Prometheus, this policy's rules")]
     assert "share v1 100.0%;" in recorded and "failover req/s v2->v1" in recorded, recorded
