@@ -266,7 +266,7 @@ class Deployed:
     def of(cls, datapath: str, traffic: TrafficPolicy, cilium_version: str = "1.19.6",
            documents: list[dict] | None = None, policies: list[dict] | None = None,
            values: dict | None = None) -> Deployed:  # fmt: skip
-        smoke = smoke_documents(traffic, datapath, True)
+        smoke = smoke_documents(traffic, datapath, True) if documents is None or policies is None else []
         if documents is None:
             documents = load_documents(*WORKLOAD_FILES, INGRESS_FILE) + [d for d in smoke if d["kind"] == "Job"]
         if policies is None:

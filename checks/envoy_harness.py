@@ -529,30 +529,45 @@ def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = N
         yield envoy, faults, stand_ins
 
 
+class CatalogClient:
+    """GETs of /catalogDetail over one keep-alive connection, opened again after a request gets no answer."""
+
+    def __init__(self, address: tuple[str, int]):
+        self.address = address
+        self.connection = http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S)
+
+    def get(self, headers: dict[str, str] | None = None) -> tuple[int, str | None]:
+        """(status, 0 for no answer; the version "v<N>" that answered a 200, else None)."""
+        try:
+            self.connection.request("GET", "/catalogDetail", headers=headers or {})
+            response = self.connection.getresponse()
+            body, status = response.read(), response.status
+        except (OSError, http.client.HTTPException):
+            self.connection.close()
+            self.connection = http.client.HTTPConnection(*self.address, timeout=REQUEST_TIMEOUT_S)
+            return 0, None
+        return status, "v" + json.loads(body)["version"] if status == 200 else None
+
+    def close(self) -> None:
+        self.connection.close()
+
+
 def send(address: tuple[str, int], requests: int,
          headers: dict[str, str] | None = None) -> tuple[Counter, Counter, list[float], float]:  # fmt: skip
     """`requests` sequential GETs of /catalogDetail over one keep-alive connection."""
     versions, statuses, latencies = Counter(), Counter(), []
-    connection = http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S)
+    client = CatalogClient(address)
     started = time.perf_counter()
     try:
         for _ in range(requests):
             begin = time.perf_counter()
-            try:
-                connection.request("GET", "/catalogDetail", headers=headers or {})
-                response = connection.getresponse()
-                body = response.read()
-                status = response.status
-            except (OSError, http.client.HTTPException):
-                connection.close()
-                connection = http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S)
-                status, body = 0, b""
+            status, version = client.get(headers)
             latencies.append((time.perf_counter() - begin) * 1000)
             statuses[status] += 1
-            if status == 200:
-                versions["v" + json.loads(body)["version"]] += 1
+            if version:
+                versions[version] += 1
     finally:
-        connection.close()
+        client.close()
     return versions, statuses, latencies, time.perf_counter() - started
 
 

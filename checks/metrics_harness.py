@@ -17,7 +17,6 @@ Everything is bounded: a fixed duration and request rate, and every process stop
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import sys
 import threading
@@ -33,7 +32,7 @@ from cilium_mesh.metrics_files import DASHBOARD_FILE, rule_file
 from cilium_mesh.traffic import TrafficPolicy
 from checks import prometheus
 from checks.cilium_envoy import build_for
-from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, running, send_and_collect
+from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, CatalogClient, Fault, RunResult, running, send_and_collect
 
 SCRAPE_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 0.5
@@ -71,27 +70,20 @@ class PacedClient(threading.Thread):
         self.lock = threading.Lock()
 
     def run(self) -> None:
-        connection = http.client.HTTPConnection(*self.address, timeout=REQUEST_TIMEOUT_S)
+        client = CatalogClient(self.address)
         next_at = time.monotonic()
         try:
             while not self.stopping.is_set():
-                try:
-                    connection.request("GET", "/catalogDetail")
-                    response = connection.getresponse()
-                    body, status = response.read(), response.status
-                except (OSError, http.client.HTTPException):
-                    connection.close()
-                    connection = http.client.HTTPConnection(*self.address, timeout=REQUEST_TIMEOUT_S)
-                    body, status = b"", 0
+                status, version = client.get()
                 with self.lock:
                     self.result.requests += 1
                     self.result.statuses[status] += 1
-                    if status == 200:
-                        self.result.versions["v" + json.loads(body)["version"]] += 1
+                    if version:
+                        self.result.versions[version] += 1
                 next_at += self.period
                 self.stopping.wait(max(0.0, next_at - time.monotonic()))
         finally:
-            connection.close()
+            client.close()
 
     def stop(self) -> RunResult:
         self.stopping.set()

@@ -146,15 +146,21 @@ def _invoke(modules: dict, cluster: Cluster, name: str, resource: dict, request_
     return step
 
 
+@contextlib.contextmanager
+def _handler():
+    """aws-cdk-lib's kubectl handler modules, imported into a working directory of their own."""
+    with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
+        outdir = Path(work) / "out"
+        outdir.mkdir()
+        yield _import_handler(Path(work) / "handler", outdir)
+
+
 def dry_run(template: dict, stack) -> list[Step]:
     """Create every kubectl-provider resource of ``template`` in deploy order, then Delete them in reverse."""
     cluster = _cluster(stack)
     ready_objects = {**READY_OBJECTS, **stack_ready_objects(stack)}
     order = [name for name in creation_order(template) if template["Resources"][name]["Type"].startswith(RESOURCE_PREFIX)]
-    with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
-        outdir = Path(work) / "out"
-        outdir.mkdir()
-        modules = _import_handler(Path(work) / "handler", outdir)
+    with _handler() as modules:
         return [
             _invoke(modules, cluster, name, template["Resources"][name], request_type, ready_objects)
             for request_type, names in (("Create", order), ("Delete", order[::-1]))
@@ -186,10 +192,7 @@ def wait_step(template: dict, stack, logical_id: str, document: dict, timeout_s:
     resource = template["Resources"][logical_id]
     key = (resource["Properties"]["ObjectType"], resource["Properties"]["ObjectName"])
     overrides = {"TimeoutSeconds": str(timeout_s)} if timeout_s is not None else None
-    with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
-        outdir = Path(work) / "out"
-        outdir.mkdir()
-        modules = _import_handler(Path(work) / "handler", outdir)
+    with _handler() as modules:
         if clock is not None:
             modules["get"].time = clock
         return _invoke(modules, cluster, logical_id, resource, "Create", {key: document}, overrides)
@@ -200,10 +203,7 @@ def refused_apply(template: dict, stack, logical_id: str, properties: dict, refu
     KubernetesManifest, its properties replaced by ``properties``, with what kubectl prints: ``refusal``."""
     cluster = _cluster(stack)
     resource = {**template["Resources"][logical_id], "Properties": properties}
-    with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
-        outdir = Path(work) / "out"
-        outdir.mkdir()
-        modules = _import_handler(Path(work) / "handler", outdir)
+    with _handler() as modules:
         try:
             _invoke(modules, cluster, logical_id, resource, "Create", {}, refusal=refusal)
         except Exception as error:  # noqa: BLE001 (the handler raises a bare Exception)

@@ -120,7 +120,7 @@ CDK_CLI = ROOT / "node_modules" / ".bin" / "cdk"
 _BACKGROUND: dict = {}
 
 
-def _python(directory: Path, *args: str) -> list[subprocess.Popen]:
+def _python(*args: str) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
 
 
@@ -148,9 +148,9 @@ def _cli_synths(directory: Path) -> list[subprocess.Popen]:
 
 # Fixture name -> what starts its processes in a directory of its own.
 _STARTERS = {
-    "alert_observations": lambda d: _python(d, "-m", "checks.metrics_harness", "--json", str(d / "observations.json"),
+    "alert_observations": lambda d: _python("-m", "checks.metrics_harness", "--json", str(d / "observations.json"),
                                             "--rate", str(ALERT_RUN_RATE)),
-    "preview_run": lambda d: _python(d, "-m", "tools.preview", "--requests", "200", "--fault", "v2=empty", "--compare"),
+    "preview_run": lambda d: _python("-m", "tools.preview", "--requests", "200", "--fault", "v2=empty", "--compare"),
     "cli_synths": _cli_synths,
 }  # fmt: skip
 

@@ -3,6 +3,7 @@ aws-cdk-lib's own kubectl handler, the relay that fails the stack, and its scrip
 
 import importlib.util
 import json
+import threading
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -182,11 +183,10 @@ class _Page(BaseHTTPRequestHandler):
         pass
 
 
-def serve(stack: ExitStack, address: str, body: bytes) -> str:
-    server = ThreadingHTTPServer((address, 0), _Page)
+def serve(stack: ExitStack, address: str, body: bytes, port: int = 0) -> str:
+    """A loopback server answering every GET with ``body``, stopped with ``stack``; its "address:port"."""
+    server = ThreadingHTTPServer((address, port), _Page)
     server.body = body
-    import threading
-
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     stack.callback(server.server_close)
     stack.callback(server.shutdown)
@@ -219,13 +219,7 @@ def app_stand_ins():
         page = b"<html><title>Product Catalog</title></html>"
         port_holder = serve(stack, "127.0.0.11", page)
         port = int(port_holder.rsplit(":", 1)[1])
-        second = ThreadingHTTPServer(("127.0.0.12", port), _Page)
-        second.body = page
-        import threading
-
-        threading.Thread(target=second.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-        stack.callback(second.server_close)
-        stack.callback(second.shutdown)
+        serve(stack, "127.0.0.12", page, port)  # the NLB's second address, on the same port
         dropped = ("127.0.0.13", port)
         stack.callback(Blackhole(dropped).stop)
         yield {
