@@ -32,6 +32,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import random
 import socket
 import socketserver
@@ -216,8 +217,11 @@ class Blackhole:
 
 
 def _write_discovery(path: Path, type_url: str, resources: list[dict]) -> dict:
-    """A file Envoy's filesystem subscription reads: one DiscoveryResponse."""
-    path.write_text(json.dumps({"version_info": "1", "type_url": type_url, "resources": resources}))
+    """A file Envoy's filesystem subscription reads: one DiscoveryResponse, moved into place (Envoy
+    watches for the move, so a rewrite is a new version of that resource type)."""
+    staged = path.with_suffix(".staged")
+    staged.write_text(json.dumps({"version_info": str(time.monotonic_ns()), "type_url": type_url, "resources": resources}))
+    os.replace(staged, path)
     return {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"}
 
 
@@ -254,10 +258,13 @@ def _as_delivered(policy: TrafficPolicy, rds_source: Callable[[dict], dict],
 
 
 def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str | None], dns_port: int,
-                       directory: Path) -> dict:  # fmt: skip
+                       directory: Path, dynamic_clusters: bool = False) -> dict:  # fmt: skip
     """The policy's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
 
-    addresses: version -> the loopback address its EDS cluster lists (None: no endpoints).
+    addresses:        version -> the loopback address its EDS cluster lists (None: no endpoints).
+    dynamic_clusters: clusters over CDS from a file too, as Cilium's xDS delivers them, so that a
+                      changed CiliumEnvoyConfig (EnvoyProcess.apply_policy) changes them in the running
+                      Envoy: a changed cluster is replaced (its outlier state starts afresh), an unchanged one kept.
     """
     eds_versions = {policy.eds_cluster(v): v for v in policy.versions}
 
@@ -275,6 +282,14 @@ def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str | None], 
         return _write_discovery(directory / f"eds-{version}.json", assignment["@type"], [assignment])
 
     listeners, clusters = _as_delivered(policy, rds_source, eds_source)
+    resources = {"static_resources": {"listeners": listeners, "clusters": clusters}}
+    if dynamic_clusters:
+        cluster_type = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+        typed = [{"@type": cluster_type, **cluster} for cluster in clusters]
+        resources = {
+            "static_resources": {"listeners": listeners},
+            "dynamic_resources": {"cds_config": _write_discovery(directory / "cds.json", cluster_type, typed)},
+        }
     return {
         "node": NODE,
         "admin": {"address": _socket_address(LOOPBACK, 0)},
@@ -286,7 +301,7 @@ def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str | None], 
                 "dns_resolver_options": {"no_default_search_domain": True},
             },
         },
-        "static_resources": {"listeners": listeners, "clusters": clusters},
+        **resources,
     }
 
 
@@ -369,10 +384,9 @@ class RunResult:
 class EnvoyProcess:
     """A real Envoy on loopback; its listener and admin ports are read back from Envoy."""
 
-    def __init__(self, bootstrap: dict, tag: str, directory: Path):
-        clusters = bootstrap["static_resources"]["clusters"]
-        self.dns_clusters = [c["name"] for c in clusters if c.get("type") == "STRICT_DNS"]
-        self.eds_clusters = [c["name"] for c in clusters if c.get("type") == "EDS"]
+    def __init__(self, bootstrap: dict, tag: str, directory: Path, render: Callable[[TrafficPolicy], dict] | None = None):
+        self.render = render
+        self._expect(bootstrap)
         self.route_subscriptions = len(bootstrap["static_resources"]["listeners"])
         config = directory / "bootstrap.json"
         config.write_text(json.dumps(bootstrap))
@@ -393,6 +407,33 @@ class EnvoyProcess:
         except BaseException:
             self.stop()
             raise
+
+    def _expect(self, bootstrap: dict) -> None:
+        """The clusters a configuration brings (static, or over CDS from the file)."""
+        clusters = bootstrap["static_resources"].get("clusters")
+        if clusters is None:
+            path = bootstrap["dynamic_resources"]["cds_config"]["path_config_source"]["path"]
+            clusters = json.loads(Path(path).read_text())["resources"]
+        self.dns_clusters = [c["name"] for c in clusters if c.get("type") == "STRICT_DNS"]
+        self.eds_clusters = [c["name"] for c in clusters if c.get("type") == "EDS"]
+
+    def apply_policy(self, policy: TrafficPolicy) -> None:
+        """Hand the running Envoy the policy's resources (routes and clusters), as Cilium does when a
+        CiliumEnvoyConfig changes, and wait until Envoy has accepted them and resolved its DNS clusters."""
+        updates = ("cluster_manager.cds.update_success", *(k for k in self.counters() if ".rds." in k and k.endswith(".update_success")))
+        before = self.counters()
+        self._expect(self.render(policy))
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            counters = self.counters()
+            if any(counters.get(k.replace("update_success", "update_rejected"), 0) > before.get(k.replace("update_success", "update_rejected"), 0) for k in updates):
+                raise RuntimeError(f"envoy rejected the configuration of {policy.weights}")
+            if all(counters.get(k, 0) > before.get(k, 0) for k in updates):
+                break
+            time.sleep(0.02)
+        else:
+            raise RuntimeError(f"envoy did not load the configuration of {policy.weights} in time")
+        self.wait_for_config()
 
     def _wait_ready(self) -> tuple[str, int]:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -482,11 +523,15 @@ def verdicts_line(label: str, policy: TrafficPolicy, datapath: str) -> str:
 
 @contextmanager
 def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7,
-            datapath: str = "eni", statuses: dict[tuple[str, str], str] | None = None):  # fmt: skip
+            datapath: str = "eni", statuses: dict[tuple[str, str], str] | None = None,
+            dynamic_clusters: bool = False):  # fmt: skip
     """Stand-in versions, their DNS names and an Envoy with the policy in front; everything stops on exit.
 
-    statuses: per (cluster kind "eds"/"dns", version), what Cilium and the VPC do to a request there
-    ("delivered", "denied", "dropped", "no address"); by default the datapath model's for ``datapath``.
+    statuses:         per (cluster kind "eds"/"dns", version), what Cilium and the VPC do to a request
+                      there ("delivered", "denied", "dropped", "no address"); by default the datapath
+                      model's for ``datapath``.
+    dynamic_clusters: clusters over CDS, so that ``envoy.apply_policy`` can change the weights (and the
+                      clusters they bring) of the running Envoy.
     """
     faults = {v: (faults or {}).get(v, Fault()) for v in policy.versions}
     statuses = statuses if statuses is not None else model_statuses(policy, datapath)
@@ -522,8 +567,10 @@ def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = N
         dns = DnsStandIn({policy.version_host(v): a for v in policy.versions if (a := address("dns", v))})
         serve(dns)
         eds = {v: address("eds", v) for v in policy.versions}
-        bootstrap = stand_in_bootstrap(policy, eds, dns.server_address[1], directory)
-        envoy = EnvoyProcess(bootstrap, tag, directory)
+        def render(changed: TrafficPolicy) -> dict:
+            return stand_in_bootstrap(changed, eds, dns.server_address[1], directory, dynamic_clusters)
+
+        envoy = EnvoyProcess(render(policy), tag, directory, render if dynamic_clusters else None)
         stack.callback(envoy.stop)
         envoy.wait_for_config()
         yield envoy, faults, stand_ins

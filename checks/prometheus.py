@@ -93,11 +93,16 @@ def _free_port() -> int:
 class PrometheusServer:
     """The HTTP API of a running Prometheus: instant queries and the rules' alerts."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, address: str, route_prefix: str = ""):
+        self.address, self.route_prefix = address, route_prefix
+
+    @property
+    def url(self) -> str:
+        """Where its HTTP API lives: ``<url>/api/v1/query``."""
+        return f"http://{self.address}{self.route_prefix}"
 
     def _get(self, path: str, **params: str) -> dict:
-        url = f"http://{self.address}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
         with urllib.request.urlopen(url, timeout=QUERY_TIMEOUT_S) as response:
             body = json.loads(response.read())
         if body.get("status") != "success":
@@ -170,8 +175,11 @@ def scrape_job(name: str, targets: list[str], metrics_path: str, interval_s: flo
 
 
 @contextmanager
-def running(scrape_jobs: list[dict], rule_text: str, interval_s: float = 1.0):
-    """A Prometheus on loopback with these scrape jobs and rule file, evaluated every ``interval_s``; stops on exit."""
+def running(scrape_jobs: list[dict], rule_text: str, interval_s: float = 1.0, route_prefix: str = ""):
+    """A Prometheus on loopback with these scrape jobs and rule file, evaluated every ``interval_s``; stops on exit.
+
+    route_prefix: where its API is served, e.g. "/workspaces/ws-local" for the path AMP's workspace endpoint has.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         (directory / "rules.yaml").write_text(rule_text)
@@ -185,12 +193,13 @@ def running(scrape_jobs: list[dict], rule_text: str, interval_s: float = 1.0):
         process = subprocess.Popen(
             [_binary(PROMETHEUS), f"--config.file={directory / 'prometheus.yaml'}",
              f"--storage.tsdb.path={directory / 'data'}", f"--web.listen-address={address}",
-             "--log.level=error", "--web.enable-lifecycle"],
+             "--log.level=error", "--web.enable-lifecycle", f"--web.external-url=http://{address}{route_prefix}/"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=directory,
         )  # fmt: skip
         try:
-            _wait_ready(process, address)
-            yield PrometheusServer(address)
+            server = PrometheusServer(address, route_prefix)
+            _wait_ready(process, server.url)
+            yield server
         finally:
             process.terminate()
             try:
@@ -201,13 +210,13 @@ def running(scrape_jobs: list[dict], rule_text: str, interval_s: float = 1.0):
             process.stderr.close()
 
 
-def _wait_ready(process: subprocess.Popen, address: str) -> None:
+def _wait_ready(process: subprocess.Popen, url: str) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"prometheus exited: {process.stderr.read()[-2000:]}")
         try:
-            with urllib.request.urlopen(f"http://{address}/-/ready", timeout=1) as response:
+            with urllib.request.urlopen(f"{url}/-/ready", timeout=1) as response:
                 if response.status == 200:
                     return
         except OSError:

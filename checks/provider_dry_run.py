@@ -134,20 +134,25 @@ def _invoke(modules: dict, cluster: Cluster, name: str, resource: dict, request_
         "LogicalResourceId": name,
         "ResourceProperties": {**cloudformation_strings(cluster.resolve(properties)), **(overrides or {})},
     }
-    recorder = Recorder(step, cluster, ready_objects, refusal)
+    return call_handler(modules, event, Recorder(step, cluster, ready_objects, refusal))
+
+
+def call_handler(modules: dict, event: dict, recorder: Recorder) -> Step:
+    """The handler's answer to ``event`` (a Lambda invocation's payload), with ``recorder`` as its subprocess."""
+    step = recorder.step
     with recorder.installed(modules):
         try:
             step.result = modules["index"].handler(event, None)
             if recorder.errors:  # the handler swallows errors on Delete; a dry run must not
                 raise recorder.errors[0]
         except Exception as error:
-            error.add_note(f"{request_type} {name}")
+            error.add_note(f"{event['RequestType']} {step.logical_id}")
             raise
     return step
 
 
 @contextlib.contextmanager
-def _handler():
+def handler_modules():
     """aws-cdk-lib's kubectl handler modules, imported into a working directory of their own."""
     with tempfile.TemporaryDirectory(prefix="kubectl-handler-") as work:
         outdir = Path(work) / "out"
@@ -160,7 +165,7 @@ def dry_run(template: dict, stack) -> list[Step]:
     cluster = _cluster(stack)
     ready_objects = {**READY_OBJECTS, **stack_ready_objects(stack)}
     order = [name for name in creation_order(template) if template["Resources"][name]["Type"].startswith(RESOURCE_PREFIX)]
-    with _handler() as modules:
+    with handler_modules() as modules:
         return [
             _invoke(modules, cluster, name, template["Resources"][name], request_type, ready_objects)
             for request_type, names in (("Create", order), ("Delete", order[::-1]))
@@ -192,7 +197,7 @@ def wait_step(template: dict, stack, logical_id: str, document: dict, timeout_s:
     resource = template["Resources"][logical_id]
     key = (resource["Properties"]["ObjectType"], resource["Properties"]["ObjectName"])
     overrides = {"TimeoutSeconds": str(timeout_s)} if timeout_s is not None else None
-    with _handler() as modules:
+    with handler_modules() as modules:
         if clock is not None:
             modules["get"].time = clock
         return _invoke(modules, cluster, logical_id, resource, "Create", {key: document}, overrides)
@@ -203,7 +208,7 @@ def refused_apply(template: dict, stack, logical_id: str, properties: dict, refu
     KubernetesManifest, its properties replaced by ``properties``, with what kubectl prints: ``refusal``."""
     cluster = _cluster(stack)
     resource = {**template["Resources"][logical_id], "Properties": properties}
-    with _handler() as modules:
+    with handler_modules() as modules:
         try:
             _invoke(modules, cluster, logical_id, resource, "Create", {}, refusal=refusal)
         except Exception as error:  # noqa: BLE001 (the handler raises a bare Exception)
@@ -374,7 +379,7 @@ class Recorder:
         if argv[:2] == ["helm", "uninstall"]:
             return b""
         if argv[0] == "kubectl":
-            args = _without_option(argv[1:], "--kubeconfig")
+            args = without_option(argv[1:], "--kubeconfig")
             if args[0] in ("create", "apply", "delete"):
                 self.step.manifests = _json_stream(Path(_option(args, "-f")).read_text())
                 if self.refusal and args[0] != "delete":
@@ -402,7 +407,7 @@ def _option(argv: list[str], name: str) -> str:
     return argv[argv.index(name) + 1]
 
 
-def _without_option(argv: list[str], name: str) -> list[str]:
+def without_option(argv: list[str], name: str) -> list[str]:
     index = argv.index(name)
     return argv[:index] + argv[index + 2 :]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from aws_cdk import Acknowledgment, CfnOutput, Duration, Environment, RemovalPolicy, Stack, Tags, Validations
+from aws_cdk import Acknowledgment, CfnOutput, Duration, Environment, Fn, RemovalPolicy, Stack, Tags, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
@@ -14,6 +14,7 @@ from cilium_mesh import CiliumMesh, CiliumMeshProps, TrafficPolicy
 from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
 from cilium_mesh.metrics import MeshMetrics, MeshMetricsProps
+from cilium_mesh.rollout import TrafficRollout, TrafficRolloutProps
 from cilium_mesh.smoke import SmokeTest, SmokeTestProps
 from constructs import Construct
 
@@ -68,6 +69,7 @@ class CiliumEksStack(Stack):
                 "Metrics",
                 MeshMetricsProps(cluster=self.cluster, traffic_policy=config.traffic_policy, alert_email=config.alert_email),
             )
+        self.traffic = self._traffic_rollout()
         if config.smoke_test:
             self.smoke_test = SmokeTest(
                 self,
@@ -77,11 +79,33 @@ class CiliumEksStack(Stack):
                     traffic_policy=config.traffic_policy,
                     datapath=config.datapath,
                     network_policy=config.network_policy,
-                    after=self.mesh.manifests_after,
+                    after=(*self.mesh.manifests_after, self.traffic.resource),
                 ),
             )
         self._outputs()
         self._acknowledge_findings()
+
+    def _traffic_rollout(self) -> TrafficRollout:
+        """The CiliumEnvoyConfig, after the app it routes to; with a rollout also after the rules its gate reads."""
+        config = self.config
+        after = (*self.mesh.manifests_after, self.mesh.manifests["App"])
+        query_url = workspace_arn = None
+        if config.rollout is not None:
+            after += (self.metrics.rules,)
+            query_url = Fn.join("", [self.metrics.workspace.attr_prometheus_endpoint, "api/v1/query"])
+            workspace_arn = self.metrics.workspace.attr_arn
+        return TrafficRollout(
+            self,
+            "TrafficRollout",
+            TrafficRolloutProps(
+                cluster=self.cluster,
+                traffic_policy=config.traffic_policy,
+                rollout=config.rollout,
+                query_url=query_url,
+                workspace_arn=workspace_arn,
+                after=after,
+            ),
+        )
 
     def _network(self) -> ec2.Vpc:
         flow_log_group = logs.LogGroup(
@@ -330,6 +354,10 @@ class CiliumEksStack(Stack):
         ]
         if self.eni:
             acknowledgements += self._eni_acknowledgements()
+        traffic = self.traffic
+        acknowledgements += self._provider_acknowledgements(
+            traffic.provider, list(traffic.functions.values()), "the traffic rollout"
+        )
         for construct, findings, reason in acknowledgements:
             Validations.of(construct).acknowledge(*(Acknowledgment(id=f, reason=reason) for f in findings))
 
@@ -338,8 +366,6 @@ class CiliumEksStack(Stack):
         identity = self.mesh.operator_identity
         cleanup = self.eni_cleanup
         own_enis = f"AwsSolutions-IAM5[Resource::arn:aws:ec2:{self.config.region}:<AWS::AccountId>:network-interface/*]"
-        framework = cleanup.provider.node.find_child("framework-onEvent")
-        cleanup_handler_id = self.get_logical_id(cleanup.handler.node.default_child)
         return [
             (
                 identity.policy,
@@ -356,23 +382,56 @@ class CiliumEksStack(Stack):
                 "The ENI cleanup lists ENIs (DescribeNetworkInterfaces has no resource-level permissions) and may "
                 "delete only ENIs tagged as Cilium's for this cluster.",
             ),
-            (
-                cleanup.handler,
-                [_managed_policy("service-role/AWSLambdaBasicExecutionRole")],
-                "The ENI cleanup Lambda writes its logs with AWSLambdaBasicExecutionRole.",
-            ),
-            (
-                framework,
-                [_managed_policy("service-role/AWSLambdaBasicExecutionRole")],
-                "The CDK custom-resource framework Lambda behind the ENI cleanup writes its logs with "
-                "AWSLambdaBasicExecutionRole.",
-            ),
-            (
-                framework,
-                [f"AwsSolutions-IAM5[Resource::<{cleanup_handler_id}.Arn>:*]"],
-                "The custom-resource framework invokes every version (':*') of the ENI cleanup's own handler.",
-            ),
+        ] + self._provider_acknowledgements(cleanup.provider, [cleanup.handler], "the ENI cleanup")
+
+    def _provider_acknowledgements(self, provider, handlers: list, what: str) -> list[tuple]:
+        """The findings every aws-cdk-lib Provider framework has: its Lambdas' managed logging policy and
+        their invoking every version (':*') of the functions they call; with a waiter, its state machine's."""
+        basic_execution = [_managed_policy("service-role/AWSLambdaBasicExecutionRole")]
+        framework_names = [n for n in ("framework-onEvent", "framework-isComplete", "framework-onTimeout") if provider.node.try_find_child(n)]
+        frameworks = [provider.node.find_child(n) for n in framework_names]
+        handler_ids = [self.get_logical_id(h.node.default_child) for h in handlers]
+        acknowledgements = [
+            (handler, basic_execution, f"The Lambda of {what} writes its logs with AWSLambdaBasicExecutionRole.")
+            for handler in handlers
         ]
+        for framework in frameworks:
+            acknowledgements += [
+                (
+                    framework,
+                    basic_execution,
+                    f"The CDK custom-resource framework Lambda behind {what} writes its logs with "
+                    "AWSLambdaBasicExecutionRole.",
+                ),
+                (
+                    framework,
+                    [f"AwsSolutions-IAM5[Resource::<{i}.Arn>:*]" for i in handler_ids],
+                    f"The custom-resource framework invokes every version (':*') of {what}'s own handlers.",
+                ),
+            ]
+        waiter = provider.node.try_find_child("waiter-state-machine")
+        if waiter is not None:
+            framework_ids = [self.get_logical_id(f.node.default_child) for f in frameworks[1:]]
+            acknowledgements += [
+                (
+                    waiter,
+                    [f"AwsSolutions-IAM5[Resource::<{i}.Arn>:*]" for i in framework_ids],
+                    f"The custom-resource framework's waiter invokes every version (':*') of its isComplete and "
+                    f"onTimeout Lambdas for {what}.",
+                ),
+                (
+                    waiter,
+                    ["AwsSolutions-IAM5[Resource::*]"],
+                    "Step Functions' delivery of its execution logs to CloudWatch Logs (logs:CreateLogDelivery and the "
+                    "other log-delivery actions) supports no resource-level permissions.",
+                ),
+                (
+                    waiter,
+                    ["AwsSolutions-SF2"],
+                    "aws-cdk-lib's Provider framework offers no X-Ray tracing for its waiter; it logs ALL events.",
+                ),
+            ]
+        return acknowledgements
 
 
 def _managed_policy(name: str) -> str:

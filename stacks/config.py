@@ -25,6 +25,7 @@ from typing import Any
 import botocore
 from cilium_mesh import TrafficPolicy, TrafficPolicyError
 from cilium_mesh.manifests import DATAPATHS, WORKLOAD_FILES, load_documents, service_names
+from cilium_mesh.rollout_plan import RolloutError, RolloutSettings
 from cilium_mesh.versions import CILIUM_RELEASES
 
 from .versions import KUBERNETES_RELEASES, RETIRED_KUBERNETES
@@ -45,10 +46,11 @@ KEYS = (
     "metrics",
     "alert_email",
     "smoke_test",
+    "rollout",
 )
 
 # Keys whose null is a value (none), not a missing key.
-OPTIONAL_KEYS = ("admin_principal_arn", "alert_email")
+OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {
@@ -110,6 +112,7 @@ class MeshConfig:
     metrics: bool
     alert_email: str | None
     smoke_test: bool
+    rollout: RolloutSettings | None
 
 
 @functools.cache
@@ -277,6 +280,23 @@ def _alert_email(value: Any, metrics: bool) -> str | None:
     return value
 
 
+def _rollout(value: Any, metrics: bool) -> RolloutSettings | None:
+    """Null (new weights at once), or an object of rollout settings, each left out taking its default."""
+    value = _structured(value)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f'rollout: {_shown(value)} must be null or an object like {{"steps": [10, 50, 100], "pause_s": 300}}'
+        )
+    if not metrics:
+        raise ConfigError("rollout: needs metrics true (its gate reads the metrics' recording rules); set it to null")
+    try:
+        return RolloutSettings.from_mapping(value)
+    except RolloutError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _cidrs(value: Any) -> tuple[str, ...]:
     """Strings only (IPv4Network would also take an int), host bits zero, each once, as IPv4Network writes them."""
     value = _structured(value)
@@ -357,6 +377,7 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         metrics=metrics,
         alert_email=_alert_email(context("alert_email"), metrics),
         smoke_test=_flag("smoke_test", context("smoke_test")),
+        rollout=_rollout(context("rollout"), metrics),
     )
 
 

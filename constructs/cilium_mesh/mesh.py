@@ -130,11 +130,7 @@ class CiliumMesh(Construct):
             self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
             ready = [self.cilium]
 
-        manifests = {
-            "App": load_documents(*WORKLOAD_FILES),
-            "Ingress": load_documents(INGRESS_FILE),
-            "TrafficPolicy": [props.traffic_policy.cilium_envoy_config()],
-        }
+        manifests = {"App": load_documents(*WORKLOAD_FILES), "Ingress": load_documents(INGRESS_FILE)}
         if props.network_policy:
             manifests["NetworkPolicy"] = replaced_by_name(
                 load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[props.datapath])

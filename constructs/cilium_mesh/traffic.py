@@ -20,6 +20,8 @@ configured one. Pinned requests go to the version's own Service endpoints
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -159,6 +161,30 @@ class TrafficPolicy:
                 max_ejection_percent=10,
             ),
         )
+
+    def to_json(self) -> str:
+        """Every setting as JSON, for the rollout Lambda (which renders the steps' CiliumEnvoyConfigs)."""
+        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        settings["weights"] = dict(self.weights)
+        for name in ("retries", "outlier_detection", "circuit_breakers"):
+            settings[name] = dataclasses.asdict(settings[name])
+        return json.dumps(settings, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrafficPolicy:
+        settings = json.loads(text)
+        retries = settings.pop("retries")
+        outlier_detection = OutlierDetection(**settings.pop("outlier_detection"))
+        circuit_breakers = CircuitBreakers(**settings.pop("circuit_breakers"))
+        return cls(
+            **settings,
+            retries=RetryPolicy(**{**retries, "retry_on": tuple(retries["retry_on"])}),
+            outlier_detection=outlier_detection,
+            circuit_breakers=circuit_breakers,
+        )
+
+    def with_weights(self, weights: Mapping[str, int]) -> TrafficPolicy:
+        return dataclasses.replace(self, weights=weights)
 
     @property
     def name(self) -> str:

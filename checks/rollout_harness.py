@@ -1,0 +1,385 @@
+"""The rollout Lambda, run the way the Provider framework runs it, against the local harness.
+
+What is real:
+  the Lambda           rollout.LAMBDA_FILES, imported from a directory of their own as the Lambda
+                       package holds them (top-level modules rollout_lambda, rollout_plan, traffic);
+  its Kubernetes calls each Lambda invocation of the kubectl provider is handed to aws-cdk-lib's own
+                       kubectl handler (checks/provider_dry_run.py), whose subprocess answers from a
+                       live CiliumEnvoyConfig: an apply (validated against Cilium's CRD schema) changes
+                       the object and hands its resources to the running Envoy; a get prints the
+                       annotation with the kubectl layer's real jsonpath printer;
+  the traffic          cilium-envoy's extension set in a real Envoy, routes and clusters over xDS from
+                       files (changed in place at each step, as Cilium's xDS changes them), stand-in
+                       versions with the faults of each scenario, a paced client;
+  the gate             a real Prometheus scraping that Envoy and evaluating the stack's rule file,
+                       served under an AMP workspace's path, queried with SigV4-signed POSTs;
+  the AWS calls        botocore clients with the services' real models (Lambda Invoke, CloudFormation
+                       DescribeStacks), answered in process.
+
+What differs from AWS: the framework's waiter is this module's loop (framework.js semantics: on_event,
+then is_complete at once and every interval; an error fails the resource with its message; MaxAttempts
+exhausted is "Operation timed out"), and time is shorter: pauses of seconds, scrapes and evaluations
+every second, the gate polled every second. The rules' 2-minute rate windows divide by 2 minutes, so a
+few seconds of a step read as a lower request rate than AMP reads after a full pause: the local
+minimum rate is scaled down to match (LOCAL_SETTINGS); the error ratio, latency and ejection read the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib
+import io
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import botocore.session
+from botocore.awsrequest import AWSResponse
+from botocore.response import StreamingBody
+
+from cilium_mesh.metrics_files import rule_file
+from cilium_mesh.rollout import LAMBDA_FILES, PACKAGE_DIR
+from cilium_mesh.rollout_plan import STATE_ANNOTATION, RolloutSettings, describe, resource_properties
+from cilium_mesh.traffic import TrafficPolicy
+from checks import prometheus
+from checks.cilium_envoy import build_for
+from checks.envoy_harness import LOOPBACK, Fault, running
+from checks.metrics_harness import SCRAPE_INTERVAL_S, PacedClient
+from checks.provider_dry_run import Cluster, Recorder, Step, without_option, call_handler, handler_modules
+from checks.schemas import validate_object
+
+REGION = "us-west-2"
+STACK_ID = f"arn:aws:cloudformation:{REGION}:123456789012:stack/CiliumMeshEks/0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+KUBECTL_HANDLER = f"arn:aws:lambda:{REGION}:123456789012:function:CiliumMeshEks-ClusterKubectlProviderHandler"
+WORKSPACE_PATH = "/workspaces/ws-0123abcd-4567-89ef-0123-456789abcdef"
+LAMBDA_MODULES = ("rollout_lambda", "rollout_plan", "traffic")
+RESOURCE_TYPE = "Custom::CiliumTrafficRollout"
+CLUSTER = Cluster(logical_id="Cluster", name="cilium-mesh", kubernetes_version="1.35")
+# The canary the scenarios roll out: from v1 alone to v2 alone.
+PREVIOUS = TrafficPolicy(weights={"v1": 100, "v2": 0})
+TARGET = PREVIOUS.with_weights({"v1": 0, "v2": 100})
+# Seconds instead of minutes; the minimum rate scaled to a step of seconds in a 2-minute window:
+# at 20 requests/s, 10% is 2/s, which 4 s of traffic makes 8 / 120 s = 0.067/s in rate2m.
+LOCAL_SETTINGS = RolloutSettings(steps=(10, 50, 100), pause_s=4, min_request_rate=0.03, min_pause_s=1)
+LOCAL_INTERVAL_S = 1.0
+RATE_PER_S = 20.0
+# The framework's attempts at the local interval: the longest rollout (every step waiting out its
+# volume wait) plus margin, as SERVICE_TIMEOUT_S / QUERY_INTERVAL_S is for AWS.
+LOCAL_MAX_ATTEMPTS = 60
+
+
+@contextmanager
+def rollout_lambda():
+    """The Lambda's package, imported from a copy of its files (and nothing else) in a directory of its own."""
+    with tempfile.TemporaryDirectory(prefix="rollout-lambda-") as directory:
+        for name in LAMBDA_FILES:
+            shutil.copy(PACKAGE_DIR / name, directory)
+        saved = {name: sys.modules.pop(name) for name in LAMBDA_MODULES if name in sys.modules}
+        sys.path.insert(0, directory)
+        try:
+            module = importlib.import_module("rollout_lambda")
+        finally:
+            sys.path.remove(directory)
+            for name in LAMBDA_MODULES:
+                sys.modules.pop(name, None)
+            sys.modules.update(saved)
+        yield module
+
+
+def _answering(service: str, operation: str, answer):
+    """A botocore client of ``service`` (its real model validates every call) whose ``operation`` is
+    answered by ``answer(params) -> parsed response`` instead of AWS."""
+    client = botocore.session.get_session().create_client(
+        service, region_name=REGION, aws_access_key_id="AKIDLOCALHARNESS", aws_secret_access_key="local"
+    )
+
+    def before_call(params, **_):
+        return AWSResponse(None, 200, {}, None), answer(params)
+
+    client.meta.events.register(f"before-call.{service}.{operation}", before_call)
+    return client
+
+
+class LiveCluster:
+    """The cluster as the kubectl provider's handler sees it: the live CiliumEnvoyConfig, applied to Envoy."""
+
+    def __init__(self, policy: TrafficPolicy, state: dict, on_apply):
+        self.base, self.on_apply = policy, on_apply
+        self.objects: dict[tuple[str, str], dict] = {}
+        self.applied: list[tuple[float, dict[str, int], dict]] = []
+        self.lock = threading.Lock()
+        self._store(_annotated(policy, state))
+        self.modules = None
+
+    def _store(self, document: dict) -> None:
+        self.objects[("ciliumenvoyconfig", document["metadata"]["name"])] = document
+
+    def apply(self, document: dict) -> None:
+        validate_object(document, CLUSTER.kubernetes_version)
+        policy = policy_of(document, self.base)
+        self._store(document)
+        state = json.loads(document["metadata"]["annotations"][STATE_ANNOTATION])
+        self.applied.append((time.monotonic(), dict(policy.weights), state))
+        self.on_apply(policy, state)
+
+    @property
+    def live(self) -> dict:
+        (document,) = self.objects.values()
+        return document
+
+    def invoke(self, event: dict) -> dict | None:
+        """One invocation of aws-cdk-lib's kubectl handler with this event."""
+        step = Step(event["ResourceType"], event["ResourceType"], event["RequestType"])
+        with self.lock:
+            return call_handler(self.modules, event, _LiveRecorder(step, self)).result
+
+
+class _LiveRecorder(Recorder):
+    """The dry run's recorder, whose applies and deletes change the live cluster."""
+
+    def __init__(self, step: Step, cluster: LiveCluster):
+        super().__init__(step, CLUSTER, cluster.objects)
+        self.live = cluster
+
+    def _answer(self, argv: list[str]) -> bytes:
+        output = super()._answer(argv)
+        verb = without_option(argv[1:], "--kubeconfig")[0] if argv[0] == "kubectl" else None
+        if verb in ("apply", "create"):
+            for document in self.step.manifests:
+                self.live.apply(document)
+        elif verb == "delete":
+            self.live.objects.clear()
+        return output
+
+
+def _annotated(policy: TrafficPolicy, state: dict) -> dict:
+    document = policy.cilium_envoy_config()
+    document["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(state, sort_keys=True)}
+    return document
+
+
+def policy_of(document: dict, base: TrafficPolicy) -> TrafficPolicy:
+    """The policy an applied CiliumEnvoyConfig renders: its split's weights on ``base``'s settings. Raises
+    unless the document is exactly that policy's rendering (nothing but the weights may differ)."""
+    versions = [s["name"].removeprefix(base.service) for s in document["spec"]["backendServices"]]
+    (route,) = [r for r in document["spec"]["resources"] if r["@type"].endswith("RouteConfiguration")]
+    split = route["virtual_hosts"][0]["routes"][-1]["route"]["weighted_clusters"]["clusters"]
+    weighted = {c["name"].removeprefix(f"{base.service}-"): c["weight"] for c in split}
+    policy = base.with_weights({v: weighted.get(v, 0) for v in versions})
+    if policy.cilium_envoy_config()["spec"] != document["spec"]:
+        raise AssertionError(f"the applied CiliumEnvoyConfig is not the rendering of weights {dict(policy.weights)}")
+    return policy
+
+
+@dataclass
+class Outcome:
+    """One custom-resource operation, as CloudFormation would see it."""
+
+    status: str
+    reason: str | None
+    polls: int
+    seconds: float
+
+
+def operate(module, event: dict, interval_s: float, max_attempts: int) -> Outcome:
+    """framework.js: onEvent, then isComplete at once and after each interval until it says complete;
+    an exception fails the resource with its message; attempts exhausted is 'Operation timed out'."""
+    started = time.monotonic()
+
+    def outcome(status: str, reason: str | None, polls: int) -> Outcome:
+        return Outcome(status, reason, polls, time.monotonic() - started)
+
+    try:
+        result = module.on_event(event)
+    except Exception as error:  # noqa: BLE001 (safeHandler reports any error)
+        return outcome("FAILED", str(error), 0)
+    resource_event = {**event, **result}
+    for polls in range(1, max_attempts + 2):
+        try:
+            if module.is_complete(resource_event)["IsComplete"]:
+                return outcome("SUCCESS", None, polls)
+        except Exception as error:  # noqa: BLE001
+            return outcome("FAILED", str(error), polls)
+        if polls <= max_attempts:
+            time.sleep(interval_s)
+    return outcome("FAILED", "Operation timed out", max_attempts + 1)
+
+
+def event(request_type: str, new: TrafficPolicy, old: TrafficPolicy | None, settings: RolloutSettings | None,
+          query_url: str, request_id: str) -> dict:  # fmt: skip
+    """What CloudFormation sends the framework: properties as strings (the Policy and Rollout are JSON text)."""
+    def properties(policy: TrafficPolicy) -> dict:
+        return {"ServiceToken": "<framework onEvent>", **resource_properties(CLUSTER.name, KUBECTL_HANDLER, policy.to_json(), settings, query_url)}
+
+    payload = {
+        "RequestType": request_type,
+        "RequestId": request_id,
+        "StackId": STACK_ID,
+        "LogicalResourceId": "TrafficRolloutC34CA7CD",
+        "ResourceType": RESOURCE_TYPE,
+        "ResponseURL": "https://cloudformation-custom-resource-response-uswest2.s3.amazonaws.com/...",
+        "ResourceProperties": properties(new),
+    }
+    if old is not None:
+        payload["OldResourceProperties"] = properties(old)
+        payload["PhysicalResourceId"] = f"{new.namespace}/{new.name}"
+    return payload
+
+
+@dataclass
+class RolloutRun:
+    """A scenario's rollout and, when it failed, CloudFormation's rollback."""
+
+    name: str
+    outcome: Outcome
+    steps: list[dict[str, int]] = field(default_factory=list)
+    requests: int = 0
+    failed: int = 0
+    detection_s: float | None = None
+    rollback: Outcome | None = None
+    rollback_applies: list[dict[str, int]] = field(default_factory=list)
+    live_weights: dict[str, int] = field(default_factory=dict)
+    log: list[dict] = field(default_factory=list)
+
+    @property
+    def failed_share(self) -> float:
+        return self.failed / self.requests if self.requests else 0.0
+
+    def as_json(self) -> dict:
+        return {
+            "name": self.name,
+            "status": self.outcome.status,
+            "reason": self.outcome.reason,
+            "polls": self.outcome.polls,
+            "total_s": round(self.outcome.seconds, 1),
+            "steps": self.steps,
+            "requests": self.requests,
+            "failed": self.failed,
+            "detection_s": None if self.detection_s is None else round(self.detection_s, 1),
+            "rollback": None if self.rollback is None else {"status": self.rollback.status, "polls": self.rollback.polls},
+            "rollback_applies": self.rollback_applies,
+            "live_weights": self.live_weights,
+            "log": self.log,
+        }
+
+
+# Scenario -> (the fault of v2, and the step (1-based) at whose apply it begins; 0: from the start).
+SCENARIOS: dict[str, tuple[Fault, int]] = {
+    "healthy v2": (Fault(), 0),
+    "v2 answers 503 on 30%": (Fault("errors", 0.3), 0),
+    "v2 goes down at step 2": (Fault("down"), 2),
+    "v2 without endpoints": (Fault("empty"), 0),
+}
+
+
+def run_scenario(name: str, tag: str, settings: RolloutSettings = LOCAL_SETTINGS, rate_per_s: float = RATE_PER_S,
+                 interval_s: float = LOCAL_INTERVAL_S) -> RolloutRun:  # fmt: skip
+    """Roll PREVIOUS out to TARGET with v2's fault; if the rollout fails, run CloudFormation's rollback too."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):  # the handlers' logs, as CloudWatch would keep them
+        run = _run_scenario(name, tag, settings, rate_per_s, interval_s)
+    run.log = [json.loads(line)["rollout"] for line in output.getvalue().splitlines() if line.startswith('{"rollout"')]
+    return run
+
+
+def _run_scenario(name: str, tag: str, settings: RolloutSettings, rate_per_s: float, interval_s: float) -> RolloutRun:
+    fault, fault_step = SCENARIOS[name]
+    start_faults = {"v2": fault} if fault_step == 0 and fault.kind != "ok" else {}
+    with ExitStack() as stack:
+        module = stack.enter_context(rollout_lambda())
+        envoy, _, stand_ins = stack.enter_context(running(PREVIOUS, tag, start_faults, dynamic_clusters=True))
+        job = prometheus.scrape_job("cilium-envoy", [envoy.admin], "/stats/prometheus", SCRAPE_INTERVAL_S)
+        server = stack.enter_context(prometheus.running([job], rule_file(TARGET), SCRAPE_INTERVAL_S, WORKSPACE_PATH))
+        server.wait_for_scrape()
+        fault_at: list[float] = []
+
+        def on_apply(policy: TrafficPolicy, state: dict) -> None:
+            envoy.apply_policy(policy)
+            if fault_step and state.get("step") == fault_step - 1 and not fault_at:
+                stand_ins["2"].fail(fault)
+                fault_at.append(time.monotonic())
+
+        cluster = LiveCluster(PREVIOUS, {"request": "previous-deploy", "step": 0, "since": 0}, on_apply)
+        cluster.modules = stack.enter_context(handler_modules())
+        status = {"value": "UPDATE_IN_PROGRESS"}
+        module.CLIENTS.update(
+            {
+                "lambda": _answering("lambda", "Invoke", lambda params: _invoked(cluster, params)),
+                "cloudformation": _answering("cloudformation", "DescribeStacks", lambda _: _stack(status["value"])),
+            }
+        )
+        stack.enter_context(_credentials())
+        query_url = f"{server.url}/api/v1/query"
+        client = PacedClient((LOOPBACK, envoy.port), rate_per_s, PREVIOUS, {})
+        client.start()
+        stack.callback(client.stop)
+        outcome = operate(module, event("Update", TARGET, PREVIOUS, settings, query_url, "rollout"), interval_s, LOCAL_MAX_ATTEMPTS)
+        measured = client.stop()
+        run = RolloutRun(name, outcome, [weights for _, weights, _ in cluster.applied], measured.requests,
+                         measured.requests - measured.statuses[200])  # fmt: skip
+        if outcome.status == "FAILED" and cluster.applied:
+            began = fault_at[0] if fault_at else cluster.applied[0][0]
+            run.detection_s = cluster.applied[-1][0] - began
+            applied_before = len(cluster.applied)
+            status["value"] = "UPDATE_ROLLBACK_IN_PROGRESS"
+            rollback = event("Update", PREVIOUS, TARGET, settings, query_url, "rollback")
+            run.rollback = operate(module, rollback, interval_s, LOCAL_MAX_ATTEMPTS)
+            run.rollback_applies = [weights for _, weights, _ in cluster.applied[applied_before:]]
+        run.live_weights = dict(policy_of(cluster.live, PREVIOUS).weights)
+        return run
+
+
+def _invoked(cluster: LiveCluster, params: dict) -> dict:
+    """Lambda's Invoke answer: the handler's return value as the payload, or its error as FunctionError."""
+    try:
+        payload, error = cluster.invoke(json.loads(params["body"])), None
+    except Exception as exc:  # noqa: BLE001 (Lambda reports any unhandled exception)
+        payload, error = {"errorMessage": str(exc), "errorType": type(exc).__name__}, "Unhandled"
+    data = json.dumps(payload).encode()
+    answer = {"StatusCode": 200, "ExecutedVersion": "$LATEST", "Payload": StreamingBody(io.BytesIO(data), len(data))}
+    if error:
+        answer["FunctionError"] = error
+    return answer
+
+
+def _stack(status: str) -> dict:
+    created = datetime.datetime(2026, 12, 1, tzinfo=datetime.timezone.utc)
+    return {"Stacks": [{"StackName": "CiliumMeshEks", "StackId": STACK_ID, "CreationTime": created, "StackStatus": status}]}
+
+
+@contextlib.contextmanager
+def _credentials():
+    """What the Lambda's environment gives it: a region and (here, made-up) credentials to sign with."""
+    environ = os.environ
+    saved = {k: environ.get(k) for k in ("AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    environ.update({"AWS_REGION": REGION, "AWS_ACCESS_KEY_ID": "AKIDLOCALHARNESS", "AWS_SECRET_ACCESS_KEY": "local"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                environ.pop(key, None)
+            else:
+                environ[key] = value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("--cilium-version", default="1.19.6")
+    args = parser.parse_args(argv)
+    run = run_scenario(args.scenario, build_for(args.cilium_version).tag)
+    print(json.dumps(run.as_json()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

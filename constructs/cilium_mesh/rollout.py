@@ -1,0 +1,137 @@
+"""TrafficRollout: the one owner of the CiliumEnvoyConfig, which it applies at once or as a gated canary.
+
+A custom resource of aws-cdk-lib's Provider framework: on_event applies the first step, and the
+framework's waiter (a Step Functions state machine) calls is_complete every QUERY_INTERVAL_S until
+the last step is applied, the gate stops the rollout, or the hour CloudFormation gives a custom
+resource is over. Its Lambda (rollout_lambda.py) reaches the cluster only through the kubectl
+provider's own handler, and AMP with SigV4. The steps and the gate are rollout_plan.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from aws_cdk import CustomResource, Duration, RemovalPolicy, Stack
+from aws_cdk import aws_eks_v2 as eks
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_stepfunctions as sfn
+from aws_cdk import custom_resources as cr
+from constructs import Construct, IConstruct
+
+from .rollout_plan import (
+    GET_TIMEOUT_S,
+    INVOKE_READ_TIMEOUT_S,
+    QUERY_INTERVAL_S,
+    QUERY_TIMEOUT_S,
+    SERVICE_TIMEOUT_S,
+    RolloutSettings,
+    resource_properties,
+)
+from .traffic import TrafficPolicy
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+# What the Lambda's package holds: the handlers and the two modules they render and judge with.
+LAMBDA_FILES = ("rollout_lambda.py", "rollout_plan.py", "traffic.py")
+# One call: a kubectl handler invocation (at most INVOKE_READ_TIMEOUT_S) and the gate's queries.
+HANDLER_TIMEOUT = Duration.minutes(5)
+
+
+@dataclass(frozen=True)
+class TrafficRolloutProps:
+    """What TrafficRollout needs.
+
+    cluster:        the cluster, whose kubectl provider handler applies the CiliumEnvoyConfig.
+    traffic_policy: the weights and everything else the CiliumEnvoyConfig renders from.
+    rollout:        how changed weights are rolled out; None: at once.
+    query_url:      the AMP workspace's ``api/v1/query`` URL (needed with ``rollout``).
+    workspace_arn:  the AMP workspace, for aps:QueryMetrics (needed with ``rollout``).
+    after:          what must exist first: Cilium ready (the CRD), the namespace, the app.
+    """
+
+    cluster: eks.Cluster
+    traffic_policy: TrafficPolicy
+    rollout: RolloutSettings | None
+    query_url: str | None
+    workspace_arn: str | None
+    after: tuple[IConstruct, ...]
+
+
+class TrafficRollout(Construct):
+    """The CiliumEnvoyConfig's weights, stepped and gated on AMP when ``rollout`` is set."""
+
+    def __init__(self, scope: Construct, id: str, props: TrafficRolloutProps) -> None:
+        super().__init__(scope, id)
+        stack = Stack.of(self)
+        kubectl_handler = props.cluster.node.find_child("KubectlProvider").node.find_child("Handler")
+        code = lambda_.Code.from_asset(str(PACKAGE_DIR), exclude=["*", *(f"!{name}" for name in LAMBDA_FILES)])
+        self.functions = {
+            name: lambda_.Function(
+                self,
+                name,
+                runtime=lambda_.Runtime.PYTHON_3_14,
+                handler=f"rollout_lambda.{handler}",
+                code=code,
+                timeout=HANDLER_TIMEOUT,
+                description=f"{description} of the {props.traffic_policy.name} CiliumEnvoyConfig's rollout",
+                log_group=logs.LogGroup(
+                    self, f"{name}Logs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
+                ),
+            )
+            for name, handler, description in (
+                ("OnEvent", "on_event", "Plans and starts each change"),
+                ("IsComplete", "is_complete", "Gates and steps each change"),
+            )
+        }
+        for function in self.functions.values():
+            function.add_to_role_policy(
+                iam.PolicyStatement(actions=["lambda:InvokeFunction"], resources=[kubectl_handler.function_arn])
+            )
+        self.functions["OnEvent"].add_to_role_policy(
+            iam.PolicyStatement(actions=["cloudformation:DescribeStacks"], resources=[stack.stack_id])
+        )
+        if props.rollout is not None:
+            self.functions["IsComplete"].add_to_role_policy(
+                iam.PolicyStatement(actions=["aps:QueryMetrics"], resources=[props.workspace_arn])
+            )
+        properties = resource_properties(
+            props.cluster.cluster_name,
+            kubectl_handler.function_arn,
+            props.traffic_policy.to_json(),
+            props.rollout,
+            props.query_url,
+        )
+        self.provider = cr.Provider(
+            self,
+            "Provider",
+            on_event_handler=self.functions["OnEvent"],
+            is_complete_handler=self.functions["IsComplete"],
+            query_interval=Duration.seconds(QUERY_INTERVAL_S),
+            total_timeout=Duration.seconds(SERVICE_TIMEOUT_S),
+            disable_waiter_state_machine_logging=False,
+            waiter_state_machine_log_options=cr.LogOptions(
+                destination=logs.LogGroup(
+                    self, "WaiterLogs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
+                ),
+                level=sfn.LogLevel.ALL,
+            ),
+        )
+        self.resource = CustomResource(
+            self,
+            "Resource",
+            service_token=self.provider.service_token,
+            resource_type="Custom::CiliumTrafficRollout",
+            properties=properties,
+            service_timeout=Duration.seconds(SERVICE_TIMEOUT_S),
+        )
+        self.resource.node.add_dependency(*props.after)
+        self.timeouts_s = {
+            "query_interval": QUERY_INTERVAL_S,
+            "total": SERVICE_TIMEOUT_S,
+            "handler": int(HANDLER_TIMEOUT.to_seconds()),
+            "kubectl_invoke": INVOKE_READ_TIMEOUT_S,
+            "kubectl_get": GET_TIMEOUT_S,
+            "query": QUERY_TIMEOUT_S,
+        }

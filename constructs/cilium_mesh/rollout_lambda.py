@@ -1,0 +1,219 @@
+"""The rollout Lambda: on_event and is_complete of aws-cdk-lib's Provider framework.
+
+Packaged with traffic.py and rollout_plan.py only (constructs/cilium_mesh/rollout.py), which it imports
+as top-level modules. It owns the CiliumEnvoyConfig: it is the only thing in the stack that applies it.
+
+on_event    Create, Update: plans the steps (rollout_plan.plan) and applies the first. No steps on a
+            Create, without rollout settings, when the split stays the same, or in CloudFormation's
+            rollback (the stack's status says so): then the new weights are applied at once.
+            Delete: deletes the CiliumEnvoyConfig.
+is_complete reads the step and its start from the CiliumEnvoyConfig's annotation, asks AMP (SigV4)
+            for the gate, and applies the next step, waits, or stops: it applies the previous
+            policy again and raises, which fails the stack update with that line.
+
+Every Kubernetes call is a call of the cluster's kubectl provider handler (aws-cdk-lib's own code, with
+its access to the cluster), made with the event CloudFormation would send it: an Update of a
+KubernetesResource (``kubectl apply``), a Delete of one (``kubectl delete``), and an Update of a
+KubernetesObjectValue (``kubectl get -o jsonpath``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import urllib.parse
+import urllib.request
+
+import boto3
+import botocore.session
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.config import Config
+from rollout_plan import (
+    GET_TIMEOUT_S,
+    INVOKE_READ_TIMEOUT_S,
+    QUERY_TIMEOUT_S,
+    STATE_ANNOTATION,
+    VOLUME_WAIT_FACTOR,
+    Reading,
+    RolloutSettings,
+    breach,
+    describe,
+    enough_traffic,
+    gaining_versions,
+    gate_queries,
+    plan,
+)
+from traffic import TrafficPolicy
+
+APPLY = "Custom::AWSCDK-EKS-KubernetesResource"
+GET = "Custom::AWSCDK-EKS-KubernetesObjectValue"
+# The status CloudFormation's rollback of an update runs in: it sends an Update with the old properties.
+ROLLBACK_STATUS = "UPDATE_ROLLBACK_IN_PROGRESS"
+
+# boto3 clients by service, made on first use (tests put their own here).
+CLIENTS: dict = {}
+
+
+class RolloutStopped(RuntimeError):
+    """The one line CloudFormation shows for the failed update."""
+
+
+def _client(service: str):
+    if service not in CLIENTS:
+        CLIENTS[service] = boto3.client(service, config=Config(read_timeout=INVOKE_READ_TIMEOUT_S))
+    return CLIENTS[service]
+
+
+def _first_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[0] if lines else "no message"
+
+
+class Kubectl:
+    """The cluster's kubectl provider handler, invoked as CloudFormation would invoke it."""
+
+    def __init__(self, function: str, cluster_name: str):
+        self.function, self.cluster_name = function, cluster_name
+
+    def _call(self, request_type: str, resource_type: str, properties: dict) -> dict | None:
+        event = {
+            "RequestType": request_type,
+            "ResourceType": resource_type,
+            "ResourceProperties": {"ClusterName": self.cluster_name, **properties},
+        }
+        response = _client("lambda").invoke(FunctionName=self.function, Payload=json.dumps(event).encode())
+        payload = json.loads(response["Payload"].read() or b"null")
+        if response.get("FunctionError"):
+            raise RolloutStopped(f"kubectl provider: {_first_line((payload or {}).get('errorMessage'))}")
+        return payload
+
+    def apply(self, document: dict) -> None:
+        self._call("Update", APPLY, {"Manifest": json.dumps([document])})
+
+    def delete(self, document: dict) -> None:
+        self._call("Delete", APPLY, {"Manifest": json.dumps([document])})
+
+    def annotation(self, document: dict, key: str) -> str:
+        metadata = document["metadata"]
+        result = self._call("Update", GET, {
+            "ObjectType": document["kind"].lower(),
+            "ObjectName": metadata["name"],
+            "ObjectNamespace": metadata["namespace"],
+            "JsonPath": ".metadata.annotations." + key.replace(".", "\\."),
+            "TimeoutSeconds": str(GET_TIMEOUT_S),
+        })  # fmt: skip
+        return result["Data"]["Value"]
+
+
+class Prometheus:
+    """Instant queries of the AMP workspace's Prometheus API, signed with SigV4 (service ``aps``)."""
+
+    def __init__(self, query_url: str, region: str):
+        self.query_url, self.region = query_url, region
+
+    def value(self, expr: str) -> float | None:
+        """The query's largest value, or None when it has no series (or only NaN: a quantile of no requests)."""
+        body = urllib.parse.urlencode({"query": expr}).encode()
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        signed = AWSRequest(method="POST", url=self.query_url, data=body, headers=headers)
+        SigV4Auth(botocore.session.get_session().get_credentials(), "aps", self.region).add_auth(signed)
+        request = urllib.request.Request(self.query_url, data=body, headers=dict(signed.headers.items()), method="POST")
+        with urllib.request.urlopen(request, timeout=QUERY_TIMEOUT_S) as response:
+            result = json.loads(response.read())
+        if result.get("status") != "success":
+            raise RolloutStopped(f"AMP query {expr!r}: {result.get('error', result)}")
+        values = [v for series in result["data"]["result"] if math.isfinite(v := float(series["value"][1]))]
+        return max(values) if values else None
+
+    def reading(self, version: str) -> Reading:
+        return Reading(version, **{name: self.value(expr) for name, expr in gate_queries(version).items()})
+
+
+def _policy(properties: dict) -> TrafficPolicy:
+    return TrafficPolicy.from_json(properties["Policy"])
+
+
+def _settings(properties: dict) -> RolloutSettings | None:
+    """The rollout settings, checked at synth against AMP's minimum pause (min_pause_s=1 here)."""
+    text = properties.get("Rollout")
+    return RolloutSettings.from_mapping(json.loads(text), min_pause_s=1) if text else None
+
+
+def _rolling_back(event: dict) -> bool:
+    stacks = _client("cloudformation").describe_stacks(StackName=event["StackId"])["Stacks"]
+    return stacks[0]["StackStatus"] == ROLLBACK_STATUS
+
+
+def _document(policy: TrafficPolicy, state: dict) -> dict:
+    """The CiliumEnvoyConfig rendered from the policy, with the rollout's progress as an annotation."""
+    document = policy.cilium_envoy_config()
+    document["metadata"].setdefault("annotations", {})[STATE_ANNOTATION] = json.dumps(state, sort_keys=True)
+    return document
+
+
+def _log(**fields) -> None:
+    print(json.dumps({"rollout": fields}, sort_keys=True))
+
+
+def on_event(event: dict, _context=None) -> dict:
+    properties = event["ResourceProperties"]
+    target = _policy(properties)
+    kubectl = Kubectl(properties["KubectlHandler"], properties["ClusterName"])
+    if event["RequestType"] == "Delete":
+        kubectl.delete(target.cilium_envoy_config())
+        return {"PhysicalResourceId": event["PhysicalResourceId"]}
+    previous = None
+    if event["RequestType"] == "Update" and not _rolling_back(event):
+        previous = _policy(event["OldResourceProperties"]).weights
+    steps = plan(previous, target.weights, _settings(properties))
+    kubectl.apply(_document(target.with_weights(steps[0]), {"request": event["RequestId"], "step": 0, "since": time.time()}))
+    _log(event=event["RequestType"], steps=steps, applied=0)
+    return {
+        "PhysicalResourceId": f"{target.namespace}/{target.name}",
+        "Data": {"Steps": json.dumps(steps), "Gaining": json.dumps(gaining_versions(previous, target.weights) if previous else [])},
+    }
+
+
+def is_complete(event: dict, _context=None) -> dict:
+    if event["RequestType"] == "Delete":
+        return {"IsComplete": True}
+    properties = event["ResourceProperties"]
+    target = _policy(properties)
+    kubectl = Kubectl(properties["KubectlHandler"], properties["ClusterName"])
+    steps = json.loads(event["Data"]["Steps"])
+    state = json.loads(kubectl.annotation(target.cilium_envoy_config(), STATE_ANNOTATION))
+    if state.get("request") != event["RequestId"]:
+        raise RolloutStopped(f"rollout: the CiliumEnvoyConfig {target.name} was applied by another request ({state.get('request')})")
+    if "stopped" in state:
+        raise RolloutStopped(f"rollout stopped: {state['stopped']}")
+    step = state["step"]
+    if step == len(steps) - 1:
+        return {"IsComplete": True}
+    settings = _settings(properties)
+    prometheus = Prometheus(properties["QueryUrl"], os.environ["AWS_REGION"])
+    readings = [prometheus.reading(version) for version in json.loads(event["Data"]["Gaining"])]
+    elapsed = time.time() - state["since"]
+    where = f"rollout stopped at step {step + 1} of {len(steps)} ({describe(steps[step])})"
+    reasons = [reason for reading in readings if (reason := breach(settings, reading))]
+    quiet = [reading for reading in readings if not enough_traffic(settings, reading)]
+    _log(step=step, elapsed_s=round(elapsed, 1), readings=[r.__dict__ for r in readings], breaches=reasons)
+    if not reasons and quiet and elapsed >= VOLUME_WAIT_FACTOR * settings.pause_s:
+        reasons = [
+            f"{r.version} was asked {r.request_rate or 0:.2f} requests/s in {elapsed:.0f} s"
+            f" (at least {settings.min_request_rate:g} needed)"
+            for r in quiet
+        ]
+    if reasons:
+        previous = _policy(event["OldResourceProperties"])
+        stopped = {"request": event["RequestId"], "step": -1, "since": time.time(), "stopped": reasons[0]}
+        kubectl.apply(_document(previous, stopped))
+        raise RolloutStopped(f"{where}: {'; '.join(reasons)}; restored {describe(previous.weights)}")
+    if elapsed < settings.pause_s or quiet:
+        return {"IsComplete": False}
+    following = step + 1
+    kubectl.apply(_document(target.with_weights(steps[following]), {"request": event["RequestId"], "step": following, "since": time.time()}))
+    _log(step=following, applied=steps[following])
+    return {"IsComplete": following == len(steps) - 1}
