@@ -30,6 +30,7 @@ from functools import cache
 from pathlib import Path
 
 import yaml
+from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
 
 from checks.deploy_graph import creation_order
@@ -164,13 +165,23 @@ def dry_run(template: dict, stack) -> list[Step]:
     """Create every kubectl-provider resource of ``template`` in deploy order, then Delete them in reverse."""
     cluster = _cluster(stack)
     ready_objects = {**READY_OBJECTS, **stack_ready_objects(stack)}
-    order = [name for name in creation_order(template) if template["Resources"][name]["Type"].startswith(RESOURCE_PREFIX)]
+    from checks.rollout_harness import dry_run_step  # it runs this module's handler
+
+    order = [name for name in creation_order(template) if kubectl_step(template["Resources"][name]["Type"])]
     with handler_modules() as modules:
         return [
-            _invoke(modules, cluster, name, template["Resources"][name], request_type, ready_objects)
+            (dry_run_step if template["Resources"][name]["Type"] == ROLLOUT_RESOURCE_TYPE else _invoke)(
+                modules, cluster, name, template["Resources"][name], request_type, ready_objects
+            )
             for request_type, names in (("Create", order), ("Delete", order[::-1]))
             for name in names
         ]
+
+
+def kubectl_step(resource_type: str) -> bool:
+    """A resource whose requests run kubectl through the kubectl provider's handler: its own, and the
+    traffic rollout's (its Lambda calls that handler)."""
+    return resource_type.startswith(RESOURCE_PREFIX) or resource_type == ROLLOUT_RESOURCE_TYPE
 
 
 class VirtualClock:

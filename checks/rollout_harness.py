@@ -47,13 +47,21 @@ from botocore.response import StreamingBody
 
 from cilium_mesh.metrics_files import rule_file
 from cilium_mesh.rollout import LAMBDA_FILES, PACKAGE_DIR
-from cilium_mesh.rollout_plan import STATE_ANNOTATION, RolloutSettings, describe, resource_properties
+from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutSettings, resource_properties
 from cilium_mesh.traffic import TrafficPolicy
 from checks import prometheus
 from checks.cilium_envoy import build_for
 from checks.envoy_harness import LOOPBACK, Fault, running
 from checks.metrics_harness import SCRAPE_INTERVAL_S, PacedClient
-from checks.provider_dry_run import Cluster, Recorder, Step, without_option, call_handler, handler_modules
+from checks.provider_dry_run import (
+    Cluster,
+    Recorder,
+    Step,
+    call_handler,
+    cloudformation_strings,
+    handler_modules,
+    without_option,
+)
 from checks.schemas import validate_object
 
 REGION = "us-west-2"
@@ -61,7 +69,6 @@ STACK_ID = f"arn:aws:cloudformation:{REGION}:123456789012:stack/CiliumMeshEks/0a
 KUBECTL_HANDLER = f"arn:aws:lambda:{REGION}:123456789012:function:CiliumMeshEks-ClusterKubectlProviderHandler"
 WORKSPACE_PATH = "/workspaces/ws-0123abcd-4567-89ef-0123-456789abcdef"
 LAMBDA_MODULES = ("rollout_lambda", "rollout_plan", "traffic")
-RESOURCE_TYPE = "Custom::CiliumTrafficRollout"
 CLUSTER = Cluster(logical_id="Cluster", name="cilium-mesh", kubernetes_version="1.35")
 # The canary the scenarios roll out: from v1 alone to v2 alone.
 PREVIOUS = TrafficPolicy(weights={"v1": 100, "v2": 0})
@@ -109,37 +116,39 @@ def _answering(service: str, operation: str, answer):
 
 
 class LiveCluster:
-    """The cluster as the kubectl provider's handler sees it: the live CiliumEnvoyConfig, applied to Envoy."""
+    """The cluster as the kubectl provider's handler sees it: its objects (shared with the dry run's
+    ready objects), changed by applies and deletes; each applied CiliumEnvoyConfig goes to ``on_apply``."""
 
-    def __init__(self, policy: TrafficPolicy, state: dict, on_apply):
-        self.base, self.on_apply = policy, on_apply
-        self.objects: dict[tuple[str, str], dict] = {}
+    def __init__(self, modules: dict, objects: dict, base: TrafficPolicy, on_apply=None):
+        self.modules, self.objects, self.base = modules, objects, base
+        self.on_apply = on_apply or (lambda policy, state: None)
         self.applied: list[tuple[float, dict[str, int], dict]] = []
-        self.lock = threading.Lock()
-        self._store(_annotated(policy, state))
-        self.modules = None
+        self.calls: list[Step] = []
 
-    def _store(self, document: dict) -> None:
-        self.objects[("ciliumenvoyconfig", document["metadata"]["name"])] = document
+    @property
+    def key(self) -> tuple[str, str]:
+        return ("ciliumenvoyconfig", self.base.name)
 
     def apply(self, document: dict) -> None:
         validate_object(document, CLUSTER.kubernetes_version)
         policy = policy_of(document, self.base)
-        self._store(document)
+        self.objects[self.key] = document
         state = json.loads(document["metadata"]["annotations"][STATE_ANNOTATION])
         self.applied.append((time.monotonic(), dict(policy.weights), state))
         self.on_apply(policy, state)
 
+    def delete(self) -> None:
+        self.objects.pop(self.key, None)
+
     @property
     def live(self) -> dict:
-        (document,) = self.objects.values()
-        return document
+        return self.objects[self.key]
 
     def invoke(self, event: dict) -> dict | None:
         """One invocation of aws-cdk-lib's kubectl handler with this event."""
         step = Step(event["ResourceType"], event["ResourceType"], event["RequestType"])
-        with self.lock:
-            return call_handler(self.modules, event, _LiveRecorder(step, self)).result
+        self.calls.append(step)
+        return call_handler(self.modules, event, _LiveRecorder(step, self)).result
 
 
 class _LiveRecorder(Recorder):
@@ -156,7 +165,7 @@ class _LiveRecorder(Recorder):
             for document in self.step.manifests:
                 self.live.apply(document)
         elif verb == "delete":
-            self.live.objects.clear()
+            self.live.delete()
         return output
 
 
@@ -307,15 +316,10 @@ def _run_scenario(name: str, tag: str, settings: RolloutSettings, rate_per_s: fl
                 stand_ins["2"].fail(fault)
                 fault_at.append(time.monotonic())
 
-        cluster = LiveCluster(PREVIOUS, {"request": "previous-deploy", "step": 0, "since": 0}, on_apply)
-        cluster.modules = stack.enter_context(handler_modules())
+        previous = {("ciliumenvoyconfig", PREVIOUS.name): _annotated(PREVIOUS, {"request": "previous-deploy", "step": 0, "since": 0})}
+        cluster = LiveCluster(stack.enter_context(handler_modules()), previous, PREVIOUS, on_apply)
         status = {"value": "UPDATE_IN_PROGRESS"}
-        module.CLIENTS.update(
-            {
-                "lambda": _answering("lambda", "Invoke", lambda params: _invoked(cluster, params)),
-                "cloudformation": _answering("cloudformation", "DescribeStacks", lambda _: _stack(status["value"])),
-            }
-        )
+        answer_aws(module, cluster, lambda: status["value"])
         stack.enter_context(_credentials())
         query_url = f"{server.url}/api/v1/query"
         client = PacedClient((LOOPBACK, envoy.port), rate_per_s, PREVIOUS, {})
@@ -335,6 +339,48 @@ def _run_scenario(name: str, tag: str, settings: RolloutSettings, rate_per_s: fl
             run.rollback_applies = [weights for _, weights, _ in cluster.applied[applied_before:]]
         run.live_weights = dict(policy_of(cluster.live, PREVIOUS).weights)
         return run
+
+
+def answer_aws(module, cluster: LiveCluster, stack_status) -> None:
+    """The Lambda's AWS calls answered here: Invoke by aws-cdk-lib's kubectl handler on ``cluster``,
+    DescribeStacks with ``stack_status()``."""
+    module.CLIENTS.update(
+        {
+            "lambda": _answering("lambda", "Invoke", lambda params: _invoked(cluster, params)),
+            "cloudformation": _answering("cloudformation", "DescribeStacks", lambda _: _stack(stack_status())),
+        }
+    )
+
+
+def dry_run_step(modules: dict, cluster: Cluster, name: str, resource: dict, request_type: str,
+                 ready_objects: dict) -> Step:  # fmt: skip
+    """The dry run's view of one request of the rollout resource: run as the framework runs it (no gate:
+    a Create or Delete never steps), with every kubectl handler call it makes recorded into one Step."""
+    properties = cloudformation_strings(cluster.resolve(resource["Properties"]))
+    policy = TrafficPolicy.from_json(properties["Policy"])
+    payload = {
+        "RequestType": request_type,
+        "RequestId": f"dry-run-{request_type.lower()}",
+        "StackId": STACK_ID,
+        "LogicalResourceId": name,
+        "ResourceType": resource["Type"],
+        "ResourceProperties": properties,
+    }
+    if request_type != "Create":
+        payload["PhysicalResourceId"] = f"{policy.namespace}/{policy.name}"
+    with rollout_lambda() as module:
+        live = LiveCluster(modules, ready_objects, policy)
+        answer_aws(module, live, lambda: "DELETE_IN_PROGRESS")
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            outcome = operate(module, payload, 0, 0)
+    if outcome.status != "SUCCESS":
+        raise RuntimeError(f"{request_type} {name}: {outcome.reason}")
+    step = Step(name, resource["Type"], request_type, result=outcome)
+    for call in live.calls:
+        step.commands += call.commands
+        step.manifests = call.manifests if call.manifests is not None else step.manifests
+    return step
 
 
 def _invoked(cluster: LiveCluster, params: dict) -> dict:

@@ -422,7 +422,7 @@ class CiliumEksStack(Stack):
                 (
                     waiter,
                     ["AwsSolutions-IAM5[Resource::*]"],
-                    "Step Functions' delivery of its execution logs to CloudWatch Logs (logs:CreateLogDelivery and the "
+                    "AWS Step Functions' delivery of its execution logs to CloudWatch Logs (logs:CreateLogDelivery and the "
                     "other log-delivery actions) supports no resource-level permissions.",
                 ),
                 (

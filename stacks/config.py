@@ -294,7 +294,7 @@ def _rollout(value: Any, metrics: bool) -> RolloutSettings | None:
     try:
         return RolloutSettings.from_mapping(value)
     except RolloutError as error:
-        raise ConfigError(str(error)) from None
+        raise ConfigError(f"rollout: {error}") from None
 
 
 def _cidrs(value: Any) -> tuple[str, ...]:

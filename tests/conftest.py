@@ -30,6 +30,8 @@ from checks.provider_dry_run import dry_run  # noqa: E402
 CONTEXT = cdk_json_context()
 STACK_NAME = "CiliumMeshEks"
 TOKEN = "<TOKEN>"
+# The chaining synth's rollout setting (the eni synth keeps cdk.json's: none, weights at once).
+ROLLOUT = {"steps": [10, 50, 100], "pause_s": 300, "max_error_ratio": 0.05, "max_p99_ms": 500, "min_request_rate": 0.5}
 
 
 @dataclass
@@ -66,8 +68,9 @@ def synthesize(outdir: Path, **overrides) -> Synth:
 
 @pytest.fixture(scope="session")
 def synth(tmp_path_factory) -> Synth:
-    """Datapath chaining: Cilium on the VPC CNI (the walkthrough's); alerts also by e-mail."""
-    return synthesize(tmp_path_factory.mktemp("cdk.out"), datapath="chaining", alert_email="oncall@example.com")
+    """Datapath chaining: Cilium on the VPC CNI (the walkthrough's); alerts also by e-mail; weights rolled out."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out"), datapath="chaining", alert_email="oncall@example.com",
+                      rollout=ROLLOUT)
 
 
 @pytest.fixture(scope="session")

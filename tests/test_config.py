@@ -12,6 +12,7 @@ import aws_cdk
 import pytest
 from conftest import CONTEXT, ROOT
 from stacks.config import INSTANCE_FAMILIES, KEYS, ConfigError, ec2_instance_types, load_config
+from cilium_mesh.rollout_plan import RolloutSettings
 
 # Also run through the real app.py (a subprocess each): one of every kind of failure.
 THROUGH_APP = [
@@ -95,6 +96,20 @@ BAD = THROUGH_APP + [
     ("alert_email", "on call@example.com", "e-mail address"),
     ("alert_email", ["oncall@example.com"], "e-mail address"),
     ("smoke_test", "sometimes", "true or false"),
+    ("rollout", "fast", "must be null or an object"),
+    ("rollout", '{"steps": [10, 100]', "must be null or an object"),
+    ("rollout", {"step": [10, 100]}, "'step' is not a rollout setting"),
+    ("rollout", {"steps": [50, 10, 100]}, "rising whole percentages"),
+    ("rollout", {"steps": [10, 50]}, "ending at 100"),
+    ("rollout", {"steps": [0, 100]}, "rising whole percentages"),
+    ("rollout", {"steps": "10,100"}, "rising whole percentages"),
+    ("rollout", {"pause_s": 60}, "at least 180"),
+    ("rollout", {"pause_s": 300.5}, "whole seconds"),
+    ("rollout", {"pause_s": 1200}, "may take 4800 s, more than the 3000 s"),
+    ("rollout", {"max_error_ratio": 1.5}, "from 0 to below 1"),
+    ("rollout", {"max_error_ratio": True}, "from 0 to below 1"),
+    ("rollout", {"max_p99_ms": 0}, "whole milliseconds"),
+    ("rollout", {"min_request_rate": 0}, "above 0"),
 ]
 
 
@@ -104,6 +119,14 @@ def test_alert_email_needs_metrics():
     config = load_config({**CONTEXT, "metrics": "false", "alert_email": None})
     assert (config.metrics, config.alert_email) == (False, None)
     assert load_config({**CONTEXT, "alert_email": "oncall@example.com"}).alert_email == "oncall@example.com"
+
+
+def test_rollout_needs_metrics_and_fills_in_defaults():
+    with pytest.raises(ConfigError, match=r"^rollout: needs metrics true"):
+        load_config({**CONTEXT, "metrics": False, "rollout": {}})
+    assert load_config(CONTEXT).rollout is None
+    rollout = load_config({**CONTEXT, "rollout": '{"steps": [25, 100], "pause_s": 600}'}).rollout
+    assert rollout == RolloutSettings(steps=(25, 100), pause_s=600, max_error_ratio=0.05, max_p99_ms=500, min_request_rate=0.5)
 
 
 def case_id(case) -> str:

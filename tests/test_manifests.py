@@ -17,9 +17,11 @@ from cilium_mesh.manifests import (
     replaced_by_name,
 )
 from cilium_mesh.metrics_files import SCRAPER_RBAC_FILE
+from cilium_mesh.rollout_plan import STATE_ANNOTATION
 from cilium_mesh.smoke_files import SMOKE_POLICY_DATAPATH_FILES, SMOKE_POLICY_FILE, SMOKE_TEST_FILE
 from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
+from checks.provider_dry_run import find_step
 from checks.schemas import InvalidObject, validate_object
 
 FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(), TRAFFIC_POLICY_FILE,
@@ -133,12 +135,12 @@ def test_rendered_traffic_policy_file_is_current():
     assert TRAFFIC_POLICY_FILE.read_text() == render(), "run: python -m tools.render_traffic_policy"
 
 
-def test_the_stack_applies_the_same_traffic_policy_as_the_file(synth):
-    cec = next(d for d in applied_documents(synth) if d["kind"] == "CiliumEnvoyConfig")
-    labels = cec["metadata"]["labels"]
-    prune = [k for k in labels if k.startswith("aws.cdk.eks/prune-")]
-    assert len(prune) == 1, "CDK's prune label lets a removed object be deleted on update"
-    del labels[prune[0]]
+def test_the_stack_applies_the_same_traffic_policy_as_the_file(synth_eni, provider_steps_eni):
+    """The rollout's apply (through aws-cdk-lib's handler) is the file plus the rollout's progress annotation."""
+    assert not [d for d in applied_documents(synth_eni) if d["kind"] == "CiliumEnvoyConfig"], "one owner: the rollout"
+    (cec,) = find_step(provider_steps_eni, synth_eni.logical_id(synth_eni.stack.traffic.resource)).manifests
+    annotations = cec["metadata"].pop("annotations")
+    assert set(annotations) == {STATE_ANNOTATION}
     assert cec == load_documents(TRAFFIC_POLICY_FILE)[0]
 
 

@@ -6,8 +6,11 @@ Ref, Fn::GetAtt) and deletes it before them, so one graph proves both orders.
 
 import pytest
 from checks.deploy_graph import Graph
+from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 
-KUBERNETES_STEP = ("Custom::AWSCDK-EKS-HelmChart", "Custom::AWSCDK-EKS-KubernetesResource", "Custom::AWSCDK-EKS-KubernetesObjectValue")
+# Every resource whose requests run kubectl (the rollout's through the kubectl provider's handler).
+KUBERNETES_STEP = ("Custom::AWSCDK-EKS-HelmChart", "Custom::AWSCDK-EKS-KubernetesResource", "Custom::AWSCDK-EKS-KubernetesObjectValue",
+                   ROLLOUT_RESOURCE_TYPE)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def ids(synth):
         "namespace": synth.logical_id(mesh.namespace),
         "cilium": synth.logical_id(mesh.cilium),
         "ingress": synth.logical_id(mesh.manifests["Ingress"]),
-        "traffic": synth.logical_id(mesh.manifests["TrafficPolicy"]),
+        "traffic": synth.logical_id(stack.traffic.resource),
         "policy": synth.logical_id(mesh.manifests["NetworkPolicy"]),
         "app": synth.logical_id(mesh.manifests["App"]),
         "hostname": synth.logical_id(mesh.ingress_hostname),
@@ -48,6 +51,7 @@ EDGES = [
     ("app", "namespace"),
     ("ingress", "namespace"),
     ("traffic", "namespace"),
+    ("traffic", "app"),  # the weights shift to Deployments that exist
     ("policy", "namespace"),
     ("hostname", "cilium"),
     ("coredns", "nodes"),  # its pods need nodes (and Cilium beside it, see below)
@@ -83,8 +87,9 @@ def test_controller_service_account_does_not_wait_for_nodes(synth, graph, ids):
     assert ids["nodes"] not in graph.after(account)
 
 
-def test_at_most_five_kubernetes_steps_after_the_node_group(synth, graph, ids):
-    """The controller, Cilium, the manifests with the smoke test's Job beside them, the wait for its
+def test_at_most_seven_kubernetes_steps_after_the_node_group(synth, graph, ids):
+    """The controller, Cilium, the app's manifests, the CiliumEnvoyConfig's rollout (at once, or
+    stepped), the smoke test's Job (after the rollout: it checks the final weights), the wait for its
     verdict (the one long step the smoke test adds), and the quick apply of that verdict."""
     steps = {
         name
@@ -93,5 +98,5 @@ def test_at_most_five_kubernetes_steps_after_the_node_group(synth, graph, ids):
     }
     chain = graph.longest_chain(steps)
     smoke = synth.stack.smoke_test
-    expected = [synth.logical_id(s) for s in (smoke.result, smoke.verdict, smoke.job)] + [ids["cilium"], ids["lbc"]]
+    expected = [synth.logical_id(s) for s in (smoke.result, smoke.verdict, smoke.job)] + [ids[n] for n in ("traffic", "app", "cilium", "lbc")]
     assert chain == expected, chain

@@ -20,7 +20,7 @@ from conftest import provider_steps_of, synth_of
 from stacks.cilium_eks_stack import LOAD_BALANCER_CONTROLLER_VERSION
 from checks.deploy_graph import Graph, creation_order
 from checks.kubectl_layer import layer_kubectl
-from checks.provider_dry_run import CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run, find_step
+from checks.provider_dry_run import CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run, find_step, kubectl_step
 from checks.schemas import validate_object
 
 # A step that waits must give up this long before the provider's Lambda is killed,
@@ -48,6 +48,7 @@ def ids(synth):
         "namespace": synth.logical_id(mesh.namespace),
         "hostname": synth.logical_id(mesh.ingress_hostname),
         **{name: synth.logical_id(manifest) for name, manifest in mesh.manifests.items()},
+        "TrafficPolicy": synth.logical_id(synth.stack.traffic.resource),
     }
 
 
@@ -68,7 +69,8 @@ def test_creation_order_puts_every_resource_after_its_dependencies(synth):
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_every_provider_resource_is_created_then_deleted(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
-    resources = {k for k, r in synth.template["Resources"].items() if r["Type"].startswith("Custom::AWSCDK-EKS-")}
+    resources = {k for k, r in synth.template["Resources"].items() if kubectl_step(r["Type"])}
+    assert synth.logical_id(synth.stack.traffic.resource) in resources
     created = [s.logical_id for s in steps if s.request_type == "Create"]
     deleted = [s.logical_id for s in steps if s.request_type == "Delete"]
     assert resources and sorted(created) == sorted(deleted) == sorted(resources)
@@ -140,7 +142,7 @@ def test_every_wait_ends_well_before_the_provider_lambda_does(request, datapath)
 
 def test_manifests_are_created_with_save_config_and_deleted(steps, ids):
     manifests = [s for s in steps if s.resource_type == "Custom::AWSCDK-EKS-KubernetesResource"]
-    assert {ids[name] for name in ("namespace", "App", "Ingress", "TrafficPolicy", "NetworkPolicy")} <= {
+    assert {ids[name] for name in ("namespace", "App", "Ingress", "NetworkPolicy")} <= {
         s.logical_id for s in manifests
     }
     for s in manifests:

@@ -6,6 +6,7 @@ import os
 import pytest
 from aws_cdk.assertions import Match
 from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_assets, synth_of
+from cilium_mesh.traffic import TrafficPolicy
 
 SNAPSHOTS = {
     "chaining": ROOT / "tests" / "snapshots" / "CiliumMeshEks.template.json",
@@ -175,7 +176,7 @@ def test_cilium_reads_the_api_server_endpoint_without_scheme(synth):
 def test_manifests_are_applied_as_written(synth):
     mesh = synth.stack.mesh
     assert kinds(manifest_documents(synth.resource(mesh.namespace))) == ["Namespace/workshop"]
-    assert sorted(mesh.manifests) == ["App", "Ingress", "NetworkPolicy", "TrafficPolicy"]
+    assert sorted(mesh.manifests) == ["App", "Ingress", "NetworkPolicy"]
     app = manifest_documents(synth.resource(mesh.manifests["App"]))
     assert kinds(app) == sorted(
         [f"Deployment/{n}" for n in ("frontend", "productcatalog", "catalogdetail", "catalogdetail2")]
@@ -186,7 +187,6 @@ def test_manifests_are_applied_as_written(synth):
         return {d["kind"] for d in manifest_documents(synth.resource(mesh.manifests[name]))}
 
     assert kinds_of("Ingress") == {"Ingress"}
-    assert kinds_of("TrafficPolicy") == {"CiliumEnvoyConfig"}
     assert kinds_of("NetworkPolicy") == {"CiliumNetworkPolicy"}
 
 
@@ -195,7 +195,9 @@ def test_network_policy_switch_and_weights_from_configuration(synth_variant):
     assert "NetworkPolicy" not in mesh.manifests
     documents = [d for r in mesh.manifests.values() for d in manifest_documents(synth_variant.resource(r))]
     assert not [d for d in documents if d["kind"] == "CiliumNetworkPolicy"]
-    cec = next(d for d in documents if d["kind"] == "CiliumEnvoyConfig")
+    assert not [d for d in documents if d["kind"] == "CiliumEnvoyConfig"]
+    policy = TrafficPolicy.from_json(synth_variant.resource(synth_variant.stack.traffic.resource)["Properties"]["Policy"])
+    cec = policy.cilium_envoy_config()
     route = next(r for r in cec["spec"]["resources"] if r["@type"].endswith("RouteConfiguration"))
     split = route["virtual_hosts"][0]["routes"][-1]["route"]["weighted_clusters"]["clusters"]
     assert [c["weight"] for c in split] == [90, 10]

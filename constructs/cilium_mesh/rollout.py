@@ -26,6 +26,7 @@ from .rollout_plan import (
     INVOKE_READ_TIMEOUT_S,
     QUERY_INTERVAL_S,
     QUERY_TIMEOUT_S,
+    RESOURCE_TYPE,
     SERVICE_TIMEOUT_S,
     RolloutSettings,
     resource_properties,
@@ -122,7 +123,7 @@ class TrafficRollout(Construct):
             self,
             "Resource",
             service_token=self.provider.service_token,
-            resource_type="Custom::CiliumTrafficRollout",
+            resource_type=RESOURCE_TYPE,
             properties=properties,
             service_timeout=Duration.seconds(SERVICE_TIMEOUT_S),
         )

@@ -44,6 +44,8 @@ VOLUME_WAIT_FACTOR = 2
 # pause would judge a step mostly on the traffic of the one before.
 MIN_PAUSE_S = 180
 MAX_STEPS = 10
+# The custom resource's type, as CloudFormation shows it in the stack's events.
+RESOURCE_TYPE = "Custom::CiliumTrafficRollout"
 # Where the rollout keeps its progress: on the CiliumEnvoyConfig it shifts (request, step, since).
 STATE_ANNOTATION = "cilium-mesh.eks/rollout"
 
@@ -84,32 +86,32 @@ class RolloutSettings:
             or steps[-1] != 100
         ):
             raise RolloutError(
-                f"rollout.steps: {steps!r} must be 1 to {MAX_STEPS} rising whole percentages of the change, ending at 100"
+                f"steps {list(steps) if isinstance(steps, tuple) else steps!r} must be 1 to {MAX_STEPS} rising whole percentages of the change, ending at 100"
             )
         if isinstance(self.pause_s, bool) or not isinstance(self.pause_s, int) or self.pause_s < self.min_pause_s:
             raise RolloutError(
-                f"rollout.pause_s: {self.pause_s!r} must be whole seconds, at least {self.min_pause_s} (the rules'"
+                f"pause_s {self.pause_s!r} must be whole seconds, at least {self.min_pause_s} (the rules'"
                 " 2-minute window plus AMP's scrape and evaluation)"
             )
         if self.worst_case_s > MAX_ROLLOUT_S:
             raise RolloutError(
-                f"rollout.pause_s: {len(steps) - 1} gated steps x {VOLUME_WAIT_FACTOR} x {self.pause_s} s may take"
+                f"pause_s {self.pause_s}: {len(steps) - 1} gated steps x {VOLUME_WAIT_FACTOR} x {self.pause_s} s may take"
                 f" {self.worst_case_s} s, more than the {MAX_ROLLOUT_S} s a rollout may use of CloudFormation's"
                 f" {SERVICE_TIMEOUT_S} s for a custom resource"
             )
         if not _number(self.max_error_ratio) or not 0 <= self.max_error_ratio < 1:
-            raise RolloutError(f"rollout.max_error_ratio: {self.max_error_ratio!r} must be a number from 0 to below 1")
+            raise RolloutError(f"max_error_ratio {self.max_error_ratio!r} must be a number from 0 to below 1")
         if isinstance(self.max_p99_ms, bool) or not isinstance(self.max_p99_ms, int) or not 1 <= self.max_p99_ms <= 60000:
-            raise RolloutError(f"rollout.max_p99_ms: {self.max_p99_ms!r} must be whole milliseconds from 1 to 60000")
+            raise RolloutError(f"max_p99_ms {self.max_p99_ms!r} must be whole milliseconds from 1 to 60000")
         if not _number(self.min_request_rate) or not 0 < self.min_request_rate <= 100000:
-            raise RolloutError(f"rollout.min_request_rate: {self.min_request_rate!r} must be a number above 0 (requests/s)")
+            raise RolloutError(f"min_request_rate {self.min_request_rate!r} must be a number above 0 (requests/s)")
 
     @classmethod
     def from_mapping(cls, value: Mapping, min_pause_s: int = MIN_PAUSE_S) -> RolloutSettings:
         """From the ``rollout`` context object; keys left out take their defaults."""
         unknown = sorted(set(value) - set(ROLLOUT_KEYS))
         if unknown:
-            raise RolloutError(f"rollout.{unknown[0]}: not a rollout setting (settings: {', '.join(ROLLOUT_KEYS)})")
+            raise RolloutError(f"{unknown[0]!r} is not a rollout setting (settings: {', '.join(ROLLOUT_KEYS)})")
         return cls(**value, min_pause_s=min_pause_s)
 
     def as_mapping(self) -> dict:
