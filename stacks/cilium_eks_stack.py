@@ -406,7 +406,7 @@ class CiliumEksStack(Stack):
                 (
                     framework,
                     [f"AwsSolutions-IAM5[Resource::<{i}.Arn>:*]" for i in handler_ids],
-                    f"The custom-resource framework invokes every version (':*') of {what}'s own handlers.",
+                    f"The CDK custom-resource framework invokes every version (':*') of the AWS Lambda handlers of {what}.",
                 ),
             ]
         waiter = provider.node.try_find_child("waiter-state-machine")
@@ -416,7 +416,7 @@ class CiliumEksStack(Stack):
                 (
                     waiter,
                     [f"AwsSolutions-IAM5[Resource::<{i}.Arn>:*]" for i in framework_ids],
-                    f"The custom-resource framework's waiter invokes every version (':*') of its isComplete and "
+                    f"The CDK custom-resource framework's AWS Step Functions waiter invokes every version (':*') of its isComplete and "
                     f"onTimeout Lambdas for {what}.",
                 ),
                 (
@@ -428,7 +428,7 @@ class CiliumEksStack(Stack):
                 (
                     waiter,
                     ["AwsSolutions-SF2"],
-                    "aws-cdk-lib's Provider framework offers no X-Ray tracing for its waiter; it logs ALL events.",
+                    "aws-cdk-lib's Provider framework offers no AWS X-Ray tracing for its waiter state machine; it logs ALL events.",
                 ),
             ]
         return acknowledgements
