@@ -245,13 +245,14 @@ def event(request_type: str, new: TrafficPolicy, old: TrafficPolicy | None, sett
 
 @dataclass
 class RolloutRun:
-    """A scenario's rollout and, when it failed, CloudFormation's rollback."""
+    """A scenario's rollout, then CloudFormation's rollback of it (as after a failure of any resource)."""
 
     name: str
     outcome: Outcome
     steps: list[dict[str, int]] = field(default_factory=list)
     requests: int = 0
     failed: int = 0
+    served: dict[str, int] = field(default_factory=dict)
     detection_s: float | None = None
     rollback: Outcome | None = None
     rollback_applies: list[dict[str, int]] = field(default_factory=list)
@@ -272,6 +273,7 @@ class RolloutRun:
             "steps": self.steps,
             "requests": self.requests,
             "failed": self.failed,
+            "served": self.served,
             "detection_s": None if self.detection_s is None else round(self.detection_s, 1),
             "rollback": None if self.rollback is None else {"status": self.rollback.status, "polls": self.rollback.polls},
             "rollback_applies": self.rollback_applies,
@@ -291,7 +293,7 @@ SCENARIOS: dict[str, tuple[Fault, int]] = {
 
 def run_scenario(name: str, tag: str, settings: RolloutSettings = LOCAL_SETTINGS, rate_per_s: float = RATE_PER_S,
                  interval_s: float = LOCAL_INTERVAL_S) -> RolloutRun:  # fmt: skip
-    """Roll PREVIOUS out to TARGET with v2's fault; if the rollout fails, run CloudFormation's rollback too."""
+    """Roll PREVIOUS out to TARGET with v2's fault, then run CloudFormation's rollback of that update."""
     output = io.StringIO()
     with contextlib.redirect_stdout(output):  # the handlers' logs, as CloudWatch would keep them
         run = _run_scenario(name, tag, settings, rate_per_s, interval_s)
@@ -328,16 +330,17 @@ def _run_scenario(name: str, tag: str, settings: RolloutSettings, rate_per_s: fl
         outcome = operate(module, event("Update", TARGET, PREVIOUS, settings, query_url, "rollout"), interval_s, LOCAL_MAX_ATTEMPTS)
         measured = client.stop()
         run = RolloutRun(name, outcome, [weights for _, weights, _ in cluster.applied], measured.requests,
-                         measured.requests - measured.statuses[200])  # fmt: skip
+                         measured.requests - measured.statuses[200], dict(measured.versions))  # fmt: skip
         if outcome.status == "FAILED" and cluster.applied:
             began = fault_at[0] if fault_at else cluster.applied[0][0]
             run.detection_s = cluster.applied[-1][0] - began
-            applied_before = len(cluster.applied)
-            status["value"] = "UPDATE_ROLLBACK_IN_PROGRESS"
-            rollback = event("Update", PREVIOUS, TARGET, settings, query_url, "rollback")
-            run.rollback = operate(module, rollback, interval_s, LOCAL_MAX_ATTEMPTS)
-            run.rollback_applies = [weights for _, weights, _ in cluster.applied[applied_before:]]
         run.live_weights = dict(policy_of(cluster.live, PREVIOUS).weights)
+        # CloudFormation's rollback: after this failure, or after a later resource of the same update fails.
+        applied_before = len(cluster.applied)
+        status["value"] = "UPDATE_ROLLBACK_IN_PROGRESS"
+        rollback = event("Update", PREVIOUS, TARGET, settings, query_url, "rollback")
+        run.rollback = operate(module, rollback, interval_s, LOCAL_MAX_ATTEMPTS)
+        run.rollback_applies = [weights for _, weights, _ in cluster.applied[applied_before:]]
         return run
 
 
@@ -419,11 +422,15 @@ def _credentials():
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
+    parser.add_argument("scenarios", nargs="*", help=f"default: all, one after another ({'; '.join(SCENARIOS)})")
     parser.add_argument("--cilium-version", default="1.19.6")
     args = parser.parse_args(argv)
-    run = run_scenario(args.scenario, build_for(args.cilium_version).tag)
-    print(json.dumps(run.as_json()))
+    unknown = [name for name in args.scenarios if name not in SCENARIOS]
+    if unknown:
+        parser.error(f"unknown scenario {unknown[0]!r}; scenarios: {'; '.join(SCENARIOS)}")
+    tag = build_for(args.cilium_version).tag
+    for name in args.scenarios or SCENARIOS:
+        print(json.dumps(run_scenario(name, tag).as_json()), flush=True)
     return 0
 
 

@@ -26,6 +26,7 @@ from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
 from stacks.config import load_config  # noqa: E402
 from checks.deploy_graph import logical_id  # noqa: E402
 from checks.provider_dry_run import dry_run  # noqa: E402
+from checks.rollout_harness import SCENARIOS as ROLLOUT_SCENARIOS  # noqa: E402
 
 CONTEXT = cdk_json_context()
 STACK_NAME = "CiliumMeshEks"
@@ -155,6 +156,7 @@ _STARTERS = {
                                             "--rate", str(ALERT_RUN_RATE)),
     "preview_run": lambda d: _python("-m", "tools.preview", "--requests", "200", "--fault", "v2=empty", "--compare"),
     "cli_synths": _cli_synths,
+    "rollout_runs": lambda d: [p for name in ROLLOUT_SCENARIOS for p in _python("-m", "checks.rollout_harness", name)],
 }  # fmt: skip
 
 
@@ -195,6 +197,17 @@ def alert_observations() -> dict:
 def preview_run() -> subprocess.CompletedProcess:
     """`python -m tools.preview --requests 200 --fault v2=empty --compare`, as it ran."""
     return _finished("preview_run")[1][0]
+
+
+@pytest.fixture(scope="session")
+def rollout_runs() -> dict[str, dict]:
+    """Each scenario of checks/rollout_harness.py (a rollout, then CloudFormation's rollback), as it ran."""
+    _, results = _finished("rollout_runs")
+    runs = {}
+    for name, result in zip(ROLLOUT_SCENARIOS, results):
+        assert result.returncode == 0, f"checks.rollout_harness {name!r} failed: {result.stderr[-3000:]}"
+        runs[name] = json.loads(result.stdout.splitlines()[-1])
+    return runs
 
 
 @pytest.fixture(scope="session")

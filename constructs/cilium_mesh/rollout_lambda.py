@@ -33,6 +33,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from rollout_plan import (
     GET_TIMEOUT_S,
+    INVOKE_ATTEMPTS,
     INVOKE_READ_TIMEOUT_S,
     QUERY_TIMEOUT_S,
     STATE_ANNOTATION,
@@ -63,7 +64,8 @@ class RolloutStopped(RuntimeError):
 
 def _client(service: str):
     if service not in CLIENTS:
-        CLIENTS[service] = boto3.client(service, config=Config(read_timeout=INVOKE_READ_TIMEOUT_S))
+        retries = {"mode": "standard", "total_max_attempts": INVOKE_ATTEMPTS}
+        CLIENTS[service] = boto3.client(service, config=Config(read_timeout=INVOKE_READ_TIMEOUT_S, retries=retries))
     return CLIENTS[service]
 
 

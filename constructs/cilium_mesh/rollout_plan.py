@@ -34,7 +34,8 @@ QUERY_INTERVAL_S = 30
 # annotation is always there); one invocation of that handler is update-kubeconfig plus one kubectl
 # command; one AMP query.
 GET_TIMEOUT_S = 30
-INVOKE_READ_TIMEOUT_S = 240
+INVOKE_READ_TIMEOUT_S = 120
+INVOKE_ATTEMPTS = 2
 QUERY_TIMEOUT_S = 10
 # What a rollout may use of the hour: the rest is margin for applying steps and the framework.
 MAX_ROLLOUT_S = 3000

@@ -1,0 +1,251 @@
+"""The canary rollout: its plan, its Lambda as packaged, its limits, and its runs on the local harness.
+
+The runs (checks/rollout_harness.py) are the Lambda as the Provider framework runs it, its kubectl calls
+through aws-cdk-lib's own handler onto the live CiliumEnvoyConfig, a real Envoy with cilium-envoy's
+extension set carrying the traffic, and a real Prometheus evaluating the stack's rule file as the gate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.request
+
+import pytest
+from cilium_mesh.rollout import HANDLER_TIMEOUT, LAMBDA_FILES, PACKAGE_DIR
+from cilium_mesh.rollout_plan import (
+    GET_TIMEOUT_S,
+    INVOKE_ATTEMPTS,
+    INVOKE_READ_TIMEOUT_S,
+    MAX_ROLLOUT_S,
+    MIN_PAUSE_S,
+    QUERY_INTERVAL_S,
+    QUERY_TIMEOUT_S,
+    RESOURCE_TYPE,
+    SERVICE_TIMEOUT_S,
+    STATE_ANNOTATION,
+    Reading,
+    RolloutSettings,
+    breach,
+    gaining_versions,
+    gate_queries,
+    plan,
+    step_weights,
+)
+from cilium_mesh.traffic import TrafficPolicy
+from conftest import ROLLOUT
+
+from checks.rollout_harness import LOCAL_SETTINGS, PREVIOUS, TARGET, rollout_lambda
+
+DEFAULT = RolloutSettings()
+# The kubectl handler's get sleeps this long between its polls (aws-cdk-lib get/__init__.py).
+GET_POLL_SLEEP_S = 10
+# CloudFormation's limit for a custom resource (AWS::CloudFormation::CustomResource ServiceTimeout).
+CLOUDFORMATION_MAX_S = 3600
+LAMBDA_MAX_S = 900
+
+
+def shares(weights: dict[str, int]) -> dict[str, float]:
+    return {v: w / sum(weights.values()) for v, w in weights.items()}
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [({"v1": 100, "v2": 0}, {"v1": 0, "v2": 100}), ({"v1": 50, "v2": 50}, {"v1": 90, "v2": 10}), ({"v1": 1}, {"v1": 2, "v2": 1})],
+)
+def test_each_step_moves_its_percentage_of_the_change_and_the_last_is_the_new_weights(old, new):
+    steps = plan(old, new, DEFAULT)
+    assert len(steps) == len(DEFAULT.steps) and steps[-1] == new
+    for percent, weights in zip(DEFAULT.steps[:-1], steps[:-1]):
+        assert sum(weights.values()) == 1000
+        for version in new:
+            expected = shares(old).get(version, 0) + percent / 100 * (shares(new)[version] - shares(old).get(version, 0))
+            assert abs(shares(weights)[version] - expected) <= 0.001, (percent, version)
+
+
+def test_nothing_is_stepped_without_settings_a_previous_split_or_a_change_of_it():
+    new = {"v1": 90, "v2": 10}
+    assert plan(None, new, DEFAULT) == [new]  # a Create
+    assert plan({"v1": 90, "v2": 10}, new, None) == [new]  # no rollout setting
+    assert plan({"v1": 9, "v2": 1}, new, DEFAULT) == [new]  # the same split, written differently
+    assert gaining_versions({"v1": 50, "v2": 50}, new) == ("v1",)
+    assert step_weights({"v1": 100, "v3": 0}, {"v1": 50, "v2": 50}, 10) == {"v1": 950, "v2": 50, "v3": 0}
+
+
+def test_the_gate_judges_errors_and_latency_only_with_enough_traffic_and_ejection_at_once():
+    settings = RolloutSettings(min_request_rate=1.0)
+    quiet = Reading("v2", error_ratio=0.5, p99_ms=9000.0, ejected_hosts=0.0, request_rate=0.2)
+    assert breach(settings, quiet) is None
+    assert "failed 50.0%" in breach(settings, Reading("v2", 0.5, 10.0, 0.0, 2.0))
+    assert "p99 9000 ms" in breach(settings, Reading("v2", 0.0, 9000.0, 0.0, 2.0))
+    assert "ejected 1 host" in breach(settings, Reading("v2", None, None, 1.0, None))
+    assert breach(settings, Reading("v2", 0.05, 500.0, 0.0, 2.0)) is None  # at the budgets is within them
+    assert gate_queries("v2")["error_ratio"] == 'catalogdetail:errors:ratio2m{version="v2"}'
+
+
+def test_every_gate_query_reads_a_recorded_series_of_the_rule_file():
+    from cilium_mesh.metrics_files import RULES_FILE
+    from cilium_mesh.manifests import load_documents
+
+    (rules,) = load_documents(RULES_FILE)
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    assert {q.split("{")[0] for q in gate_queries("v2").values()} <= recorded
+
+
+def test_the_lambda_package_holds_exactly_its_three_files(synth):
+    """As the asset holds them: the handlers import traffic and rollout_plan as top-level modules."""
+    function = synth.resource(synth.stack.traffic.functions["IsComplete"])
+    asset = synth.outdir / f"asset.{function['Properties']['Code']['S3Key'].removesuffix('.zip')}"
+    assert sorted(p.name for p in asset.iterdir()) == sorted(LAMBDA_FILES)
+    for name in LAMBDA_FILES:
+        assert (asset / name).read_bytes() == (PACKAGE_DIR / name).read_bytes()
+    handlers = {synth.resource(f)["Properties"]["Handler"] for f in synth.stack.traffic.functions.values()}
+    assert handlers == {"rollout_lambda.on_event", "rollout_lambda.is_complete"}
+    with rollout_lambda() as module:
+        assert callable(module.on_event) and callable(module.is_complete)
+
+
+def test_timeouts_and_intervals_fit_lambda_step_functions_and_cloudformation(synth):
+    """One poll fits its Lambda; the waiter's attempts cover the hour; the longest rollout fits the hour."""
+    traffic = synth.stack.traffic
+    resource = synth.resource(traffic.resource)["Properties"]
+    assert int(resource["ServiceTimeout"]) == SERVICE_TIMEOUT_S <= CLOUDFORMATION_MAX_S
+    machine = next(iter(r for k, r in synth.resources("AWS::StepFunctions::StateMachine").items() if k.startswith("TrafficRollout")))
+    definition = json.loads("".join(p if isinstance(p, str) else "<ARN>" for p in machine["Properties"]["DefinitionString"]["Fn::Join"][1]))
+    (retry,) = definition["States"]["framework-isComplete-task"]["Retry"]
+    assert retry["IntervalSeconds"] == QUERY_INTERVAL_S and retry["BackoffRate"] == 1
+    assert retry["MaxAttempts"] * QUERY_INTERVAL_S == SERVICE_TIMEOUT_S
+    for function in traffic.functions.values():
+        timeout = synth.resource(function)["Properties"]["Timeout"]
+        assert timeout == HANDLER_TIMEOUT.to_seconds() <= LAMBDA_MAX_S
+    # One is_complete: one kubectl get (its polls, then the handler's own start) and the gate's queries
+    # for two versions, then at most one apply; all within the Lambda's timeout.
+    assert GET_TIMEOUT_S + GET_POLL_SLEEP_S < INVOKE_READ_TIMEOUT_S
+    invoke_s = INVOKE_ATTEMPTS * INVOKE_READ_TIMEOUT_S
+    assert 2 * invoke_s + 2 * len(gate_queries("v2")) * QUERY_TIMEOUT_S < HANDLER_TIMEOUT.to_seconds()
+    # The gate is read several times per pause, and the longest rollout leaves margin in the hour.
+    assert QUERY_INTERVAL_S * 4 <= MIN_PAUSE_S
+    assert DEFAULT.worst_case_s <= MAX_ROLLOUT_S <= SERVICE_TIMEOUT_S - 10 * 60
+
+
+def test_the_rollout_may_invoke_only_the_kubectl_handler_read_only_its_stack_and_query_only_its_workspace(synth, synth_eni):
+    def statements(s, name):
+        role = s.resource(s.stack.traffic.functions[name])["Properties"]["Role"]["Fn::GetAtt"][0]
+        policy = next(r for r in s.resources("AWS::IAM::Policy").values() if r["Properties"]["Roles"] == [{"Ref": role}])
+        return {st["Action"]: st["Resource"] for st in policy["Properties"]["PolicyDocument"]["Statement"]}
+
+    handler = {"Fn::GetAtt": [synth.logical_id(synth.stack.cluster.node.find_child("KubectlProvider").node.find_child("Handler")), "Arn"]}
+    assert statements(synth, "OnEvent") == {"lambda:InvokeFunction": handler, "cloudformation:DescribeStacks": {"Ref": "AWS::StackId"}}
+    workspace = {"Fn::GetAtt": [synth.logical_id(synth.stack.metrics.workspace), "Arn"]}
+    assert statements(synth, "IsComplete") == {"lambda:InvokeFunction": handler, "aps:QueryMetrics": workspace}
+    assert "aps:QueryMetrics" not in statements(synth_eni, "IsComplete")  # no rollout setting, no gate
+
+
+def test_the_gate_properties_and_its_rules_come_only_with_a_rollout_setting(synth, synth_eni):
+    with_rollout = synth.resource(synth.stack.traffic.resource)
+    assert json.loads(with_rollout["Properties"]["Rollout"]) == ROLLOUT
+    assert with_rollout["Properties"]["QueryUrl"]["Fn::Join"][1][1] == "api/v1/query"
+    assert synth.logical_id(synth.stack.metrics.rules) in with_rollout["DependsOn"]
+    at_once = synth_eni.resource(synth_eni.stack.traffic.resource)
+    assert {"Rollout", "QueryUrl"}.isdisjoint(at_once["Properties"]) and at_once["Type"] == RESOURCE_TYPE
+
+
+def test_gate_queries_are_signed_for_amp(monkeypatch):
+    """POSTs to the workspace's query URL with SigV4 for service aps, from the Lambda's credentials."""
+    sent = []
+
+    class Answer:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            return False
+
+        def read(self):
+            return b'{"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[1,"NaN"]},{"metric":{},"value":[1,"0.25"]}]}}'
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda request, timeout: sent.append((request, timeout)) or Answer())
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    url = "https://aps-workspaces.us-west-2.amazonaws.com/workspaces/ws-1/api/v1/query"
+    with rollout_lambda() as module:
+        assert module.Prometheus(url, "us-west-2").value('catalogdetail:errors:ratio2m{version="v2"}') == 0.25
+    ((request, timeout),) = sent
+    headers = {k.lower(): v for k, v in request.header_items()}
+    assert (request.full_url, request.get_method(), timeout) == (url, "POST", QUERY_TIMEOUT_S)
+    assert headers["authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert "/us-west-2/aps/aws4_request" in headers["authorization"] and "x-amz-date" in headers
+    assert request.data == b"query=catalogdetail%3Aerrors%3Aratio2m%7Bversion%3D%22v2%22%7D"
+
+
+def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, provider_steps):
+    """Create (even with a rollout setting) applies the policy at once: nothing deployed to step from."""
+    rollout = synth.logical_id(synth.stack.traffic.resource)
+    created = next(s for s in provider_steps if s.logical_id == rollout and s.request_type == "Create")
+    verbs = [c[1] if c[0] == "kubectl" and c[1] != "--kubeconfig" else c[3] if c[0] == "kubectl" else c[0] for c in created.commands]
+    assert verbs == ["aws", "apply", "aws", "get"] and created.result.polls == 1
+    (cec,) = created.manifests
+    assert json.loads(cec["metadata"]["annotations"][STATE_ANNOTATION])["step"] == 0
+    deleted = next(s for s in provider_steps if s.logical_id == rollout and s.request_type == "Delete")
+    assert [c[1] for c in deleted.commands if c[0] == "kubectl"] == ["delete"]
+
+
+def test_local_settings_differ_from_the_stacks_only_in_time():
+    assert (LOCAL_SETTINGS.steps, LOCAL_SETTINGS.max_error_ratio, LOCAL_SETTINGS.max_p99_ms) == (
+        DEFAULT.steps, DEFAULT.max_error_ratio, DEFAULT.max_p99_ms)  # fmt: skip
+    assert LOCAL_SETTINGS.pause_s < MIN_PAUSE_S and LOCAL_SETTINGS.min_request_rate < DEFAULT.min_request_rate
+
+
+# What each run must show: its outcome, the weights it applied, and where the rollout left the split.
+PROMOTED = plan(PREVIOUS.weights, TARGET.weights, LOCAL_SETTINGS)
+EXPECTED = {
+    "healthy v2": ("SUCCESS", None, PROMOTED, TARGET.weights),
+    "v2 answers 503 on 30%": ("FAILED", "rollout stopped at step 1 of 3 (v1 90%, v2 10%): v2 failed ", [PROMOTED[0], PREVIOUS.weights], PREVIOUS.weights),
+    "v2 goes down at step 2": ("FAILED", "rollout stopped at step 2 of 3 (v1 50%, v2 50%): Envoy ejected ", [*PROMOTED[:2], PREVIOUS.weights], PREVIOUS.weights),
+    "v2 without endpoints": ("FAILED", "rollout stopped at step 1 of 3 (v1 90%, v2 10%): v2 was asked 0.00 requests/s", [PROMOTED[0], PREVIOUS.weights], PREVIOUS.weights),
+}  # fmt: skip
+# Retries and failover hide v2's failures from the callers: at most this share of requests failed.
+MAX_FAILED_SHARE = 0.01
+
+
+@pytest.mark.parametrize("scenario", list(EXPECTED))
+def test_each_scenario_promotes_or_stops_where_it_must(rollout_runs, scenario):
+    run = rollout_runs[scenario]
+    status, reason, steps, live = EXPECTED[scenario]
+    assert run["status"] == status, run["reason"]
+    assert (run["reason"] or "").startswith(reason or ""), run["reason"]
+    assert run["reason"] is None or run["reason"].endswith("restored v1 100%, v2 0%")
+    assert run["steps"] == [dict(s) for s in steps]
+    assert run["live_weights"] == dict(live)
+    assert run["failed"] <= MAX_FAILED_SHARE * run["requests"], run
+    if status == "SUCCESS":
+        assert run["served"].get("v2", 0) > 0 and run["polls"] > 1
+
+
+def test_a_stopped_rollout_is_stopped_soon_after_the_fault(rollout_runs):
+    """Breaches stop it at the first poll that sees them: scrapes and evaluations every second here."""
+    assert rollout_runs["v2 goes down at step 2"]["detection_s"] <= 5.0
+    assert rollout_runs["v2 answers 503 on 30%"]["detection_s"] <= LOCAL_SETTINGS.pause_s + 5.0
+    # Without traffic to judge, the step waits out its volume wait, then stops.
+    quiet = rollout_runs["v2 without endpoints"]["detection_s"]
+    assert 2 * LOCAL_SETTINGS.pause_s <= quiet <= 2 * LOCAL_SETTINGS.pause_s + 5.0
+
+
+@pytest.mark.parametrize("scenario", list(EXPECTED))
+def test_cloudformations_rollback_restores_the_previous_weights_at_once(rollout_runs, scenario):
+    """The Update with the old properties, while the stack rolls back: one apply, no steps, no gate."""
+    run = rollout_runs[scenario]
+    assert run["rollback"] == {"status": "SUCCESS", "polls": 1}
+    assert run["rollback_applies"] == [dict(PREVIOUS.weights)]
+
+
+def test_every_poll_logs_what_the_gate_read(rollout_runs):
+    run = rollout_runs["v2 answers 503 on 30%"]
+    polls = [entry for entry in run["log"] if "readings" in entry]
+    assert polls and polls[-1]["breaches"] and polls[-1]["readings"][0]["version"] == "v2"
+    assert all(r["p99_ms"] is None or math.isfinite(r["p99_ms"]) for p in polls for r in p["readings"])
+
+
+def test_the_policy_survives_its_trip_through_cloudformation():
+    policy = TrafficPolicy(weights={"v1": 90, "v2": 10}, pin_header=None, failover_to_drained=True)
+    assert TrafficPolicy.from_json(policy.to_json()) == policy
