@@ -13,16 +13,20 @@ none is committed here.
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import yaml
 
-from cilium_mesh.manifests import DATAPATHS, load_documents
+from cilium_mesh.manifests import DATAPATHS, load_documents, parse_documents
 from cilium_mesh.metrics_files import METRICS_PORTS, SCRAPE_CONFIG_FILE
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
@@ -94,9 +98,11 @@ def dead_keys(ours: dict, chart_defaults: dict) -> list[str]:
     return dead
 
 
+@functools.cache
 def chart_values(chart: Path) -> dict:
     with tarfile.open(chart) as archive:
-        return yaml.safe_load(archive.extractfile("cilium/values.yaml"))
+        (values,) = parse_documents(archive.extractfile("cilium/values.yaml"))
+        return values
 
 
 def chart_version(chart: Path) -> str:
@@ -104,11 +110,24 @@ def chart_version(chart: Path) -> str:
         return yaml.safe_load(archive.extractfile("cilium/Chart.yaml"))["version"]
 
 
+_RENDERS: dict[tuple, Future] = {}
+_RENDERS_LOCK = threading.Lock()
+
+
 def render(chart: Path, helm: Path, values: dict, kubernetes_version: str = "1.35.0") -> subprocess.CompletedProcess:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
-        yaml.safe_dump(values, file)
-        file.flush()
-        return helm_template(helm, "cilium", chart, "kube-system", file.name, kubernetes_version)
+    """``helm template`` of the chart with these values, once per process for the same inputs (a render
+    takes seconds; threads asking for the same one wait for it)."""
+    key = (str(chart), str(helm), json.dumps(values, sort_keys=True), kubernetes_version)
+    with _RENDERS_LOCK:
+        future, first = _RENDERS.get(key), key not in _RENDERS
+        if first:
+            future = _RENDERS[key] = Future()
+    if first:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as file:
+            yaml.safe_dump(values, file)
+            file.flush()
+            future.set_result(helm_template(helm, "cilium", chart, "kube-system", file.name, kubernetes_version))
+    return future.result()
 
 
 def check(chart: Path, helm: Path, datapath: str) -> list[str]:
@@ -120,7 +139,7 @@ def check(chart: Path, helm: Path, datapath: str) -> list[str]:
     result = render(chart, helm, values)
     if result.returncode != 0:
         return [*problems, f"{name}: helm template failed: {result.stderr.strip()[-500:]}"]
-    documents = [d for d in yaml.safe_load_all(result.stdout) if d]
+    documents = parse_documents(result.stdout)
     config = next(d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
     minor = ".".join(version.split(".")[:2])
     expected = {**EXPECTED_CONFIG["both"], **EXPECTED_CONFIG[datapath], **EXPECTED_RELEASE_CONFIG.get(minor, {})}

@@ -21,15 +21,14 @@ import json
 import re
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 
+from checks.cilium_chart import chart_values
 from checks.fixtures import ROOT, cilium_chart, cilium_envoy_build_list
 
 TOOLS_DIR = ROOT / ".tools"
@@ -102,8 +101,7 @@ def build_list(tag: str) -> tuple[frozenset[str], frozenset[str]]:
 
 def chart_envoy_tag(cilium_version: str) -> str:
     """The cilium-envoy build a Cilium chart deploys: ``envoy.image.tag`` is ``v<envoy>-<timestamp>-<commit>``."""
-    with tarfile.open(cilium_chart(cilium_version)) as chart:
-        values = yaml.safe_load(chart.extractfile("cilium/values.yaml"))
+    values = chart_values(cilium_chart(cilium_version))
     tag = values["envoy"]["image"]["tag"].split("-")[0]
     if tag not in ENVOY_BUILDS:
         raise KeyError(f"Cilium {cilium_version} runs cilium-envoy {tag}, which checks/cilium_envoy.py does not know")

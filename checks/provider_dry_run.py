@@ -30,6 +30,7 @@ from functools import cache
 from pathlib import Path
 
 import yaml
+from cilium_mesh.manifests import parse_documents
 from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
 
@@ -411,7 +412,7 @@ class Recorder:
                                f"{self.cluster.kubernetes_version}.0")  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(f"helm template failed: {result.args}\n{result.stderr[-3000:]}")
-        return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        return parse_documents(result.stdout)
 
 
 def _option(argv: list[str], name: str) -> str:

@@ -1,11 +1,13 @@
 """The Cilium values: one file, merged with what depends on the cluster, with no key the chart lacks."""
 
+import copy
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS, cilium_release_file
+from conftest import early, early_result
+from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS, cilium_release_file, parse_documents
 from cilium_mesh.values import cilium_values, merge
 from checks.cilium_chart import API_SERVER, CLUSTER_NAME, chart_values, check, dead_keys, key_paths, render, supported_charts
 from checks.fixtures import cilium_chart
@@ -40,13 +42,15 @@ def test_eni_sets_no_chaining_key_and_no_masquerade_interfaces():
     assert values["cluster"] == {"name": CLUSTER_NAME}
 
 
-def test_cilium_1_18_needs_ipam_mode_eni_set_explicitly():
-    """Why datapath-eni.yaml sets ipam.mode: 1.18.12 does not derive it from eni.enabled (1.19 does)."""
+def _without_ipam_mode() -> dict:
     values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.18.12")
     del values["ipam"]
-    rendered = render(cilium_chart("1.18.12"), layer_helm(), values)
-    config = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["metadata"]["name"] == "cilium-config")
-    assert config["data"]["ipam"] == "cluster-pool"
+    return values
+
+
+def test_cilium_1_18_needs_ipam_mode_eni_set_explicitly(chart_renders):
+    """Why datapath-eni.yaml sets ipam.mode: 1.18.12 does not derive it from eni.enabled (1.19 does)."""
+    assert _rendered_config(cilium_chart("1.18.12"), _without_ipam_mode())["ipam"] == "cluster-pool"
 
 
 def test_dead_key_detection():
@@ -64,13 +68,35 @@ def test_helm_from_the_kubectl_layer_runs():
     assert result.stdout.startswith("v4.")
 
 
-@pytest.fixture(scope="module")
-def chart_checks() -> dict:
-    """check() of every supported chart and datapath, the helm renders two at a time."""
+def _chart_renders() -> dict:
+    """check() of every supported chart and datapath, and every other render this module asserts on,
+    two at a time (render() keeps each for the tests that ask for it again)."""
     helm = layer_helm()
     cases = [(chart, datapath) for chart in supported_charts() for datapath in DATAPATHS]
+    others = [(cilium_chart(version), values) for version, values in _other_renders()]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(cases, pool.map(lambda case: check(case[0], helm, case[1]), cases)))
+        checks = pool.map(lambda case: check(case[0], helm, case[1]), cases)
+        list(pool.map(lambda other: render(other[0], helm, other[1]), others))
+        return dict(zip(cases, checks))
+
+
+def _other_renders() -> list[tuple[str, dict]]:
+    renders = [("1.18.12", _without_ipam_mode()), ("1.19.6", _bad_cluster_name()), ("1.20.0", _without_xds_mode())]
+    return renders + [(version, values) for version in ("1.18.12", "1.19.6", "1.20.0") for values in _linger_variants(version)[1:]]
+
+
+early("chart_renders", _chart_renders)
+
+
+@pytest.fixture(scope="module")
+def chart_renders() -> dict:
+    """_chart_renders(), started at the end of collection (conftest.early): chart and datapath -> problems."""
+    return early_result("chart_renders")
+
+
+@pytest.fixture(scope="module")
+def chart_checks(chart_renders) -> dict:
+    return chart_renders
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -80,38 +106,54 @@ def test_values_render_on_the_real_chart_with_no_dead_key(chart_checks, chart, d
     assert chart_checks[chart, datapath] == []
 
 
-def test_a_cluster_name_the_chart_rejects_fails_the_render():
+def _bad_cluster_name() -> dict:
+    return cilium_values(API_SERVER, "eni", "Cilium_Mesh", "1.19.6")
+
+
+def test_a_cluster_name_the_chart_rejects_fails_the_render(chart_renders):
     """The chart's own rule, which the config's cluster_name check for eni mirrors."""
-    values = cilium_values(API_SERVER, "eni", "Cilium_Mesh", "1.19.6")
-    assert "The cluster name is invalid" in render(cilium_chart("1.19.6"), layer_helm(), values).stderr
+    assert "The cluster name is invalid" in render(cilium_chart("1.19.6"), layer_helm(), _bad_cluster_name()).stderr
 
 
 def _rendered_config(chart, values) -> dict:
     rendered = render(chart, layer_helm(), values)
-    return next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["metadata"]["name"] == "cilium-config")["data"]
+    return next(d for d in parse_documents(rendered.stdout) if d["metadata"]["name"] == "cilium-config")["data"]
 
 
-def test_cilium_1_20_needs_xds_mode_split_from_its_release_file():
+def _without_xds_mode() -> dict:
+    values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.20.0")
+    del values["envoy"]["xdsMode"]
+    return values
+
+
+def test_cilium_1_20_needs_xds_mode_split_from_its_release_file(chart_renders):
     """Why release-1.20.yaml exists: 1.20.0 renders ADS for a new install (cilium/cilium#47624), and
     the key is one the older charts lack, so it cannot live in values.yaml."""
     release = cilium_release_file("1.20.0")
     values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.20.0")
     assert _rendered_config(cilium_chart("1.20.0"), values)["envoy-xds-mode"] == "split"
-    del values["envoy"]["xdsMode"]
-    assert _rendered_config(cilium_chart("1.20.0"), values)["envoy-xds-mode"] == "ads"
+    assert _rendered_config(cilium_chart("1.20.0"), _without_xds_mode())["envoy-xds-mode"] == "ads"
     own = yaml.safe_load(release.read_text())
     for version in ("1.18.12", "1.19.6"):
         assert cilium_release_file(version) is None
         assert dead_keys(own, chart_values(cilium_chart(version))) == ["envoy.xdsMode"]
 
 
-def test_linger_timeout_zero_needs_extra_config():
+def _linger_variants(version: str) -> tuple[dict, dict, dict]:
+    """Ours; without extraConfig; and with the chart's own key set to 0 instead."""
+    ours = cilium_values(API_SERVER, "eni", CLUSTER_NAME, version)
+    without = copy.deepcopy(ours)
+    del without["extraConfig"]
+    chart_key = copy.deepcopy(without)
+    chart_key["envoy"]["httpUpstreamLingerTimeout"] = 0
+    return ours, without, chart_key
+
+
+def test_linger_timeout_zero_needs_extra_config(chart_renders):
     """The chart's own key cannot say 0 before Cilium 1.20.1 (cilium/cilium#47741): its schema takes only
     null, and its template drops 0. So the agent flag goes through extraConfig, on every supported chart."""
     for version in ("1.18.12", "1.19.6", "1.20.0"):
-        values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, version)
-        assert _rendered_config(cilium_chart(version), values)["envoy-http-upstream-linger-timeout"] == "0"
-        del values["extraConfig"]
-        assert "envoy-http-upstream-linger-timeout" not in _rendered_config(cilium_chart(version), values)
-        values["envoy"]["httpUpstreamLingerTimeout"] = 0
-        assert "want null" in render(cilium_chart(version), layer_helm(), values).stderr
+        ours, without, chart_key = _linger_variants(version)
+        assert _rendered_config(cilium_chart(version), ours)["envoy-http-upstream-linger-timeout"] == "0"
+        assert "envoy-http-upstream-linger-timeout" not in _rendered_config(cilium_chart(version), without)
+        assert "want null" in render(cilium_chart(version), layer_helm(), chart_key).stderr

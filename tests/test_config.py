@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aws_cdk
 import pytest
-from conftest import CONTEXT, ROOT
+from conftest import CONTEXT, ROOT, early, early_result
 from stacks.config import INSTANCE_FAMILIES, KEYS, ConfigError, ec2_instance_types, load_config
 from cilium_mesh.rollout_plan import RolloutSettings
 
@@ -152,19 +153,25 @@ def run_app(context: dict, outdir) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def app_runs(tmp_path_factory):
-    """Each THROUGH_APP configuration through the real app.py, two at a time."""
+def _app_runs() -> list:
+    """Each THROUGH_APP configuration through the real app.py, two at a time, each into an empty directory."""
 
-    def run(case, outdir):
+    def run(case):
         key, value, _ = case
+        outdir = Path(tempfile.mkdtemp(prefix="bad-"))
         return run_app({**CONTEXT, key: value}, outdir), outdir
 
-    # Made here, not in the threads: pytest creates its base temporary directory on first use, and two
-    # threads doing that at once get different ones (ValueError "not a normalized and relative path").
-    outdirs = [tmp_path_factory.mktemp("bad") for _ in THROUGH_APP]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(run, THROUGH_APP, outdirs))
+        return list(pool.map(run, THROUGH_APP))
+
+
+early("app_runs", _app_runs)
+
+
+@pytest.fixture(scope="module")
+def app_runs():
+    """_app_runs(), started at the end of collection (conftest.early)."""
+    return early_result("app_runs")
 
 
 @pytest.mark.parametrize("index", range(len(THROUGH_APP)), ids=map(case_id, THROUGH_APP))

@@ -10,7 +10,7 @@ import constructs
 import pytest
 from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
-from conftest import CDK_CLI, ROOT, STACK_NAME, synth_of
+from conftest import CDK_CLI, LINTED, ROOT, STACK_NAME, cfn_lint_result, synth_of
 
 
 def test_constructs_folder_does_not_shadow_the_constructs_library():
@@ -46,12 +46,9 @@ ACCEPTED_CFN_LINT_WARNINGS = {
 
 
 def test_cfn_lint_finds_no_errors_and_only_accepted_warnings(synth, synth_variant, synth_eni):
-    templates = [str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)]
-    cfn_lint = os.path.join(os.path.dirname(sys.executable), "cfn-lint")
-    result = subprocess.run(
-        [cfn_lint, "--format", "json", *templates],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+    """One cfn-lint over the three templates, running beside the tests since the last synth (conftest)."""
+    result = cfn_lint_result()
+    assert {str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)} == set(result.args[-LINTED:])
     findings = json.loads(result.stdout or "[]")
     errors = [f for f in findings if f["Level"] == "Error"]
     assert errors == [], errors

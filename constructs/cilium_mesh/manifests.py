@@ -34,6 +34,11 @@ def cilium_release_file(cilium_version: str) -> Path | None:
 _SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def parse_documents(text) -> list[dict]:
+    """The non-empty YAML documents of a string or stream (a rendered chart is thousands of lines)."""
+    return [doc for doc in yaml.load_all(text, Loader=_SAFE_LOADER) if doc]
+
+
 def load_documents(*paths: Path) -> list[dict]:
     """All non-empty YAML documents of the given files, in order."""
     documents: list[dict] = []

@@ -201,7 +201,7 @@ def is_complete(event: dict, _context=None) -> dict:
     where = f"rollout stopped at step {step + 1} of {len(steps)} ({describe(steps[step])})"
     reasons = [reason for reading in readings if (reason := breach(settings, reading))]
     quiet = [reading for reading in readings if not enough_traffic(settings, reading)]
-    _log(step=step, elapsed_s=round(elapsed, 1), readings=[r.__dict__ for r in readings], breaches=reasons)
+    _log(step=step, elapsed_s=round(elapsed, 3), readings=[r.__dict__ for r in readings], breaches=reasons)
     if not reasons and quiet and elapsed >= VOLUME_WAIT_FACTOR * settings.pause_s:
         reasons = [
             f"{r.version} was asked {r.request_rate or 0:.2f} requests/s in {elapsed:.0f} s"
