@@ -216,12 +216,21 @@ class Blackhole:
         self.socket.close()
 
 
-def _write_discovery(path: Path, type_url: str, resources: list[dict]) -> dict:
+def _write_discovery(path: Path, type_url: str, resources: list[dict], deferred: list | None = None) -> dict:
     """A file Envoy's filesystem subscription reads: one DiscoveryResponse, moved into place (Envoy
-    watches for the move, so a rewrite is a new version of that resource type)."""
-    staged = path.with_suffix(".staged")
-    staged.write_text(json.dumps({"version_info": str(time.monotonic_ns()), "type_url": type_url, "resources": resources}))
-    os.replace(staged, path)
+    watches for the move, so a rewrite is a new version of that resource type). With ``deferred``, the
+    write (of the resources as they are now) is appended there for later instead."""
+    text = json.dumps({"version_info": str(time.monotonic_ns()), "type_url": type_url, "resources": resources})
+
+    def write() -> None:
+        staged = path.with_suffix(".staged")
+        staged.write_text(text)
+        os.replace(staged, path)
+
+    if deferred is None:
+        write()
+    else:
+        deferred.append(write)
     return {"path_config_source": {"path": str(path)}, "resource_api_version": "V3"}
 
 
@@ -258,18 +267,20 @@ def _as_delivered(policy: TrafficPolicy, rds_source: Callable[[dict], dict],
 
 
 def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str | None], dns_port: int,
-                       directory: Path, dynamic_clusters: bool = False) -> dict:  # fmt: skip
+                       directory: Path, dynamic_clusters: bool = False, route_later: list | None = None) -> dict:  # fmt: skip
     """The policy's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
 
     addresses:        version -> the loopback address its EDS cluster lists (None: no endpoints).
     dynamic_clusters: clusters over CDS from a file too, as Cilium's xDS delivers them, so that a
                       changed CiliumEnvoyConfig (EnvoyProcess.apply_policy) changes them in the running
                       Envoy: a changed cluster is replaced (its outlier state starts afresh), an unchanged one kept.
+    route_later:      the route configuration's write is appended here instead of done, so that a change
+                      can bring its clusters first and its routes after them (xDS's make-before-break order).
     """
     eds_versions = {policy.eds_cluster(v): v for v in policy.versions}
 
     def rds_source(route: dict) -> dict:
-        return _write_discovery(directory / "rds.json", route["@type"], [route])
+        return _write_discovery(directory / "rds.json", route["@type"], [route], route_later)
 
     def eds_source(cluster: dict) -> dict:
         version = eds_versions[cluster["name"]]
@@ -384,7 +395,7 @@ class RunResult:
 class EnvoyProcess:
     """A real Envoy on loopback; its listener and admin ports are read back from Envoy."""
 
-    def __init__(self, bootstrap: dict, tag: str, directory: Path, render: Callable[[TrafficPolicy], dict] | None = None):
+    def __init__(self, bootstrap: dict, tag: str, directory: Path, render: Callable[..., dict] | None = None):
         self.render = render
         self._expect(bootstrap)
         self.route_subscriptions = len(bootstrap["static_resources"]["listeners"])
@@ -418,22 +429,28 @@ class EnvoyProcess:
         self.eds_clusters = [c["name"] for c in clusters if c.get("type") == "EDS"]
 
     def apply_policy(self, policy: TrafficPolicy) -> None:
-        """Hand the running Envoy the policy's resources (routes and clusters), as Cilium does when a
-        CiliumEnvoyConfig changes, and wait until Envoy has accepted them and resolved its DNS clusters."""
-        updates = ("cluster_manager.cds.update_success", *(k for k in self.counters() if ".rds." in k and k.endswith(".update_success")))
+        """Hand the running Envoy the policy's resources as Cilium does when a CiliumEnvoyConfig changes:
+        the clusters first, and once Envoy has them (DNS resolved), the routes that may name them."""
+        route_later: list = []
         before = self.counters()
-        self._expect(self.render(policy))
+        self._expect(self.render(policy, route_later))
+        self._wait_for_update(("cluster_manager.cds.update_success",), before, policy)
+        self.wait_for_config()
+        before = self.counters()
+        for write in route_later:
+            write()
+        self._wait_for_update(tuple(k for k in before if ".rds." in k and k.endswith(".update_success")), before, policy)
+
+    def _wait_for_update(self, updates: tuple[str, ...], before: dict[str, int], policy: TrafficPolicy) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             counters = self.counters()
             if any(counters.get(k.replace("update_success", "update_rejected"), 0) > before.get(k.replace("update_success", "update_rejected"), 0) for k in updates):
                 raise RuntimeError(f"envoy rejected the configuration of {policy.weights}")
             if all(counters.get(k, 0) > before.get(k, 0) for k in updates):
-                break
+                return
             time.sleep(0.02)
-        else:
-            raise RuntimeError(f"envoy did not load the configuration of {policy.weights} in time")
-        self.wait_for_config()
+        raise RuntimeError(f"envoy did not load the configuration of {policy.weights} in time")
 
     def _wait_ready(self) -> tuple[str, int]:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -567,8 +584,8 @@ def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = N
         dns = DnsStandIn({policy.version_host(v): a for v in policy.versions if (a := address("dns", v))})
         serve(dns)
         eds = {v: address("eds", v) for v in policy.versions}
-        def render(changed: TrafficPolicy) -> dict:
-            return stand_in_bootstrap(changed, eds, dns.server_address[1], directory, dynamic_clusters)
+        def render(changed: TrafficPolicy, route_later: list | None = None) -> dict:
+            return stand_in_bootstrap(changed, eds, dns.server_address[1], directory, dynamic_clusters, route_later)
 
         envoy = EnvoyProcess(render(policy), tag, directory, render if dynamic_clusters else None)
         stack.callback(envoy.stop)

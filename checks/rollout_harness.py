@@ -255,6 +255,7 @@ class RolloutRun:
     requests: int = 0
     failed: int = 0
     served: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
     detection_s: float | None = None
     rollback: Outcome | None = None
     rollback_applies: list[dict[str, int]] = field(default_factory=list)
@@ -276,6 +277,7 @@ class RolloutRun:
             "requests": self.requests,
             "failed": self.failed,
             "served": self.served,
+            "statuses": self.statuses,
             "detection_s": None if self.detection_s is None else round(self.detection_s, 1),
             "rollback": None if self.rollback is None else {"status": self.rollback.status, "polls": self.rollback.polls},
             "rollback_applies": self.rollback_applies,
@@ -350,7 +352,8 @@ def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per
         outcome = operate(module, event("Update", TARGET, PREVIOUS, settings, query_url, "rollout"), interval_s, LOCAL_MAX_ATTEMPTS)
         measured = client.stop()
         run = RolloutRun(name, outcome, [weights for _, weights, _ in cluster.applied], measured.requests,
-                         measured.requests - measured.statuses[200], dict(measured.versions))  # fmt: skip
+                         measured.requests - measured.statuses[200], dict(measured.versions),
+                         {str(status): count for status, count in measured.statuses.items()})  # fmt: skip
         if outcome.status == "FAILED" and cluster.applied:
             began = fault_at[0] if fault_at else cluster.applied[0][0]
             run.detection_s = cluster.applied[-1][0] - began

@@ -212,8 +212,10 @@ EXPECTED = {
     "v2 answers 503 on 30%": ("FAILED", "rollout stopped at step 1 of 3 (v1 90%, v2 10%): ", [PROMOTED[0], PREVIOUS.weights], PREVIOUS.weights),
     "v2 goes down at step 2": ("FAILED", "rollout stopped at step 2 of 3 (v1 50%, v2 50%): Envoy ejected ", [*PROMOTED[:2], PREVIOUS.weights], PREVIOUS.weights),
 }  # fmt: skip
-# Retries and failover hide v2's failures from the callers: at most this share of requests failed.
-MAX_FAILED_SHARE = 0.01
+# Retries and failover hide v2's failures from the callers: at most this share of requests failed
+# (measured: 0 to 0.75%, the requests caught between v2 going down and its ejection, or by the restore,
+# which removes v2's cluster before the route that names it is replaced).
+MAX_FAILED_SHARE = 0.02
 # A poll here: one scrape, one evaluation, one poll interval, each a second; and slack for a loaded machine.
 POLL_BOUND_S = 3 * LOCAL_INTERVAL_S + 5.0
 
