@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-import yaml
 from cilium_mesh.manifests import parse_documents
 from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 from cilium_mesh.versions import CILIUM_HELM_REPOSITORY

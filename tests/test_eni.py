@@ -18,7 +18,7 @@ from cilium_mesh.eni import (
     OPERATOR_EC2_ACTIONS,
 )
 from cilium_mesh.mesh import INGRESS_SERVICE, STEP_TIMEOUT
-from conftest import CONTEXT, manifest_documents
+from conftest import CONTEXT
 from checks.deploy_graph import Graph
 from checks.kubectl_layer import kubectl_output
 from checks.provider_dry_run import READY_OBJECTS, find_step

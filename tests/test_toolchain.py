@@ -1,9 +1,6 @@
 """The real tools that will act on this app: the CDK CLI, cfn-lint, cdk-nag; and the layout they rely on."""
 
 import json
-import os
-import subprocess
-import sys
 
 import aws_cdk as cdk
 import constructs
