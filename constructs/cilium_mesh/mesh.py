@@ -1,17 +1,20 @@
-"""CiliumMesh: installs Cilium and applies the app, Ingress, traffic and network policy in order.
+"""CiliumMesh: installs Cilium and applies the app, Ingress and network policy in order.
+
+The traffic policy's CiliumEnvoyConfig has its own owner, TrafficRollout (rollout.py), which the
+stack places after these manifests.
 
 Deploy order for datapath chaining (destroy runs it backwards):
 
     namespace ──────────────────────────────────────┐
     nodes ─> LB controller chart ─> Cilium chart ───┼─> app workloads
-      └──> coredns (beside Cilium)                  ├─> network policy, Ingress, CiliumEnvoyConfig
+      └──> coredns (beside Cilium)                  ├─> network policy, Ingress
                                                     └─> ingress hostname (output)
 
 Cilium waits for its agents, operator, Envoy and Hubble (chart ``wait``), so
-its CRDs exist before the CiliumEnvoyConfig and CiliumNetworkPolicies are
-applied, and every app pod starts under Cilium. hubble-relay needs cluster
+its CRDs exist before the CiliumNetworkPolicies (and, after them, the
+CiliumEnvoyConfig) are applied, and every app pod starts under Cilium. hubble-relay needs cluster
 DNS to become Ready, so coredns is created beside Cilium, not after it. On
-destroy the app, policies, Ingress and CiliumEnvoyConfig go first, then
+destroy the CiliumEnvoyConfig, app, policies and Ingress go first, then
 Cilium: its ``helm uninstall --wait`` returns once the ``cilium-ingress``
 Service is gone, which the load balancer controller, still running, allows
 only after deleting the NLB.
@@ -20,7 +23,7 @@ Deploy order for datapath eni, where Cilium is the CNI the nodes wait for:
 
     operator identity ─> Cilium chart ─> nodes ─┬─> LB controller chart ──┬─> ingress Service teardown
                                                 ├─> coredns               └─> ingress hostname (output)
-                                                └─> operator ready, CRDs ─> app, policies, Ingress, CiliumEnvoyConfig
+                                                └─> operator ready, CRDs ─> app, policies, Ingress
 
 Without a CNI nodes never become Ready, so Cilium comes first and cannot wait
 (no nodes yet); readiness is proven after the nodes, by waiting for the
