@@ -86,7 +86,9 @@ def _lint_when_all_synthesized(template: Path) -> None:
                                             stderr=subprocess.PIPE, text=True, preexec_fn=_lower_priority)  # fmt: skip
 
 
-def cfn_lint_result() -> subprocess.CompletedProcess:
+@pytest.fixture(scope="session")
+def cfn_lint_run(synths) -> subprocess.CompletedProcess:
+    """That cfn-lint, as it ran (its readers run last, so it has the time it needs beside the tests)."""
     process = _LINT["process"]
     stdout, stderr = process.communicate(timeout=BACKGROUND_TIMEOUT_S)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
@@ -230,7 +232,7 @@ def pytest_collection_modifyitems(session, config, items):
     def reads(item, names) -> bool:
         return bool(set(names) & set(getattr(item, "fixturenames", ())))
 
-    readers = [item for item in items if reads(item, _STARTERS)]
+    readers = [item for item in items if reads(item, (*_STARTERS, "cfn_lint_run"))]
     early_readers = [item for item in items if reads(item, _EARLY_WORK) and item not in readers]
     items[:] = [item for item in items if item not in readers and item not in early_readers] + early_readers + readers
     for name in sorted({n for item in readers for n in item.fixturenames if n in _STARTERS}):

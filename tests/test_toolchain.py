@@ -7,7 +7,7 @@ import constructs
 import pytest
 from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
-from conftest import CDK_CLI, LINTED, ROOT, STACK_NAME, cfn_lint_result, synth_of
+from conftest import CDK_CLI, ROOT, STACK_NAME, synth_of
 
 
 def test_constructs_folder_does_not_shadow_the_constructs_library():
@@ -42,10 +42,10 @@ ACCEPTED_CFN_LINT_WARNINGS = {
 }
 
 
-def test_cfn_lint_finds_no_errors_and_only_accepted_warnings(synth, synth_variant, synth_eni):
-    """One cfn-lint over the three templates, running beside the tests since the last synth (conftest)."""
-    result = cfn_lint_result()
-    assert {str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)} == set(result.args[-LINTED:])
+def test_cfn_lint_finds_no_errors_and_only_accepted_warnings(synth, synth_variant, synth_eni, cfn_lint_run):
+    """One cfn-lint over the three templates, running beside the tests since they were synthesized (conftest)."""
+    result = cfn_lint_run
+    assert {str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)} == set(result.args[-3:])
     findings = json.loads(result.stdout or "[]")
     errors = [f for f in findings if f["Level"] == "Error"]
     assert errors == [], errors
