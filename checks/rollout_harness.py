@@ -46,7 +46,7 @@ from botocore.response import StreamingBody
 
 from cilium_mesh.metrics_files import rule_file
 from cilium_mesh.rollout import LAMBDA_FILES, PACKAGE_DIR
-from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutSettings, resource_properties
+from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutSettings, resource_properties, with_state
 from cilium_mesh.traffic import TrafficPolicy
 from checks import prometheus
 from checks.cilium_envoy import build_for
@@ -170,12 +170,6 @@ class _LiveRecorder(Recorder):
         return output
 
 
-def _annotated(policy: TrafficPolicy, state: dict) -> dict:
-    document = policy.cilium_envoy_config()
-    document["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(state, sort_keys=True)}
-    return document
-
-
 def policy_of(document: dict, base: TrafficPolicy) -> TrafficPolicy:
     """The policy an applied CiliumEnvoyConfig renders: its split's weights on ``base``'s settings. Raises
     unless the document is exactly that policy's rendering (nothing but the weights may differ)."""
@@ -225,22 +219,32 @@ def operate(module, event: dict, interval_s: float, max_attempts: int) -> Outcom
 
 def event(request_type: str, new: TrafficPolicy, old: TrafficPolicy | None, settings: RolloutSettings | None,
           query_url: str, request_id: str) -> dict:  # fmt: skip
-    """What CloudFormation sends the framework: properties as strings (the Policy and Rollout are JSON text)."""
+    """What CloudFormation sends the framework for the scenarios' rollout resource."""
     def properties(policy: TrafficPolicy) -> dict:
         return {"ServiceToken": "<framework onEvent>", **resource_properties(CLUSTER.name, KUBECTL_HANDLER, policy.to_json(), settings, query_url)}
 
+    return _cloudformation_event(request_type, request_id, "TrafficRolloutC34CA7CD", properties(new),
+                                 None if old is None else properties(old))  # fmt: skip
+
+
+def _cloudformation_event(request_type: str, request_id: str, logical_id: str, properties: dict,
+                          old_properties: dict | None = None) -> dict:  # fmt: skip
+    """A custom-resource request as CloudFormation sends it: properties as strings (the Policy and
+    Rollout are JSON text), the old ones with an Update, a physical ID after a Create."""
     payload = {
         "RequestType": request_type,
         "RequestId": request_id,
         "StackId": STACK_ID,
-        "LogicalResourceId": "TrafficRolloutC34CA7CD",
+        "LogicalResourceId": logical_id,
         "ResourceType": RESOURCE_TYPE,
         "ResponseURL": "https://cloudformation-custom-resource-response-uswest2.s3.amazonaws.com/...",
-        "ResourceProperties": properties(new),
+        "ResourceProperties": properties,
     }
-    if old is not None:
-        payload["OldResourceProperties"] = properties(old)
-        payload["PhysicalResourceId"] = f"{new.namespace}/{new.name}"
+    if old_properties is not None:
+        payload["OldResourceProperties"] = old_properties
+    if request_type != "Create":
+        policy = TrafficPolicy.from_json(properties["Policy"])
+        payload["PhysicalResourceId"] = f"{policy.namespace}/{policy.name}"
     return payload
 
 
@@ -260,10 +264,6 @@ class RolloutRun:
     rollback_applies: list[dict[str, int]] = field(default_factory=list)
     live_weights: dict[str, int] = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
-
-    @property
-    def failed_share(self) -> float:
-        return self.failed / self.requests if self.requests else 0.0
 
     def as_json(self) -> dict:
         return {
@@ -339,7 +339,7 @@ def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per
                 stand_ins["2"].fail(fault)
                 fault_at.append(time.monotonic())
 
-        previous = {("ciliumenvoyconfig", PREVIOUS.name): _annotated(PREVIOUS, {"request": "previous-deploy", "step": 0, "since": 0})}
+        previous = {("ciliumenvoyconfig", PREVIOUS.name): with_state(PREVIOUS.cilium_envoy_config(), {"request": "previous-deploy", "step": 0, "since": 0})}
         cluster = LiveCluster(stack.enter_context(handler_modules()), previous, PREVIOUS, on_apply)
         status = {"value": "UPDATE_IN_PROGRESS"}
         answer_aws(module, cluster, lambda: status["value"])
@@ -383,16 +383,7 @@ def dry_run_step(modules: dict, cluster: Cluster, name: str, resource: dict, req
     a Create or Delete never steps), with every kubectl handler call it makes recorded into one Step."""
     properties = cloudformation_strings(cluster.resolve(resource["Properties"]))
     policy = TrafficPolicy.from_json(properties["Policy"])
-    payload = {
-        "RequestType": request_type,
-        "RequestId": f"dry-run-{request_type.lower()}",
-        "StackId": STACK_ID,
-        "LogicalResourceId": name,
-        "ResourceType": resource["Type"],
-        "ResourceProperties": properties,
-    }
-    if request_type != "Create":
-        payload["PhysicalResourceId"] = f"{policy.namespace}/{policy.name}"
+    payload = _cloudformation_event(request_type, f"dry-run-{request_type.lower()}", name, properties)
     with rollout_lambda() as module:
         live = LiveCluster(modules, ready_objects, policy)
         answer_aws(module, live, lambda: "DELETE_IN_PROGRESS")

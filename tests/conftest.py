@@ -73,7 +73,7 @@ def synthesize(outdir: Path, lint: bool = False, **overrides) -> Synth:
 
 
 # The session's three templates (synth, synth_variant, synth_eni): one cfn-lint over all of them starts
-# beside the tests as soon as the last is synthesized; cfn_lint_result() reads it.
+# beside the tests as soon as the last is synthesized; the fixture cfn_lint_run reads it.
 LINTED = 3
 _LINT: dict = {"templates": [], "process": None}
 
@@ -154,8 +154,8 @@ def provider_steps_of(request, datapath: str):
 
 # Commands that mostly wait run in their own processes from the end of collection on, beside the other
 # tests, and the tests that read them run last: the local alert run (about 50 s, most of it the alerts'
-# `for: 30s`), the preview (about 7 s, most of it Prometheus' first target discovery) and the CDK CLI's
-# synth of both datapaths (about 11 s).
+# `for: 30s`), the rollout runs (about 35 s, most of it their pauses), the preview (about 7 s, most of it
+# Prometheus' first target discovery) and the CDK CLI's synth of both datapaths (about 11 s).
 BACKGROUND_TIMEOUT_S = 300
 # Requests per second per alert scenario: enough for every alert, half of tools.measure's, for the suite's CPU.
 ALERT_RUN_RATE = 20

@@ -94,16 +94,12 @@ def chart_renders() -> dict:
     return early_result("chart_renders")
 
 
-@pytest.fixture(scope="module")
-def chart_checks(chart_renders) -> dict:
-    return chart_renders
-
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
 @pytest.mark.parametrize("chart", supported_charts(), ids=lambda c: c.name)
-def test_values_render_on_the_real_chart_with_no_dead_key(chart_checks, chart, datapath):
+def test_values_render_on_the_real_chart_with_no_dead_key(chart_renders, chart, datapath):
     """1.18.12, 1.19.6 and 1.20.0 as published, rendered by the kubectl layer's helm, for both datapaths."""
-    assert chart_checks[chart, datapath] == []
+    assert chart_renders[chart, datapath] == []
 
 
 def _bad_cluster_name() -> dict:

@@ -46,6 +46,7 @@ from rollout_plan import (
     gaining_versions,
     gate_queries,
     plan,
+    with_state,
 )
 from traffic import TrafficPolicy
 
@@ -151,9 +152,7 @@ def _rolling_back(event: dict) -> bool:
 
 def _document(policy: TrafficPolicy, state: dict) -> dict:
     """The CiliumEnvoyConfig rendered from the policy, with the rollout's progress as an annotation."""
-    document = policy.cilium_envoy_config()
-    document["metadata"].setdefault("annotations", {})[STATE_ANNOTATION] = json.dumps(state, sort_keys=True)
-    return document
+    return with_state(policy.cilium_envoy_config(), state)
 
 
 def _log(**fields) -> None:

@@ -208,6 +208,12 @@ def enough_traffic(settings: RolloutSettings, reading: Reading) -> bool:
     return reading.request_rate is not None and reading.request_rate >= settings.min_request_rate
 
 
+def with_state(document: dict, state: dict) -> dict:
+    """A CiliumEnvoyConfig with the rollout's progress in its annotation (STATE_ANNOTATION)."""
+    document["metadata"].setdefault("annotations", {})[STATE_ANNOTATION] = json.dumps(state, sort_keys=True)
+    return document
+
+
 def resource_properties(cluster_name: str, kubectl_handler: str, policy_json: str,
                         settings: RolloutSettings | None, query_url: str | None) -> dict:  # fmt: skip
     """The rollout custom resource's properties (what its Lambda reads); the gate's only with settings."""
