@@ -5,10 +5,11 @@ evaluates the same rule files (constructs/cilium_mesh/metrics.py). Here the
 same files run in Prometheus itself, scraping the real Envoy's Prometheus stats
 on loopback (the admin ``/stats/prometheus`` that cilium-envoy serves on 9964 as
 ``/metrics``), and promtool checks the scrape configuration and unit-tests the
-rules. No root: the pinned .deb files from Debian's archive, checked by SHA-256 and unpacked
-with ``dpkg-deb -x`` into .tools/. Debian 13's build, not Debian 12's: bookworm's prometheus
-2.42.0+ds-5+deb12u1 is built without Kubernetes service discovery, so its promtool rejects
-``kubernetes_sd_configs``, the only discovery the managed collector takes.
+rules, and amtool checks the alert manager configuration AMP is given. No root: the pinned .deb
+files from Debian's archive, found through the machine's apt sources (checks/debian.py), checked by
+SHA-256 and unpacked with ``dpkg-deb -x`` into .tools/. Debian 13's build, not Debian 12's:
+bookworm's prometheus 2.42.0+ds-5+deb12u1 is built without Kubernetes service discovery, so its
+promtool rejects ``kubernetes_sd_configs``, the only discovery the managed collector takes.
 
     python -m checks.prometheus install    # scripts/setup.sh runs it
 """
@@ -16,7 +17,6 @@ with ``dpkg-deb -x`` into .tools/. Debian 13's build, not Debian 12's: bookworm'
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import shutil
 import socket
@@ -31,19 +31,25 @@ from pathlib import Path
 
 import yaml
 
+from checks.debian import Package, unpack
 from checks.fixtures import ROOT
 
 TOOLS_DIR = ROOT / ".tools"
-# Debian 13 (trixie) main: package -> SHA-256 (dists/trixie/main/binary-amd64/Packages).
-DEBIAN_ARCHIVE = "http://deb.debian.org/debian"
+# Debian 13 (trixie) main, as dists/trixie/main/binary-amd64/Packages gives them (Filename, SHA256).
 PROMETHEUS_VERSION = "2.53.3+ds1-2"
-PACKAGES = {
-    "prometheus": "58c3e6a86c56cb3bfd71032fa48d65945d526441a212f5815dfe5ed9cb787ecc",
-    "promtool": "ff27654eacc95abd846d344e91fe4ba3b4f0588a50d606ed1d2f09ad3408722f",
-}
-PROMETHEUS_DIR = TOOLS_DIR / f"prometheus-{PROMETHEUS_VERSION}"
+ALERTMANAGER_VERSION = "0.28.1+ds-1"
+PACKAGES = [
+    Package(f"pool/main/p/prometheus/prometheus_{PROMETHEUS_VERSION}_amd64.deb",
+            "58c3e6a86c56cb3bfd71032fa48d65945d526441a212f5815dfe5ed9cb787ecc"),
+    Package(f"pool/main/p/prometheus/promtool_{PROMETHEUS_VERSION}_amd64.deb",
+            "ff27654eacc95abd846d344e91fe4ba3b4f0588a50d606ed1d2f09ad3408722f"),
+    Package(f"pool/main/p/prometheus-alertmanager/prometheus-alertmanager_{ALERTMANAGER_VERSION}_amd64.deb",
+            "76ee08c2bf686fa32ca243d099b6bfc6cb00074e9337c18ef73154b60c5830a9"),
+]  # fmt: skip
+PROMETHEUS_DIR = TOOLS_DIR / f"prometheus-{PROMETHEUS_VERSION}-alertmanager-{ALERTMANAGER_VERSION}"
 PROMETHEUS = PROMETHEUS_DIR / "usr" / "bin" / "prometheus"
 PROMTOOL = PROMETHEUS_DIR / "usr" / "bin" / "promtool"
+AMTOOL = PROMETHEUS_DIR / "usr" / "bin" / "amtool"
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 30
 QUERY_TIMEOUT_S = 10
@@ -51,20 +57,11 @@ QUERY_TIMEOUT_S = 10
 
 def install() -> None:
     """Download the pinned packages, check their SHA-256, and unpack them without root."""
-    if PROMETHEUS.exists() and PROMTOOL.exists():
+    if all(path.exists() for path in (PROMETHEUS, PROMTOOL, AMTOOL)):
         return
     with tempfile.TemporaryDirectory() as tmp:
-        unpacked = Path(tmp) / "unpacked"
-        for name, sha256 in PACKAGES.items():
-            url = f"{DEBIAN_ARCHIVE}/pool/main/p/prometheus/{name}_{PROMETHEUS_VERSION}_amd64.deb"
-            with urllib.request.urlopen(url, timeout=120) as response:
-                data = response.read()
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise RuntimeError(f"{url}: SHA-256 {hashlib.sha256(data).hexdigest()}, expected {sha256}")
-            package = Path(tmp) / f"{name}.deb"
-            package.write_bytes(data)
-            subprocess.run(["dpkg-deb", "-x", str(package), str(unpacked)], check=True)
-        shutil.copytree(unpacked / "usr" / "bin", PROMETHEUS_DIR / "usr" / "bin", dirs_exist_ok=True)
+        unpack(PACKAGES, Path(tmp))
+        shutil.copytree(Path(tmp) / "usr" / "bin", PROMETHEUS_DIR / "usr" / "bin", dirs_exist_ok=True)
 
 
 def _binary(path: Path) -> str:
@@ -75,6 +72,10 @@ def _binary(path: Path) -> str:
 
 def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([_binary(PROMTOOL), *args], capture_output=True, text=True, timeout=120, cwd=cwd, check=False)
+
+
+def amtool(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([_binary(AMTOOL), *args], capture_output=True, text=True, timeout=120, check=False)
 
 
 def _epoch(rfc3339: str) -> float:

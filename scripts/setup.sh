@@ -17,7 +17,7 @@ npm ci --no-audit --no-fund --loglevel=error
 
 # The upstream Envoy of each cilium-envoy minor we deploy (pinned in checks/cilium_envoy.py), into .tools/.
 .venv/bin/python -m checks.cilium_envoy install
-# Prometheus and promtool (Debian's pinned packages, checked by SHA-256), into .tools/.
+# Prometheus, promtool and amtool (Debian's pinned packages from the apt sources, checked by SHA-256), into .tools/.
 .venv/bin/python -m checks.prometheus install
 
 source scripts/env.sh

@@ -79,7 +79,8 @@ class CiliumEksStack(Stack):
                     traffic_policy=config.traffic_policy,
                     datapath=config.datapath,
                     network_policy=config.network_policy,
-                    after=(*self.mesh.manifests_after, self.traffic.resource),
+                    # Every manifest it checks: the app, the Ingress, the network policies, the traffic policy.
+                    after=(*self.mesh.manifests_after, *self.mesh.manifests.values(), self.traffic.resource),
                 ),
             )
         self._outputs()

@@ -22,7 +22,8 @@ from conftest import CONTEXT, ROOT, manifest_documents, resolve_join, synth_of
 from checks.cilium_envoy import build_for
 from checks.envoy_harness import LOOPBACK, running, send
 from checks.metrics_harness import ALERT_BOUND_S, SCENARIOS, dashboard_queries
-from checks.prometheus import promtool
+from checks import amp_api
+from checks.prometheus import amtool, promtool
 
 RULES_TEST_FILE = ROOT / "tests" / "metrics" / "rules_test.yaml"
 POLICY = TrafficPolicy(weights={"v1": 50, "v2": 50})
@@ -136,8 +137,7 @@ def test_stack_stores_metrics_in_amp_with_the_files(request, datapath):
     synth = synth_of(request, datapath)
     metrics = synth.stack.metrics
     scraper = synth.resource(metrics.scraper)["Properties"]
-    blob = scraper["ScrapeConfiguration"]["ConfigurationBlob"]
-    assert base64.b64decode(blob) == SCRAPE_CONFIG_FILE.read_bytes()
+    assert scraper["ScrapeConfiguration"]["ConfigurationBlob"] == SCRAPE_CONFIG_FILE.read_text()
     source = scraper["Source"]["EksConfiguration"]
     assert source["ClusterArn"] == {"Fn::GetAtt": [synth.logical_id(synth.stack.cluster), "Arn"]}
     private = {synth.logical_id(s) for s in synth.stack.vpc.private_subnets}
@@ -164,6 +164,44 @@ def test_collector_reaches_only_the_metrics_ports_and_the_api_server(request, da
     assert all(r["DestinationSecurityGroupId"] == cluster_sg for r in egress)
     group = synth.resource(synth.stack.metrics.scraper_security_group)["Properties"]
     assert all(rule.get("CidrIp") != "0.0.0.0/0" for rule in group.get("SecurityGroupEgress", []))
+
+
+TOPIC_ARN = "arn:aws:sns:us-west-2:123456789012:CiliumMeshEks-MetricsAlerts0123ABCD-0123abcd"
+
+
+def test_the_collector_gets_the_scrape_configuration_as_cloudformation_passes_it(synth, tmp_path):
+    """The template's ConfigurationBlob, through the handler and the SDK's wire format to what the
+    collector reads, passes promtool; the base64 text it once held is refused there."""
+    blob = synth.resource(synth.stack.metrics.scraper)["Properties"]["ScrapeConfiguration"]["ConfigurationBlob"]
+    assert isinstance(blob, str), "a plain string: no token can reach the collector's document"
+    received = tmp_path / "scrape-config.yaml"
+    received.write_bytes(amp_api.scrape_configuration(blob))
+    result = promtool("check", "config", str(received))
+    assert result.returncode == 0, result.stdout + result.stderr
+    received.write_bytes(amp_api.scrape_configuration(base64.b64encode(blob.encode()).decode()))
+    refused = promtool("check", "config", str(received))
+    assert refused.returncode != 0 and "cannot unmarshal !!str" in refused.stdout + refused.stderr
+
+
+def test_the_ruler_gets_the_rule_file_as_cloudformation_passes_it(synth, tmp_path):
+    data = synth.resource(synth.stack.metrics.rules)["Properties"]["Data"]
+    received = tmp_path / "rules.yaml"
+    received.write_bytes(amp_api.rule_groups(data))
+    result = promtool("check", "rules", str(received))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_alert_manager_gets_a_configuration_amtool_accepts(synth, tmp_path):
+    """AMP's definition format (the Alertmanager configuration under alertmanager_config), the topic's
+    ARN in place of its token, as the workspace's handler passes it."""
+    definition = synth.resource(synth.stack.metrics.workspace)["Properties"]["AlertManagerDefinition"]
+    text = resolve_join(definition).replace("<TOKEN>", TOPIC_ARN)
+    received = yaml.safe_load(amp_api.alert_manager_definition(text))
+    assert set(received) == {"alertmanager_config"}
+    (tmp_path / "alertmanager.yaml").write_text(received["alertmanager_config"])
+    result = amtool("check-config", str(tmp_path / "alertmanager.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Found:" in result.stdout and "- 1 receivers" in result.stdout
 
 
 def test_alerts_go_to_an_encrypted_topic_only_amp_of_this_workspace_may_publish_to(synth_eni):

@@ -6,6 +6,7 @@ Ref, Fn::GetAtt) and deletes it before them, so one graph proves both orders.
 
 import pytest
 from checks.deploy_graph import Graph
+from conftest import synth_of
 from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 
 # Every resource whose requests run kubectl (the rollout's through the kubectl provider's handler).
@@ -64,6 +65,19 @@ EDGES = [
 def test_edge(graph, ids, later, earlier):
     assert ids[earlier] in graph.after(ids[later])
     assert ids[later] not in graph.after(ids[earlier])
+
+
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_the_smoke_test_comes_after_every_manifest_it_checks(request, datapath):
+    """Its checks each pass once: the app, the Ingress, the network policies and the traffic policy are
+    all in force before the Job starts (the split must be proven under the policy, not before it)."""
+    synth = synth_of(request, datapath)
+    graph = Graph(synth.template)
+    job = synth.logical_id(synth.stack.smoke_test.job)
+    checked = [*synth.stack.mesh.manifests.values(), synth.stack.traffic.resource]
+    assert "NetworkPolicy" in synth.stack.mesh.manifests and "Ingress" in synth.stack.mesh.manifests
+    for construct in checked:
+        assert synth.logical_id(construct) in graph.after(job), construct.node.path
 
 
 def test_coredns_is_beside_cilium(graph, ids):

@@ -49,12 +49,12 @@ def job_of(documents):
 
 
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
-def test_the_job_goes_beside_the_manifests_and_its_verdict_decides_the_deploy(request, datapath):
+def test_the_job_follows_the_manifests_and_its_verdict_decides_the_deploy(request, datapath):
     synth = synth_of(request, datapath)
     smoke, mesh = synth.stack.smoke_test, synth.stack.mesh
     job_resource = synth.resource(smoke.job)
     assert {synth.logical_id(c) for c in mesh.manifests_after} <= set(job_resource["DependsOn"])
-    assert not {synth.logical_id(m) for m in mesh.manifests.values()} & set(job_resource["DependsOn"])
+    assert {synth.logical_id(m) for m in mesh.manifests.values()} <= set(job_resource["DependsOn"])
     assert synth.logical_id(smoke.job) in synth.resource(smoke.verdict)["DependsOn"]
     verdict = synth.resource(smoke.verdict)["Properties"]
     job = job_of(manifest_documents(job_resource))

@@ -146,3 +146,57 @@ def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_
     for rule, path in findings:
         assert any(rule == r and (path == p or path.startswith(p + "/")) for r, p in acknowledged), (rule, path)
     assert {r for r, _ in acknowledged} == {r for r, _ in findings}, "an acknowledgement no finding needs"
+
+
+def registry_hosts() -> set[str]:
+    """The package registries this machine is configured for, read from their own configuration: apt's
+    sources, pip's index (its PyPI default and any configured index) and npm's registry."""
+    import re
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit
+
+    from pip._internal.models.index import PyPI
+
+    from checks.debian import archive_uris
+
+    urls = list(archive_uris())
+    pip_config = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True, check=True)
+    urls += re.findall(r"index-url='([^']+)'", pip_config.stdout)
+    npm = subprocess.run(["npm", "config", "get", "registry"], capture_output=True, text=True, check=True)
+    urls.append(npm.stdout.strip())
+    hosts = {urlsplit(url).hostname for url in " ".join(urls).split() if urlsplit(url).hostname}
+    return hosts | {PyPI.netloc, PyPI.file_storage_domain}
+
+
+def test_no_file_names_a_package_registry():
+    """Debian's archive comes from apt's sources (checks/debian.py), PyPI and npm from pip and npm as configured."""
+    import subprocess
+
+    hosts = registry_hosts()
+    assert len(hosts) >= 3, hosts
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    naming = []
+    for name in filter(None, files.split("\0")):
+        path = ROOT / name
+        if not path.is_file():
+            continue
+        text = path.read_bytes().decode("utf-8", errors="ignore").lower()
+        naming += [f"{name}: {host}" for host in sorted(hosts) if host.lower() in text]
+    assert naming == []
+
+
+def test_debians_archive_is_read_from_both_styles_of_apt_sources(tmp_path):
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list").write_text("# local mirror\ndeb [arch=amd64 signed-by=/k.gpg] http://mirror.example/debian trixie main\n"
+                                           "deb-src http://src.example/debian trixie main\n")  # fmt: skip
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://one.example/debian\nSuites: bookworm\nComponents: main\n\n"
+        "Types: deb deb-src\nURIs: http://two.example/debian-security/\n http://three.example/debian\nSuites: bookworm-security\n\n"
+        "Enabled: no\nTypes: deb\nURIs: http://off.example/debian\nSuites: trixie\n"
+    )
+    (tmp_path / "sources.list.d" / "vendor.list.disabled").write_text("deb http://disabled.example/apt stable main\n")
+    from checks.debian import archive_uris
+
+    assert archive_uris(tmp_path) == ["http://mirror.example/debian", "http://one.example/debian",
+                                      "http://two.example/debian-security", "http://three.example/debian"]  # fmt: skip

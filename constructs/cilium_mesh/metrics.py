@@ -5,11 +5,21 @@ cilium-envoy and Hubble from inside the VPC with manifests/metrics/prometheus/sc
 so no Prometheus runs in the cluster. The workspace evaluates manifests/metrics/prometheus/rules.yaml
 plus the configured weights (one rule groups namespace), and its alert manager
 sends alerts to an encrypted SNS topic.
+
+Every AMP document goes into its property as its own text, not base64: ConfigurationBlob,
+AlertManagerDefinition and the rule groups' Data are all blobs in the AMP API, and the SDK
+base64-encodes a blob on the wire. ConfigurationBlob's one-line description says "base 64
+encoded", but CloudFormation's own example for AWS::APS::Scraper passes the YAML as it is; the
+published handlers of the other two (aws-cloudformation/aws-cloudformation-resource-providers-aps,
+aws-aps-workspace and aws-aps-rulegroupsnamespace cmd/resource/resource.go) hand the string to the
+SDK as ``[]byte(*model.Data)``; Terraform's aws_prometheus_scraper does the same with its
+scrape_configuration (internal/service/amp/scraper.go, ``Value: []byte(...)``). A base64 text
+there would reach the collector as a document that is one string (promtool: "cannot unmarshal !!str").
+checks/amp_api.py takes each property to what AMP receives, and the tests check that with promtool and amtool.
 """
 
 from __future__ import annotations
 
-import base64
 import textwrap
 from dataclasses import dataclass
 
@@ -158,7 +168,7 @@ class MeshMetrics(Construct):
                 )
             ),
             scrape_configuration=aps.CfnScraper.ScrapeConfigurationProperty(
-                configuration_blob=base64.b64encode(SCRAPE_CONFIG_FILE.read_bytes()).decode()
+                configuration_blob=SCRAPE_CONFIG_FILE.read_text()
             ),
             destination=aps.CfnScraper.DestinationProperty(
                 amp_configuration=aps.CfnScraper.AmpConfigurationProperty(workspace_arn=self.workspace.attr_arn)

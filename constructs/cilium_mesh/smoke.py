@@ -1,7 +1,9 @@
 """SmokeTest: the last step of the deploy, a Job in the cluster that checks the mesh carries traffic.
 
-The Job (manifests/smoke/) is applied beside the app, its policies, the traffic policy and the Ingress
-(its script retries until they answer), and writes one line into a ConfigMap: "pass" or what failed.
+The Job (manifests/smoke/) is applied after every manifest it checks: the app, its network policies,
+the Ingress and the traffic policy (all of them one step after Cilium, so the chain of steps does not
+grow), and writes one line into a ConfigMap: "pass" or what failed; its script retries until the
+NLB and the app answer.
 A KubernetesObjectValue waits for that line (the step the smoke test adds after the manifests), and
 one quick apply hands it back to the cluster as the ConfigMap smoke-test-result, which an admission
 policy (in manifests/smoke/smoke-test.yaml) refuses unless it is "pass", with the line as its message:
@@ -31,7 +33,7 @@ class SmokeTestProps:
     traffic_policy: the weights and pin header the Job checks.
     datapath:       picks the smoke test's network policy (eni: L7 rules).
     network_policy: whether the app's policy is applied (without it the deny check is left out).
-    after:          what the app's manifests wait for (Cilium ready, the namespace): the Job goes beside them.
+    after:          every manifest the Job checks, and what they wait for (Cilium ready, the namespace).
     """
 
     cluster: eks.Cluster
