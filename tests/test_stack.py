@@ -138,7 +138,7 @@ def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
     assert hubble["relay"]["enabled"] and hubble["ui"]["enabled"] and hubble["tls"]["auto"]["enabled"]
     assert hubble["metrics"]["enabled"] == [
         "dns",
-        "drop:labelsContext=source_namespace,destination_namespace",
+        "drop:labelsContext=source_namespace,source_app,destination_namespace,destination_app",
         "tcp",
         "flow",
         "icmp",
