@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import http.server
 import importlib
 import io
 import json
@@ -36,7 +37,9 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -263,6 +266,7 @@ class RolloutRun:
     rollback: Outcome | None = None
     rollback_applies: list[dict[str, int]] = field(default_factory=list)
     live_weights: dict[str, int] = field(default_factory=dict)
+    amp_failed_queries: int = 0
     log: list[dict] = field(default_factory=list)
 
     def as_json(self) -> dict:
@@ -281,20 +285,94 @@ class RolloutRun:
             "rollback": None if self.rollback is None else {"status": self.rollback.status, "polls": self.rollback.polls},
             "rollback_applies": self.rollback_applies,
             "live_weights": self.live_weights,
+            "amp_failed_queries": self.amp_failed_queries,
             "log": self.log,
         }
 
 
-# Scenario -> (the fault of v2, and the step (1-based) at whose apply it begins; 0: from the start).
-SCENARIOS: dict[str, tuple[Fault, int]] = {
-    "healthy v2": (Fault(), 0),
-    "v2 answers 503 on 30%": (Fault("errors", 0.3), 0),
-    "v2 goes down at step 2": (Fault("down"), 2),
-    "v2 without endpoints": (Fault("empty"), 0),
+def changes(applied: list[dict[str, int]]) -> list[dict[str, int]]:
+    """The weights of each apply that changed them (an apply of the rollout's notes alone keeps them)."""
+    return [weights for index, weights in enumerate(applied) if index == 0 or weights != applied[index - 1]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """v2's fault and the step (1-based) at whose apply it begins (0: from the start); and AMP's:
+    "one 503" answers 503 to the first query sent once the first step's pause is over (the poll that
+    would pass it), "down" answers 503 to every query."""
+
+    fault: Fault = field(default_factory=Fault)
+    fault_step: int = 0
+    amp: str | None = None
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "healthy v2": Scenario(),
+    "v2 answers 503 on 30%": Scenario(Fault("errors", 0.3)),
+    "v2 goes down at step 2": Scenario(Fault("down"), 2),
+    "v2 without endpoints": Scenario(Fault("empty")),
+    "AMP answers 503 once": Scenario(amp="one 503"),
+    "AMP down throughout": Scenario(amp="down"),
 }
-# What the suite runs beside the other tests: the issue's three. The fourth (a step that never gets its
-# minimum traffic) is for `python -m checks.rollout_harness`; the healthy run shows the minimum at work.
-SUITE_SCENARIOS = ("healthy v2", "v2 answers 503 on 30%", "v2 goes down at step 2")
+# What the suite runs: all but the step that never gets its minimum traffic, which is for
+# `python -m checks.rollout_harness`; the healthy run shows the minimum at work.
+SUITE_SCENARIOS = ("healthy v2", "v2 answers 503 on 30%", "v2 goes down at step 2", "AMP answers 503 once", "AMP down throughout")
+
+
+class AmpFront:
+    """AMP's query endpoint as the Lambda reaches it: a loopback HTTP server that hands each POST to the
+    local Prometheus, or answers 503 Service Unavailable as the scenario's AMP fault says."""
+
+    def __init__(self, upstream: str, mode: str | None, pause_s: float):
+        self.upstream, self.mode, self.pause_s = upstream, mode, pause_s
+        self.first_query: float | None = None
+        self.failed = 0
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if front.fails_now():
+                    front.failed += 1
+                    self.send_response(503)
+                    self.send_header("Content-Length", "19")
+                    self.end_headers()
+                    self.wfile.write(b"Service Unavailable")
+                    return
+                request = urllib.request.Request(f"{front.upstream}{self.path}", data=body, method="POST",
+                                                 headers={"Content-Type": self.headers["Content-Type"]})  # fmt: skip
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    data = answer.read()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def fails_now(self) -> bool:
+        now = time.monotonic()
+        self.first_query = self.first_query if self.first_query is not None else now
+        if self.mode == "down":
+            return True
+        return self.mode == "one 503" and not self.failed and now - self.first_query >= self.pause_s
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.server.server_address[1]}"
+
+    def __enter__(self) -> AmpFront:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def run_scenarios(names: list[str], tag: str, settings: RolloutSettings = LOCAL_SETTINGS,
@@ -309,8 +387,8 @@ def run_scenarios(names: list[str], tag: str, settings: RolloutSettings = LOCAL_
 
 def _harness(stack: ExitStack, name: str, tag: str) -> tuple:
     """The scenario's Envoy (v2 faulty from the start if the fault starts at once) and its Prometheus."""
-    fault, fault_step = SCENARIOS[name]
-    start_faults = {"v2": fault} if fault_step == 0 and fault.kind != "ok" else {}
+    scenario = SCENARIOS[name]
+    start_faults = {"v2": scenario.fault} if scenario.fault_step == 0 and scenario.fault.kind != "ok" else {}
     envoy, _, stand_ins = stack.enter_context(running(PREVIOUS, tag, start_faults, dynamic_clusters=True))
     job = prometheus.scrape_job("cilium-envoy", [envoy.admin], "/stats/prometheus", SCRAPE_INTERVAL_S)
     server = stack.enter_context(prometheus.running([job], rule_file(TARGET), SCRAPE_INTERVAL_S, WORKSPACE_PATH))
@@ -326,7 +404,8 @@ def run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per_
 
 
 def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per_s: float, interval_s: float) -> RolloutRun:
-    fault, fault_step = SCENARIOS[name]
+    scenario = SCENARIOS[name]
+    fault, fault_step = scenario.fault, scenario.fault_step
     envoy, stand_ins, server = harness
     with ExitStack() as stack:
         module = stack.enter_context(rollout_lambda())
@@ -344,15 +423,17 @@ def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per
         status = {"value": "UPDATE_IN_PROGRESS"}
         answer_aws(module, cluster, lambda: status["value"])
         stack.enter_context(_credentials())
-        query_url = f"{server.url}/api/v1/query"
+        amp = stack.enter_context(AmpFront(f"http://{server.address}", scenario.amp, settings.pause_s))
+        query_url = f"{amp.url}{WORKSPACE_PATH}/api/v1/query"
         client = PacedClient((LOOPBACK, envoy.port), rate_per_s, PREVIOUS, {})
         client.start()
         stack.callback(client.stop)
         outcome = operate(module, event("Update", TARGET, PREVIOUS, settings, query_url, "rollout"), interval_s, LOCAL_MAX_ATTEMPTS)
         measured = client.stop()
-        run = RolloutRun(name, outcome, [weights for _, weights, _ in cluster.applied], measured.requests,
+        run = RolloutRun(name, outcome, changes([weights for _, weights, _ in cluster.applied]), measured.requests,
                          measured.requests - measured.statuses[200], dict(measured.versions),
                          {str(status): count for status, count in measured.statuses.items()})  # fmt: skip
+        run.amp_failed_queries = amp.failed
         if outcome.status == "FAILED" and cluster.applied:
             began = fault_at[0] if fault_at else cluster.applied[0][0]
             run.detection_s = cluster.applied[-1][0] - began

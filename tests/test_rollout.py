@@ -7,8 +7,12 @@ extension set carrying the traffic, and a real Prometheus evaluating the stack's
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import re
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -24,6 +28,8 @@ from cilium_mesh.rollout_plan import (
     RESOURCE_TYPE,
     SERVICE_TIMEOUT_S,
     STATE_ANNOTATION,
+    KUBECTL_GRACE_S,
+    VOLUME_WAIT_FACTOR,
     Reading,
     RolloutSettings,
     breach,
@@ -135,6 +141,8 @@ def test_timeouts_and_intervals_fit_lambda_step_functions_and_cloudformation(syn
     # The gate is read several times per pause, and the longest rollout leaves margin in the hour.
     assert QUERY_INTERVAL_S * 4 <= MIN_PAUSE_S
     assert DEFAULT.worst_case_s <= MAX_ROLLOUT_S <= SERVICE_TIMEOUT_S - 10 * 60
+    # A failing kubectl provider stops the rollout, with its own line, before the waiter's hour ends.
+    assert MAX_ROLLOUT_S + KUBECTL_GRACE_S + QUERY_INTERVAL_S < SERVICE_TIMEOUT_S
 
 
 def test_the_rollout_may_invoke_only_the_kubectl_handler_read_only_its_stack_and_query_only_its_workspace(synth, synth_eni):
@@ -187,6 +195,84 @@ def test_gate_queries_are_signed_for_amp(monkeypatch):
     assert request.data == b"query=catalogdetail%3Aerrors%3Aratio2m%7Bversion%3D%22v2%22%7D"
 
 
+@pytest.mark.parametrize(
+    ("failure", "kind", "line"),
+    [
+        (urllib.error.HTTPError("u", 503, "Service Unavailable", {}, None), "AmpUnavailable", "HTTP 503"),
+        (urllib.error.HTTPError("u", 429, "Too Many Requests", {}, None), "AmpUnavailable", "HTTP 429"),
+        (TimeoutError("timed out"), "AmpUnavailable", f"no answer in {QUERY_TIMEOUT_S} s"),
+        (urllib.error.URLError(ConnectionRefusedError(111, "Connection refused")), "AmpUnavailable", "[Errno 111] Connection refused"),
+        (urllib.error.HTTPError("u", 403, "Forbidden", {}, io.BytesIO(b"User is not authorized\n")), "AmpRefused",
+         "AMP refused 'up' (HTTP 403: User is not authorized)"),
+    ],
+    ids=["503", "429", "timeout", "refused", "403"],
+)
+def test_amp_failures_are_told_apart_as_retried_or_final(monkeypatch, failure, kind, line):
+    """Throttling, server errors and no answer are waited out; any other refusal will not heal."""
+
+    def fail(request, timeout):
+        raise failure
+
+    monkeypatch.setattr(urllib.request, "urlopen", fail)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    with rollout_lambda() as module:
+        with pytest.raises(getattr(module, kind)) as raised:
+            module.Prometheus("https://aps-workspaces.us-west-2.amazonaws.com/workspaces/ws-1/api/v1/query", "us-west-2").value("up")
+    assert str(raised.value) == line
+
+
+class FailingKubectl:
+    """The kubectl provider's handler failing every call (or only applies), as its FunctionError makes Kubectl raise."""
+
+    def __init__(self, module, state: dict | None = None):
+        self.module, self.state = module, state
+
+    def __call__(self, function, cluster_name):
+        return self
+
+    def annotation(self, document, key):
+        if self.state is None:
+            raise self.module.KubectlFailed("kubectl provider: Unable to connect to the server: dial tcp: i/o timeout")
+        return json.dumps(self.state)
+
+    def apply(self, document):
+        raise self.module.KubectlFailed("kubectl provider: error: You must be logged in to the server (Unauthorized)")
+
+
+def rollout_event(deadline: float) -> dict:
+    from checks.rollout_harness import event
+
+    return {**event("Update", TARGET, PREVIOUS, LOCAL_SETTINGS, "https://aps.example/api/v1/query", "rollout"),
+            "Data": {"Steps": json.dumps(plan(PREVIOUS.weights, TARGET.weights, LOCAL_SETTINGS)), "Gaining": '["v2"]',
+                     "Deadline": json.dumps(deadline)}}  # fmt: skip
+
+
+def test_a_failing_kubectl_provider_is_waited_out_until_the_rollouts_deadline(monkeypatch):
+    with rollout_lambda() as module:
+        monkeypatch.setattr(module, "Kubectl", FailingKubectl(module))
+        assert module.is_complete(rollout_event(time.time() + 60)) == {"IsComplete": False}
+        with pytest.raises(module.RolloutStopped) as stopped:
+            module.is_complete(rollout_event(time.time() - 1))
+    assert str(stopped.value) == ("rollout stopped: the kubectl provider still fails at the rollout's deadline"
+                                  " (kubectl provider: Unable to connect to the server: dial tcp: i/o timeout)")  # fmt: skip
+
+
+def test_a_stop_that_cannot_restore_says_so_and_leaves_it_to_cloudformations_rollback(monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    with rollout_lambda() as module:
+        now = time.time()
+        state = {"request": "rollout", "step": 0, "since": now - 12, module.AMP_UNANSWERED: now - 11.6}
+        monkeypatch.setattr(module, "Kubectl", FailingKubectl(module, state))
+        monkeypatch.setattr(module.Prometheus, "value", lambda self, expr: (_ for _ in ()).throw(module.AmpUnavailable("HTTP 503")))
+        with pytest.raises(module.RolloutStopped) as stopped:
+            module.is_complete(rollout_event(time.time() + 60))
+    assert str(stopped.value) == (
+        "rollout stopped at step 1 of 3 (v1 90%, v2 10%): AMP did not answer for 12 s (HTTP 503); could not restore"
+        " v1 100%, v2 0% (kubectl provider: error: You must be logged in to the server (Unauthorized)):"
+        " CloudFormation's rollback applies them")  # fmt: skip
+
+
 def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, provider_steps):
     """Create (even with a rollout setting) applies the policy at once: nothing deployed to step from."""
     rollout = synth.logical_id(synth.stack.traffic.resource)
@@ -211,6 +297,8 @@ EXPECTED = {
     "healthy v2": ("SUCCESS", None, PROMOTED, TARGET.weights),
     "v2 answers 503 on 30%": ("FAILED", "rollout stopped at step 1 of 3 (v1 90%, v2 10%): ", [PROMOTED[0], PREVIOUS.weights], PREVIOUS.weights),
     "v2 goes down at step 2": ("FAILED", "rollout stopped at step 2 of 3 (v1 50%, v2 50%): Envoy ejected ", [*PROMOTED[:2], PREVIOUS.weights], PREVIOUS.weights),
+    "AMP answers 503 once": ("SUCCESS", None, PROMOTED, TARGET.weights),
+    "AMP down throughout": ("FAILED", "rollout stopped at step 1 of 3 (v1 90%, v2 10%): AMP did not answer for ", [PROMOTED[0], PREVIOUS.weights], PREVIOUS.weights),
 }  # fmt: skip
 # Retries and failover hide v2's failures from the callers: at most this share of requests failed
 # (measured: 0 to 0.75%, the requests caught between v2 going down and its ejection, or by the restore,
@@ -236,6 +324,29 @@ def test_each_scenario_promotes_or_stops_where_it_must(rollout_runs, scenario):
     assert run["steps"] == [dict(s) for s in steps]
     assert run["live_weights"] == dict(live)
     assert run["failed"] <= MAX_FAILED_SHARE * run["requests"], run
+
+
+def test_one_unanswered_query_only_delays_the_step_it_falls_in(rollout_runs):
+    """AMP's 503 fell on the poll that would have passed step 1: that poll waited, the next passed."""
+    run = rollout_runs["AMP answers 503 once"]
+    assert run["amp_failed_queries"] == 1
+    (unanswered,) = [e for e in run["log"] if "amp_unavailable" in e]
+    assert unanswered["amp_unavailable"] == "HTTP 503" and unanswered["step"] == 0
+    assert unanswered["elapsed_s"] >= LOCAL_SETTINGS.pause_s
+    later = [e for e in run["log"] if e.get("step") == 0 and "readings" in e and e["elapsed_s"] > unanswered["elapsed_s"]]
+    assert later and not later[-1]["breaches"]
+
+
+def test_amp_down_throughout_stops_at_the_end_of_the_steps_wait_with_one_line(rollout_runs):
+    """No data is never a pass: every poll waited, and when step 1's own wait (2 pauses) was over the
+    rollout stopped as a breach stops: the previous weights restored, one line naming what failed."""
+    run = rollout_runs["AMP down throughout"]
+    assert re.fullmatch(r"rollout stopped at step 1 of 3 \(v1 90%, v2 10%\): AMP did not answer for \d+ s \(HTTP 503\);"
+                        r" restored v1 100%, v2 0%", run["reason"]), run["reason"]
+    waited = int(re.search(r"for (\d+) s", run["reason"]).group(1))
+    assert VOLUME_WAIT_FACTOR * LOCAL_SETTINGS.pause_s <= waited <= VOLUME_WAIT_FACTOR * LOCAL_SETTINGS.pause_s + POLL_BOUND_S
+    assert run["amp_failed_queries"] == len([e for e in run["log"] if "amp_unavailable" in e]) >= waited - 1
+    assert not [e for e in run["log"] if "readings" in e]
 
 
 def test_a_step_passes_only_after_its_pause_with_its_minimum_traffic(rollout_runs):

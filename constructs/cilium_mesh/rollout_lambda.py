@@ -11,6 +11,13 @@ is_complete reads the step and its start from the CiliumEnvoyConfig's annotation
             for the gate, and applies the next step, waits, or stops: it applies the previous
             policy again and raises, which fails the stack update with that line.
 
+A failed call is retried at the next poll, not in the same one (every poll fits its Lambda's
+timeout as it is): AMP answering 429 or 5xx, or not at all, makes the poll wait (no data is never
+a pass), and the first such poll notes the time on the annotation; a step whose AMP has still not
+answered when its own wait (VOLUME_WAIT_FACTOR pauses) is over stops as a breach stops. AMP
+refusing a query (any other 4xx) stops at once. A failed kubectl provider call makes the poll wait
+too, until the rollout's own deadline (its longest run plus KUBECTL_GRACE_S, set by on_event).
+
 Every Kubernetes call is a call of the cluster's kubectl provider handler (aws-cdk-lib's own code, with
 its access to the cluster), made with the event CloudFormation would send it: an Update of a
 KubernetesResource (``kubectl apply``), a Delete of one (``kubectl delete``), and an Update of a
@@ -23,8 +30,10 @@ import json
 import math
 import os
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
+from typing import NoReturn
 
 import boto3
 import botocore.session
@@ -35,6 +44,7 @@ from rollout_plan import (
     GET_TIMEOUT_S,
     INVOKE_ATTEMPTS,
     INVOKE_READ_TIMEOUT_S,
+    KUBECTL_GRACE_S,
     QUERY_TIMEOUT_S,
     STATE_ANNOTATION,
     VOLUME_WAIT_FACTOR,
@@ -61,6 +71,18 @@ CLIENTS: dict = {}
 
 class RolloutStopped(RuntimeError):
     """The one line CloudFormation shows for the failed update."""
+
+
+class KubectlFailed(RuntimeError):
+    """The kubectl provider's handler failed this call (its first line)."""
+
+
+class AmpUnavailable(RuntimeError):
+    """AMP did not answer this query: throttled, a server error, or no answer in time."""
+
+
+class AmpRefused(RuntimeError):
+    """AMP refused the query: it will not answer it however often it is asked."""
 
 
 def _client(service: str):
@@ -90,7 +112,7 @@ class Kubectl:
         response = _client("lambda").invoke(FunctionName=self.function, Payload=json.dumps(event).encode())
         payload = json.loads(response["Payload"].read() or b"null")
         if response.get("FunctionError"):
-            raise RolloutStopped(f"kubectl provider: {_first_line((payload or {}).get('errorMessage'))}")
+            raise KubectlFailed(f"kubectl provider: {_first_line((payload or {}).get('errorMessage'))}")
         return payload
 
     def apply(self, document: dict) -> None:
@@ -124,10 +146,19 @@ class Prometheus:
         signed = AWSRequest(method="POST", url=self.query_url, data=body, headers=headers)
         SigV4Auth(botocore.session.get_session().get_credentials(), "aps", self.region).add_auth(signed)
         request = urllib.request.Request(self.query_url, data=body, headers=dict(signed.headers.items()), method="POST")
-        with urllib.request.urlopen(request, timeout=QUERY_TIMEOUT_S) as response:
-            result = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=QUERY_TIMEOUT_S) as response:
+                result = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            if error.code == 429 or error.code >= 500:
+                raise AmpUnavailable(f"HTTP {error.code}") from None
+            raise AmpRefused(f"AMP refused {expr!r} (HTTP {error.code}: {_first_line(error.read().decode(errors='replace'))})") from None
+        except TimeoutError:
+            raise AmpUnavailable(f"no answer in {QUERY_TIMEOUT_S} s") from None
+        except OSError as error:  # urllib.error.URLError among them: no connection
+            raise AmpUnavailable(_first_line(str(getattr(error, "reason", error)))) from None
         if result.get("status") != "success":
-            raise RolloutStopped(f"AMP query {expr!r}: {result.get('error', result)}")
+            raise AmpRefused(f"AMP refused {expr!r}: {result.get('error', result)}")
         values = [v for series in result["data"]["result"] if math.isfinite(v := float(series["value"][1]))]
         return max(values) if values else None
 
@@ -169,12 +200,19 @@ def on_event(event: dict, _context=None) -> dict:
     previous = None
     if event["RequestType"] == "Update" and not _rolling_back(event):
         previous = _policy(event["OldResourceProperties"]).weights
-    steps = plan(previous, target.weights, _settings(properties))
-    kubectl.apply(_document(target.with_weights(steps[0]), {"request": event["RequestId"], "step": 0, "since": time.time()}))
+    settings = _settings(properties)
+    steps = plan(previous, target.weights, settings)
+    started = time.time()
+    kubectl.apply(_document(target.with_weights(steps[0]), {"request": event["RequestId"], "step": 0, "since": started}))
     _log(event=event["RequestType"], steps=steps, applied=0)
+    longest = settings.worst_case_s if len(steps) > 1 else 0
     return {
         "PhysicalResourceId": f"{target.namespace}/{target.name}",
-        "Data": {"Steps": json.dumps(steps), "Gaining": json.dumps(gaining_versions(previous, target.weights) if previous else [])},
+        "Data": {
+            "Steps": json.dumps(steps),
+            "Gaining": json.dumps(gaining_versions(previous, target.weights) if previous else []),
+            "Deadline": json.dumps(started + longest + KUBECTL_GRACE_S),
+        },
     }
 
 
@@ -185,7 +223,10 @@ def is_complete(event: dict, _context=None) -> dict:
     target = _policy(properties)
     kubectl = Kubectl(properties["KubectlHandler"], properties["ClusterName"])
     steps = json.loads(event["Data"]["Steps"])
-    state = json.loads(kubectl.annotation(target.cilium_envoy_config(), STATE_ANNOTATION))
+    try:
+        state = json.loads(kubectl.annotation(target.cilium_envoy_config(), STATE_ANNOTATION))
+    except KubectlFailed as error:
+        return _wait_for_kubectl(event, error)
     if state.get("request") != event["RequestId"]:
         raise RolloutStopped(f"rollout: the CiliumEnvoyConfig {target.name} was applied by another request ({state.get('request')})")
     if "stopped" in state:
@@ -194,10 +235,29 @@ def is_complete(event: dict, _context=None) -> dict:
     if step == len(steps) - 1:
         return {"IsComplete": True}
     settings = _settings(properties)
-    prometheus = Prometheus(properties["QueryUrl"], os.environ["AWS_REGION"])
-    readings = [prometheus.reading(version) for version in json.loads(event["Data"]["Gaining"])]
-    elapsed = time.time() - state["since"]
+    now = time.time()
+    elapsed = now - state["since"]
     where = f"rollout stopped at step {step + 1} of {len(steps)} ({describe(steps[step])})"
+
+    def stop(reason: str) -> NoReturn:
+        _stop(event, kubectl, where, reason)
+
+    current = _document(target.with_weights(steps[step]), state)
+    prometheus = Prometheus(properties["QueryUrl"], os.environ["AWS_REGION"])
+    try:
+        readings = [prometheus.reading(version) for version in json.loads(event["Data"]["Gaining"])]
+    except AmpRefused as error:
+        stop(str(error))
+    except AmpUnavailable as error:
+        since = state.get(AMP_UNANSWERED, now)
+        _log(step=step, elapsed_s=round(elapsed, 3), amp_unavailable=str(error), since=since)
+        if elapsed >= VOLUME_WAIT_FACTOR * settings.pause_s:
+            stop(f"AMP did not answer for {now - since:.0f} s ({error})")
+        if AMP_UNANSWERED not in state:
+            _apply_or_wait(kubectl, with_state(current, {**state, AMP_UNANSWERED: now}))
+        return {"IsComplete": False}
+    if AMP_UNANSWERED in state:
+        _apply_or_wait(kubectl, with_state(current, {k: v for k, v in state.items() if k != AMP_UNANSWERED}))
     reasons = [reason for reading in readings if (reason := breach(settings, reading))]
     quiet = [reading for reading in readings if not enough_traffic(settings, reading)]
     _log(step=step, elapsed_s=round(elapsed, 3), readings=[r.__dict__ for r in readings], breaches=reasons)
@@ -208,13 +268,44 @@ def is_complete(event: dict, _context=None) -> dict:
             for r in quiet
         ]
     if reasons:
-        previous = _policy(event["OldResourceProperties"])
-        stopped = {"request": event["RequestId"], "step": -1, "since": time.time(), "stopped": reasons[0]}
-        kubectl.apply(_document(previous, stopped))
-        raise RolloutStopped(f"{where}: {'; '.join(reasons)}; restored {describe(previous.weights)}")
+        stop("; ".join(reasons))
     if elapsed < settings.pause_s or quiet:
         return {"IsComplete": False}
     following = step + 1
-    kubectl.apply(_document(target.with_weights(steps[following]), {"request": event["RequestId"], "step": following, "since": time.time()}))
+    try:
+        kubectl.apply(_document(target.with_weights(steps[following]), {"request": event["RequestId"], "step": following, "since": time.time()}))
+    except KubectlFailed as error:
+        return _wait_for_kubectl(event, error)
     _log(step=following, applied=steps[following])
     return {"IsComplete": following == len(steps) - 1}
+
+
+# The annotation's note of when AMP first failed to answer in this step.
+AMP_UNANSWERED = "amp_unanswered_since"
+
+
+def _stop(event: dict, kubectl: Kubectl, where: str, reason: str) -> NoReturn:
+    """Restore the previous weights, then fail the update with the one line."""
+    previous = _policy(event["OldResourceProperties"])
+    stopped = {"request": event["RequestId"], "step": -1, "since": time.time(), "stopped": reason}
+    try:
+        kubectl.apply(_document(previous, stopped))
+    except KubectlFailed as error:
+        raise RolloutStopped(f"{where}: {reason}; could not restore {describe(previous.weights)} ({error}): CloudFormation's rollback applies them") from None
+    raise RolloutStopped(f"{where}: {reason}; restored {describe(previous.weights)}")
+
+
+def _apply_or_wait(kubectl: Kubectl, document: dict) -> None:
+    """An apply only of the rollout's notes: if it fails, the next poll writes them again."""
+    try:
+        kubectl.apply(document)
+    except KubectlFailed as error:
+        _log(kubectl_failed=str(error))
+
+
+def _wait_for_kubectl(event: dict, error: KubectlFailed) -> dict:
+    deadline = json.loads(event["Data"]["Deadline"])
+    _log(kubectl_failed=str(error), deadline=deadline)
+    if time.time() >= deadline:
+        raise RolloutStopped(f"rollout stopped: the kubectl provider still fails at the rollout's deadline ({error})")
+    return {"IsComplete": False}

@@ -39,6 +39,9 @@ INVOKE_ATTEMPTS = 2
 QUERY_TIMEOUT_S = 10
 # What a rollout may use of the hour: the rest is margin for applying steps and the framework.
 MAX_ROLLOUT_S = 3000
+# How long after its longest run a rollout waits out a failing kubectl provider before it stops (the
+# waiter's hour ends 600 s after MAX_ROLLOUT_S: this stops first, with its own line).
+KUBECTL_GRACE_S = 300
 # A step waits at most this many pauses for its minimum traffic before it fails.
 VOLUME_WAIT_FACTOR = 2
 # The rules' rate window is 2 minutes; with AMP's 30 s scrapes and 60 s rule evaluation a shorter
