@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
@@ -67,6 +68,8 @@ class PacedClient(threading.Thread):
         super().__init__(daemon=True)
         self.address, self.period, self.stopping = address, 1.0 / rate_per_s, threading.Event()
         self.result = RunResult(policy, faults, 0)
+        # Every request as it came back: (time.monotonic() when answered, status, the version that answered).
+        self.samples: list[tuple[float, int, str | None]] = []
         self.lock = threading.Lock()
 
     def run(self) -> None:
@@ -76,6 +79,7 @@ class PacedClient(threading.Thread):
             while not self.stopping.is_set():
                 status, version = client.get()
                 with self.lock:
+                    self.samples.append((time.monotonic(), status, version))
                     self.result.requests += 1
                     self.result.statuses[status] += 1
                     if version:
@@ -157,17 +161,38 @@ def run_recorded(policy: TrafficPolicy, tag: str, requests: int, faults: dict[st
 
 @dataclass
 class Timeline:
-    """A run whose faults start part-way: the recorded series over time, and when each alert first fired."""
+    """A run whose faults start part-way: what each request got (``samples``, seconds from the start),
+    the rules' recorded series over time (``series``, epoch times from ``start``), and when each alert
+    first fired."""
 
     start: float
     fault_at_s: float
     series: dict[str, list[dict]]
     first_fired_s: dict[str, float]
     measured: RunResult
+    samples: list[tuple[float, int, str | None]] = field(default_factory=list)
+
+    def seen(self, bin_s: float) -> tuple[list[float], dict[str, list[float]], list[float]]:
+        """What the requests saw in each ``bin_s`` window: (window middles, each version's share of the
+        answered requests, the answered share of all); a window without answers has no share (NaN)."""
+        end = max((t for t, _, _ in self.samples), default=0.0)
+        windows = max(1, math.ceil(end / bin_s))
+        answered, total = [0] * windows, [0] * windows
+        by_version = {v: [0] * windows for v in self.measured.policy.versions}
+        for t, status, version in self.samples:
+            index = min(int(t // bin_s), windows - 1)
+            total[index] += 1
+            if status == 200:
+                answered[index] += 1
+                if version in by_version:
+                    by_version[version][index] += 1
+        middles = [(index + 0.5) * bin_s for index in range(windows)]
+        shares = {v: [n / a if a else math.nan for n, a in zip(counts, answered)] for v, counts in by_version.items()}
+        return middles, shares, [a / t if t else math.nan for a, t in zip(answered, total)]
 
 
-PLOTTED = ("catalogdetail:share:ratio2m", "catalogdetail:weight:ratio", "catalogdetail:answered:ratio2m",
-           "catalogdetail:ejections_active")  # fmt: skip
+# The rules' series the plot draws beside what the requests saw (the weights come from the policy itself).
+PLOTTED = ("catalogdetail:share:ratio2m", "catalogdetail:answered:ratio2m", "catalogdetail:ejections_active")
 
 
 def timeline(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], fault_after_s: float, duration_s: float,
@@ -189,7 +214,8 @@ def timeline(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], fault_af
         finally:
             measured = client.stop()
         series = {q: server.query_range(q, wall_started, time.time(), SCRAPE_INTERVAL_S) for q in PLOTTED}
-        return Timeline(wall_started, fault_after_s, series, first_fired, measured)
+        samples = [(t - started, status, version) for t, status, version in client.samples]
+        return Timeline(wall_started, fault_after_s, series, first_fired, measured, samples)
 
 
 def observe(policy: TrafficPolicy, tag: str, scenarios: dict[str, tuple[dict[str, Fault], frozenset[str]]],

@@ -6,7 +6,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from conftest import early, early_result
 from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS, cilium_release_file, parse_documents
 from cilium_mesh.values import cilium_values, merge
 from checks.cilium_chart import API_SERVER, CLUSTER_NAME, chart_values, check, dead_keys, key_paths, render, supported_charts
@@ -63,21 +62,10 @@ def test_dead_key_detection():
     assert dead_keys(ours, chart) == ["hubble.relayy.enabled", "hostLegacyRouting"]
 
 
+@pytest.mark.helm
 def test_helm_from_the_kubectl_layer_runs():
     result = subprocess.run([layer_helm(), "version", "--short"], capture_output=True, text=True, check=True)
     assert result.stdout.startswith("v4.")
-
-
-def _chart_renders() -> dict:
-    """check() of every supported chart and datapath, and every other render this module asserts on,
-    two at a time (render() keeps each for the tests that ask for it again)."""
-    helm = layer_helm()
-    cases = [(chart, datapath) for chart in supported_charts() for datapath in DATAPATHS]
-    others = [(cilium_chart(version), values) for version, values in _other_renders()]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        checks = pool.map(lambda case: check(case[0], helm, case[1]), cases)
-        list(pool.map(lambda other: render(other[0], helm, other[1]), others))
-        return dict(zip(cases, checks))
 
 
 def _other_renders() -> list[tuple[str, dict]]:
@@ -85,14 +73,17 @@ def _other_renders() -> list[tuple[str, dict]]:
     return renders + [(version, values) for version in ("1.18.12", "1.19.6", "1.20.0") for values in _linger_variants(version)[1:]]
 
 
-early("chart_renders", _chart_renders)
-
-
 @pytest.fixture(scope="module")
 def chart_renders() -> dict:
-    """_chart_renders(), started at the end of collection (conftest.early): chart and datapath -> problems."""
-    return early_result("chart_renders")
-
+    """check() of every supported chart and datapath (chart and datapath -> problems), and every other
+    render this module asserts on, two helm processes at a time (render() keeps each for the tests)."""
+    helm = layer_helm()
+    cases = [(chart, datapath) for chart in supported_charts() for datapath in DATAPATHS]
+    others = [(cilium_chart(version), values) for version, values in _other_renders()]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        checks = pool.map(lambda case: check(case[0], helm, case[1]), cases)
+        list(pool.map(lambda other: render(other[0], helm, other[1]), others))
+        return dict(zip(cases, checks))
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aws_cdk
 import pytest
-from conftest import CONTEXT, ROOT, early, early_result
+from conftest import CONTEXT, ROOT
 from stacks.config import INSTANCE_FAMILIES, KEYS, ConfigError, ec2_instance_types, load_config
 from cilium_mesh.rollout_plan import RolloutSettings
 
@@ -153,7 +153,8 @@ def run_app(context: dict, outdir) -> subprocess.CompletedProcess:
     )
 
 
-def _app_runs() -> list:
+@pytest.fixture(scope="module")
+def app_runs() -> list:
     """Each THROUGH_APP configuration through the real app.py, two at a time, each into an empty directory."""
 
     def run(case):
@@ -163,15 +164,6 @@ def _app_runs() -> list:
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return list(pool.map(run, THROUGH_APP))
-
-
-early("app_runs", _app_runs)
-
-
-@pytest.fixture(scope="module")
-def app_runs():
-    """_app_runs(), started at the end of collection (conftest.early)."""
-    return early_result("app_runs")
 
 
 @pytest.mark.parametrize("index", range(len(THROUGH_APP)), ids=map(case_id, THROUGH_APP))

@@ -47,17 +47,20 @@ def rendered_rules(tmp_path, policy=POLICY):
     return tmp_path / "rules.yaml"
 
 
+@pytest.mark.prometheus
 def test_scrape_configuration_passes_promtool():
     result = promtool("check", "config", str(SCRAPE_CONFIG_FILE))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.prometheus
 def test_rule_file_passes_promtool(tmp_path):
     result = promtool("check", "rules", str(rendered_rules(tmp_path)))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS: 21 rules found" in result.stdout  # 19 in rules.yaml, one weight per version
 
 
+@pytest.mark.prometheus
 def test_rules_unit_tests_pass_with_promtool(tmp_path):
     rendered_rules(tmp_path)
     shutil.copy(RULES_TEST_FILE, tmp_path / "rules_test.yaml")
@@ -76,6 +79,7 @@ def test_the_policy_drop_alert_leaves_out_exactly_the_smoke_tests_own_pod():
     assert f'{{source_namespace="{job["metadata"]["namespace"]}", source_app="{labels["app"]}"}}' in alert["expr"]
 
 
+@pytest.mark.prometheus
 def test_rules_unit_tests_fail_when_an_alert_breaks(tmp_path):
     """The unit tests notice a broken rule: the error budget raised from 5% to 50% lets 30% pass."""
     text = rule_file(POLICY).replace("catalogdetail:errors:ratio2m > 0.05", "catalogdetail:errors:ratio2m > 0.5")
@@ -102,6 +106,7 @@ def input_series() -> list[tuple[str, set[str]]]:
     return series
 
 
+@pytest.mark.envoy
 def test_envoy_input_series_are_shaped_like_the_real_envoys():
     """Names and labels exactly as the real Envoy exposes them for the policy's clusters."""
     with running(POLICY, TAG) as (envoy, _, _):
@@ -183,6 +188,7 @@ def test_collector_reaches_only_the_metrics_ports_and_the_api_server(request, da
 TOPIC_ARN = "arn:aws:sns:us-west-2:123456789012:CiliumMeshEks-MetricsAlerts0123ABCD-0123abcd"
 
 
+@pytest.mark.prometheus
 def test_the_collector_gets_the_scrape_configuration_as_cloudformation_passes_it(synth, tmp_path):
     """The template's ConfigurationBlob, through the handler and the SDK's wire format to what the
     collector reads, passes promtool; the base64 text it once held is refused there."""
@@ -197,6 +203,7 @@ def test_the_collector_gets_the_scrape_configuration_as_cloudformation_passes_it
     assert refused.returncode != 0 and "cannot unmarshal !!str" in refused.stdout + refused.stderr
 
 
+@pytest.mark.prometheus
 def test_the_ruler_gets_the_rule_file_as_cloudformation_passes_it(synth, tmp_path):
     data = synth.resource(synth.stack.metrics.rules)["Properties"]["Data"]
     received = tmp_path / "rules.yaml"
@@ -205,6 +212,7 @@ def test_the_ruler_gets_the_rule_file_as_cloudformation_passes_it(synth, tmp_pat
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.prometheus
 def test_the_alert_manager_gets_a_configuration_amtool_accepts(synth, tmp_path):
     """AMP's definition format (the Alertmanager configuration under alertmanager_config), the topic's
     ARN in place of its token, as the workspace's handler passes it."""
@@ -306,21 +314,46 @@ def test_dashboard_is_importable_with_the_amp_data_source():
     assert set(dashboard_queries()) <= recorded, "panels show recorded series only"
 
 
-def test_plot_draws_the_recorded_series(tmp_path):
-    from checks.metrics_harness import PLOTTED, Timeline
+def plot_run():
+    """A plotted run: v1 and v2 share the requests until v2 goes down at 30 s, then v1 answers all of them,
+    while the 2-minute rule (as AMP records it) still shows v2's share decaying."""
     from checks.envoy_harness import RunResult
-    from tools.preview import draw
+    from checks.metrics_harness import Timeline
 
-    def series(labels):
-        return [{"metric": label, "values": [(1000.0 + t, 0.5) for t in range(60)]} for label in labels]
+    samples = [(t / 40, 200, "v1" if t % 2 or t >= 1200 else "v2") for t in range(2400)]  # 40 requests/s for 60 s
+
+    def series(labels, value=0.5):
+        return [{"metric": label, "values": [(1000.0 + t, value) for t in range(60)]} for label in labels]
 
     labels = {"catalogdetail:share:ratio2m": [{"version": "v1"}, {"version": "v2"}],
-              "catalogdetail:weight:ratio": [{"version": "v1"}, {"version": "v2"}],
               "catalogdetail:answered:ratio2m": [{}],
               "catalogdetail:ejections_active": [{"destination": "v1"}, {"destination": "v2"}]}  # fmt: skip
+    return Timeline(1000.0, 30.0, {q: series(v) for q, v in labels.items()}, {"CatalogdetailFailoverActive": 32.0},
+                    RunResult(POLICY, {}, len(samples)), samples), labels  # fmt: skip
+
+
+def test_the_plot_shows_what_the_requests_saw_within_seconds_of_the_fault():
+    """Counted every 2 s from the run: v2's share is 0 from the first window after it went down, not the
+    2-minute rule's slow decay."""
+    run_, _ = plot_run()
+    middles, shares, answered = run_.seen(2.0)
+    assert len(middles) == 30 and answered == [1.0] * 30
+    assert [shares["v2"][i] for i, m in enumerate(middles) if m < 30] == [0.5] * 15
+    assert [shares["v2"][i] for i, m in enumerate(middles) if m > 30] == [0.0] * 15
+
+
+def test_plot_draws_both_views_and_every_weight_visibly(tmp_path):
+    from checks.metrics_harness import PLOTTED
+    from tools.preview import draw
+
+    run_, labels = plot_run()
     assert set(labels) == set(PLOTTED)
-    run_ = Timeline(1000.0, 30.0, {q: series(v) for q, v in labels.items()}, {"CatalogdetailFailoverActive": 32.0},
-                    RunResult(POLICY, {}, 0))  # fmt: skip
     path = tmp_path / "plot.png"
-    draw(run_, POLICY, "v2 down", path)
+    legend = draw(run_, POLICY, "v2 down", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
+    for version in ("v1", "v2"):
+        assert f"{version}: requests answered by it" in legend
+        assert f"{version}: as AMP's 2-minute rule records it" in legend
+    assert [label for label in legend if label.startswith("weight")] == ["weight of v1, v2: 50% each"]
+    legend_90_10 = draw(run_, POLICY.with_weights({"v1": 90, "v2": 10}), "v2 down", path)
+    assert [label for label in legend_90_10 if label.startswith("weight")] == ["weight of v2: 10%", "weight of v1: 90%"]

@@ -66,6 +66,7 @@ def test_creation_order_puts_every_resource_after_its_dependencies(synth):
     assert creation_order(reordered) == order  # ties go by logical ID, not by template order
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_every_provider_resource_is_created_then_deleted(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
@@ -76,6 +77,7 @@ def test_every_provider_resource_is_created_then_deleted(request, datapath):
     assert resources and sorted(created) == sorted(deleted) == sorted(resources)
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_every_call_logs_in_to_the_configured_cluster_first(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
@@ -118,6 +120,7 @@ def test_cilium_chart_waits_on_install_and_uninstall(synth, steps, ids):
     ]  # fmt: skip
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_every_wait_ends_well_before_the_provider_lambda_does(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
@@ -184,6 +187,7 @@ def test_each_namespace_exists_before_its_objects_and_outlives_them(steps):
         assert s.commands[1][s.commands[1].index("--namespace") + 1] == "kube-system"
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
@@ -192,6 +196,7 @@ def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(request, dat
     assert values["k8sServiceHost"] == API_SERVER_HOST
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_cilium_chart_renders_with_the_handlers_values_file(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
@@ -236,6 +241,7 @@ def test_ingress_hostname_is_read_from_cilium_ingress(steps, ids):
     assert len(find_step(steps, ids["hostname"], "Delete").commands) == 1  # only the log-in
 
 
+@pytest.mark.helm
 @pytest.mark.parametrize("datapath", ["chaining", "eni"])
 def test_every_object_the_handler_would_create_is_valid(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)

@@ -236,6 +236,7 @@ def run_script(settings: dict, addresses: list[str]) -> str:
     return SMOKE.verdict(SMOKE.run_checks(settings, resolve=lambda host: set(addresses)))
 
 
+@pytest.mark.envoy
 def test_script_passes_and_names_each_failure_it_can_see_without_envoy_changes(app_stand_ins):
     apps = app_stand_ins
     with running(POLICY, TAG) as (envoy, _, _):
@@ -248,6 +249,7 @@ def test_script_passes_and_names_each_failure_it_can_see_without_envoy_changes(a
     assert allowed == f"deny: http://{apps['answering']}/ answered 200 to the smoke test (its policy must refuse it)"
 
 
+@pytest.mark.envoy
 def test_script_fails_when_cilium_denies_the_split(app_stand_ins):
     apps = app_stand_ins
     statuses = cec_statuses(Deployed.of("eni", POLICY).with_cluster_ip_version_services())
@@ -257,6 +259,7 @@ def test_script_fails_when_cilium_denies_the_split(app_stand_ins):
     assert line == "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
 
 
+@pytest.mark.envoy
 def test_script_fails_when_a_version_is_down(app_stand_ins):
     apps = app_stand_ins
     with running(POLICY, TAG, {"v2": Fault("down")}) as (envoy, _, _):
@@ -266,6 +269,7 @@ def test_script_fails_when_a_version_is_down(app_stand_ins):
     assert pin.startswith("pin v2: no answer from any version, 5 x ") and pin.endswith("(expected only v2)")
 
 
+@pytest.mark.envoy
 def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkeypatch):
     """A route that pins v1 to v2's Service (a broken render): the pin check names it."""
     apps = app_stand_ins

@@ -1,6 +1,9 @@
 """The real tools that will act on this app: the CDK CLI, cfn-lint, cdk-nag; and the layout they rely on."""
 
 import json
+import os
+import subprocess
+import sys
 
 import aws_cdk as cdk
 import constructs
@@ -21,7 +24,7 @@ def test_constructs_folder_does_not_shadow_the_constructs_library():
 
 
 def test_cdk_cli_synthesizes_both_datapaths_without_credentials_or_lookups(cli_synths):
-    """The real CLI, with no AWS credentials or config, once per datapath (both at once, beside the other tests)."""
+    """The real CLI, with no AWS credentials or config, once per datapath."""
     if not CDK_CLI.exists():
         pytest.fail("node_modules/.bin/cdk missing: run the README's set-up command (npm ci)")
     directory, results = cli_synths
@@ -42,10 +45,16 @@ ACCEPTED_CFN_LINT_WARNINGS = {
 }
 
 
-def test_cfn_lint_finds_no_errors_and_only_accepted_warnings(synth, synth_variant, synth_eni, cfn_lint_run):
-    """One cfn-lint over the three templates, running beside the tests since they were synthesized (conftest)."""
+@pytest.fixture(scope="module")
+def cfn_lint_run(synth, synth_variant, synth_eni) -> subprocess.CompletedProcess:
+    """One cfn-lint over the session's three templates."""
+    cfn_lint = os.path.join(os.path.dirname(sys.executable), "cfn-lint")
+    templates = [str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)]
+    return subprocess.run([cfn_lint, "--format", "json", *templates], capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_cfn_lint_finds_no_errors_and_only_accepted_warnings(cfn_lint_run):
     result = cfn_lint_run
-    assert {str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)} == set(result.args[-3:])
     findings = json.loads(result.stdout or "[]")
     errors = [f for f in findings if f["Level"] == "Error"]
     assert errors == [], errors
@@ -200,3 +209,18 @@ def test_debians_archive_is_read_from_both_styles_of_apt_sources(tmp_path):
 
     assert archive_uris(tmp_path) == ["http://mirror.example/debian", "http://one.example/debian",
                                       "http://two.example/debian-security", "http://three.example/debian"]  # fmt: skip
+
+
+def test_the_fast_tier_refuses_every_slow_tool():
+    """What keeps `-m fast` fast: in a run of that tier alone, starting any tool a marker names fails."""
+    from conftest import TOOL_MARKERS, refuse_slow_tools
+
+    original = refuse_slow_tools()
+    try:
+        for tool, programs in TOOL_MARKERS.items():
+            for program in programs:
+                with pytest.raises(AssertionError, match=f"starts {program} in the fast tier: mark it .*{tool}$"):
+                    subprocess.Popen([f"/opt/bin/{program}", "--version"])
+        assert subprocess.run([sys.executable, "-c", "print('ok')"], capture_output=True, text=True).stdout == "ok\n"
+    finally:
+        subprocess.Popen.__init__ = original

@@ -169,6 +169,7 @@ def aggregate_cluster():
     }
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("tag", sorted(ENVOY_BUILDS))
 def test_cilium_envoy_set_rejects_an_aggregate_cluster(tag):
     bootstrap = cilium_xds_bootstrap(DEFAULT)
@@ -178,6 +179,7 @@ def test_cilium_envoy_set_rejects_an_aggregate_cluster(tag):
     assert "Didn't find a registered cluster factory implementation" in result.stderr + result.stdout
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("tag", sorted(ENVOY_BUILDS))
 def test_cilium_envoy_set_rejects_retry_predicates(tag):
     bootstrap = cilium_xds_bootstrap(DEFAULT)
@@ -196,6 +198,7 @@ def test_cilium_envoy_set_rejects_retry_predicates(tag):
     assert result.returncode != 0 and "previous_hosts" in result.stderr + result.stdout
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("tag", sorted(ENVOY_BUILDS))
 @pytest.mark.parametrize("policy", [DEFAULT, CANARY, TrafficPolicy.walkthrough()], ids=["default", "canary", "walkthrough"])
 def test_cilium_envoy_accepts_the_resources_as_cilium_delivers_them(policy, tag):
@@ -211,6 +214,7 @@ def test_every_supported_cilium_release_maps_to_a_known_cilium_envoy_build():
     assert tags == set(ENVOY_BUILDS)
 
 
+@pytest.mark.envoy
 def test_cilium_envoy_rejects_a_typo_in_a_deployed_cluster():
     bootstrap = cilium_xds_bootstrap(DEFAULT)
     dns = next(c for c in bootstrap["static_resources"]["clusters"] if c.get("type") == "STRICT_DNS")
@@ -219,6 +223,7 @@ def test_cilium_envoy_rejects_a_typo_in_a_deployed_cluster():
     assert result.returncode != 0 and "consecutive_5xxx" in result.stderr + result.stdout
 
 
+@pytest.mark.envoy
 def test_route_typo_is_rejected_when_served_over_rds(monkeypatch):
     """The route configuration reaches Envoy over RDS in the harness too: a typo there fails the run."""
     original = TrafficPolicy.route_configuration
@@ -259,6 +264,7 @@ def assert_split(result, weights):
         assert abs(result.share(version) - expected) <= tolerance, (version, result.share(version), expected)
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("policy", [DEFAULT, CANARY], ids=["50-50", "90-10"])
 def test_split_follows_the_weights(policy):
     result = run(policy, TAG, SPLIT_REQUESTS)
@@ -266,6 +272,7 @@ def test_split_follows_the_weights(policy):
     assert_split(result, dict(policy.weights))
 
 
+@pytest.mark.envoy
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_header_route_pins_every_request(version):
     result = run(CANARY, TAG, 200, headers={"x-catalog-version": version})
@@ -332,6 +339,7 @@ def test_preview_command_prints_the_table(preview_run):
     assert "share v1 100.0%;" in recorded and "failover req/s v2->v1" in recorded, recorded
 
 
+@pytest.mark.envoy
 def test_a_version_that_goes_down_mid_run_fails_over():
     """What `preview --plot` does part-way: the stand-in stops accepting and ends its open connections."""
     with running(DEFAULT, TAG) as (envoy, _, stand_ins):
@@ -355,6 +363,7 @@ def test_preview_rejects_bad_flags_in_one_line():
 # --- Cilium's verdicts in the Envoy run (checks/datapath.py) ------------------------------------
 
 
+@pytest.mark.envoy
 def test_the_harness_denies_what_cilium_would_deny():
     """With the version Services as ClusterIPs (main before headless Services), the model denies the
     failover clusters as world: split requests get Cilium's 403, pinned ones (EDS, pods) still answer."""
@@ -367,6 +376,7 @@ def test_the_harness_denies_what_cilium_would_deny():
     assert pinned.versions == {"v2": 20}
 
 
+@pytest.mark.envoy
 def test_the_harness_drops_what_the_vpc_would_drop():
     """A dropped destination's connects time out; after two the host is ejected and failover carries
     its share (connect timeout 0.5 s here, below the 1 s per-try timeout, so every try ends as a connect

@@ -12,7 +12,8 @@ A real Prometheus scrapes the Envoy and evaluates the rules the stack loads into
 (manifests/metrics/prometheus/rules.yaml); the run ends with what they recorded. With
 --plot the faults (default v2=down) start after --fault-after seconds of healthy traffic at
 --rate requests per second, and the picture shows per-version share, answered and ejected
-hosts over --seconds, with the moment each alert fired.
+hosts over --seconds, with the moment each alert fired: what the requests saw, counted every
+2 s from the run itself, beside what AMP's 2-minute rules record for the same moments.
 Everything runs on 127.0.0.1 and stops by itself.
 """
 
@@ -147,42 +148,68 @@ def plot_run(args: argparse.Namespace, policy: TrafficPolicy, faults: dict[str, 
     return 0
 
 
-def draw(run_: Timeline, policy: TrafficPolicy, fault_text: str, path: Path) -> None:
-    """Three panels over time, from Prometheus' recorded series, as the dashboard shows them."""
+# What the requests saw is counted over windows of this many seconds.
+SEEN_WINDOW_S = 2.0
+VERSION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
+
+
+def draw(run_: Timeline, policy: TrafficPolicy, fault_text: str, path: Path) -> list[str]:
+    """Three panels over time: what the requests saw (solid, every SEEN_WINDOW_S from the run itself)
+    beside what AMP's 2-minute rules record for the same moments (thin, dashed), the weights, and
+    Envoy's ejected hosts. Returns the legend's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def lines(axis, record, label_of, style="-"):
+    colour = {v: VERSION_COLOURS[i % len(VERSION_COLOURS)] for i, v in enumerate(policy.versions)}
+    recorded_style = {"linestyle": "--", "linewidth": 1, "alpha": 0.8}
+
+    def recorded(axis, record, label_of, colour_of):
         for result in run_.series[record]:
             times = [t - run_.start for t, _ in result["values"]]
-            axis.plot(times, [v for _, v in result["values"]], style, label=label_of(result["metric"]))
+            axis.plot(times, [v for _, v in result["values"]], color=colour_of(result["metric"]),
+                      label=label_of(result["metric"]), **recorded_style)  # fmt: skip
 
-    figure, (share, answered, ejected) = plt.subplots(3, 1, sharex=True, figsize=(9, 8), constrained_layout=True)
-    lines(share, "catalogdetail:share:ratio2m", lambda m: f"{m['version']} share")
-    lines(share, "catalogdetail:weight:ratio", lambda m: f"{m['version']} weight", "--")
+    figure, (share, answered, ejected) = plt.subplots(3, 1, sharex=True, figsize=(12, 8), constrained_layout=True)
+    middles, shares, answered_seen = run_.seen(SEEN_WINDOW_S)
+    for version, values in shares.items():
+        share.plot(middles, values, color=colour[version], linewidth=1.8, label=f"{version}: requests answered by it")
+    recorded(share, "catalogdetail:share:ratio2m", lambda m: f"{m['version']}: as AMP's 2-minute rule records it",
+             lambda m: colour.get(m["version"], "grey"))  # fmt: skip
+    # One line per distinct weight, so that equal weights (50/50) do not hide one another.
+    total = sum(policy.weights.values())
+    for weight in sorted(set(policy.weights.values())):
+        versions = [v for v, w in policy.weights.items() if w == weight]
+        share.axhline(weight / total, color="black", linestyle=":", linewidth=1,
+                      label=f"weight of {', '.join(versions)}: {weight / total:.0%}" + (" each" if len(versions) > 1 else ""))  # fmt: skip
     share.set_ylabel("share of answered")
     share.set_ylim(-0.05, 1.05)
-    lines(answered, "catalogdetail:answered:ratio2m", lambda m: "answered")
+    answered.plot(middles, answered_seen, color="tab:green", linewidth=1.8, label="answered (2xx), as the requests saw it")
+    recorded(answered, "catalogdetail:answered:ratio2m", lambda m: "answered, as AMP's 2-minute rule records it", lambda m: "tab:green")
     answered.set_ylabel("answered (2xx)")
     answered.set_ylim(0, 1.05)
-    lines(ejected, "catalogdetail:ejections_active", lambda m: f"{m['destination']}'s cluster")
+    for result in run_.series["catalogdetail:ejections_active"]:
+        destination = result["metric"]["destination"]
+        ejected.plot([t - run_.start for t, _ in result["values"]], [v for _, v in result["values"]],
+                     color=colour.get(destination, "grey"), label=f"{destination}'s cluster (Envoy's gauge)")  # fmt: skip
     ejected.set_ylabel("ejected hosts")
-    ejected.set_xlabel("seconds")
+    ejected.set_xlabel(f"seconds (requests counted every {SEEN_WINDOW_S:g} s; AMP's rules over the last 2 minutes)")
     for axis in (share, answered, ejected):
         axis.axvline(run_.fault_at_s, color="red", linewidth=1)
         for alert, after in run_.first_fired_s.items():
             axis.axvline(run_.fault_at_s + after, color="grey", linestyle=":", linewidth=1)
-        axis.legend(loc="center left", fontsize=8)
+        axis.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7)
         axis.grid(alpha=0.3)
     for alert, after in sorted(run_.first_fired_s.items(), key=lambda item: item[1]):
         ejected.annotate(alert, (run_.fault_at_s + after, 0.5), xycoords=("data", "axes fraction"), rotation=90,
                          fontsize=7, va="center", ha="right", color="grey")  # fmt: skip
-    share.set_title(f"{policy.name}, weights {policy.weights}: {fault_text} at {run_.fault_at_s:g} s (red); "
+    share.set_title(f"{policy.name}, weights {dict(policy.weights)}: {fault_text} at {run_.fault_at_s:g} s (red); "
                     "alerts firing (grey)", fontsize=9)  # fmt: skip
+    labels = [text.get_text() for axis in (share, answered, ejected) for text in axis.get_legend().get_texts()]
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return labels
 
 
 if __name__ == "__main__":

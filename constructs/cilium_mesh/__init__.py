@@ -1,6 +1,17 @@
-"""CiliumMesh: Cilium, the sample app, its Ingress, traffic and network policy on an EKS cluster."""
+"""CiliumMesh: Cilium, the sample app, its Ingress, traffic and network policy on an EKS cluster.
 
-from .mesh import CiliumMesh, CiliumMeshProps
+The construct is loaded on first use (PEP 562), so that the configuration and the traffic policy,
+which need no aws-cdk-lib, import without the CDK's runtime: a bad setting stops app.py at once.
+"""
+
 from .traffic import CircuitBreakers, OutlierDetection, RetryPolicy, TrafficPolicy, TrafficPolicyError
 
 __all__ = ["CircuitBreakers", "CiliumMesh", "CiliumMeshProps", "OutlierDetection", "RetryPolicy", "TrafficPolicy", "TrafficPolicyError"]
+
+
+def __getattr__(name: str):
+    if name in ("CiliumMesh", "CiliumMeshProps"):
+        from . import mesh
+
+        return getattr(mesh, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
