@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -197,16 +198,20 @@ def pytest_collection_finish(session):
     session.items[:] = [item for item in session.items if item not in reading] + reading
     for name in sorted({n for item in reading for n in item.fixturenames if n in BACKGROUND}):
         directory = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+        # A process group of its own: stopping it stops the Envoys and Prometheus servers it started too.
         process = subprocess.Popen([sys.executable, *BACKGROUND[name](directory)], cwd=ROOT, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)  # fmt: skip
+                                   stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
         _STARTED[name] = (directory, process)
 
 
 def pytest_unconfigure(config):
+    """A session that ends early (-x, Ctrl-C, a failed reader) leaves nothing running behind it."""
     for _, process in _STARTED.values():
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=10)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=10)
 
 
 def _finished(name: str) -> tuple[Path, subprocess.CompletedProcess]:
