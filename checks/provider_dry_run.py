@@ -117,8 +117,9 @@ def smoke_verdict_object(stack, verdict: str | None) -> dict:
 
 
 def _cluster(stack) -> Cluster:
+    """The created cluster's resource; an imported cluster has none (its name and endpoint are literals)."""
     return Cluster(
-        logical_id=stack.get_logical_id(stack.cluster.node.default_child),
+        logical_id=None if stack.existing else stack.get_logical_id(stack.cluster.node.default_child),
         name=stack.config.cluster_name,
         kubernetes_version=stack.config.kubernetes_version,
     )
@@ -231,7 +232,7 @@ def refused_apply(template: dict, stack, logical_id: str, properties: dict, refu
 class Cluster:
     """The values CloudFormation would substitute for the cluster's Ref and Endpoint."""
 
-    logical_id: str
+    logical_id: str | None
     name: str
     kubernetes_version: str
 

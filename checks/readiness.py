@@ -172,6 +172,11 @@ class Problem:
         return f"{self.step}: {self.message}"
 
 
+# What an existing cluster already runs before the stack and keeps after it: its nodes, cluster DNS,
+# load balancer controller and VPC. Such a provider is before every step.
+EXISTING = "<the existing cluster>"
+
+
 def provider_ids(stack) -> dict[str, str]:
     """The logical ID of each role in the graph (for roles of several steps, one of them: see role_ids)."""
     return {role: ids[0] for role, ids in role_ids(stack).items()}
@@ -181,13 +186,18 @@ def role_ids(stack) -> dict[str, list[str]]:
     """The logical IDs of each role's steps in the graph."""
     mesh = stack.mesh
     roles = {
-        "nodes": [stack.nodes],
         "cilium": [mesh.cilium],
+        "manifests": list(mesh.manifests.values()),
+        "ingress_owner": [mesh.cilium],
+    }
+    if stack.existing:
+        return {**{role: [EXISTING] for role in ("nodes", "coredns", "load_balancer_controller", "vpc")},
+                **{role: [logical_id(stack, c) for c in constructs] for role, constructs in roles.items()}}  # fmt: skip
+    roles |= {
+        "nodes": [stack.nodes],
         "coredns": [stack.coredns],
         "load_balancer_controller": [stack.load_balancer_controller.node.find_child("Resource")],
         "vpc": [stack.vpc],
-        "manifests": list(mesh.manifests.values()),
-        "ingress_owner": [mesh.cilium],
     }
     if stack.eni:
         roles |= {
@@ -256,6 +266,8 @@ def chart_needs(rendered: list[dict], helm_major_version: int) -> dict[str, list
 
 
 def _relation(graph: Graph, step: str, provider: str) -> str:
+    if provider == EXISTING:
+        return "before"
     if provider == step:
         return "itself"
     if provider in graph.after(step):
@@ -304,9 +316,10 @@ def check_admission(graph: Graph, ids: dict[str, str], steps) -> list[Problem]:
     """
     controller = ids["load_balancer_controller"]
     creates = [s for s in steps if s.request_type == "Create"]
-    controller_step = find_step(steps, controller)
-    controller_waits = any("--wait" in argv for argv in controller_step.commands)
-    values = controller_step.values or {}
+    # An existing cluster's controller is running before the stack: its webhooks are served.
+    controller_step = None if controller == EXISTING else find_step(steps, controller)
+    controller_waits = controller_step is None or any("--wait" in argv for argv in controller_step.commands)
+    values = (controller_step.values if controller_step else None) or {}
     namespaces = {
         d["metadata"]["name"]: d["metadata"].get("labels", {})
         for s in creates
@@ -355,5 +368,5 @@ def check_destroy(graph: Graph, ids: dict[str, str], controller_values: dict, da
         Problem(owner, f"on destroy the controller needs {what}, but {role} ({ids[role]}) is deleted before "
                 "the cilium-ingress Service")  # fmt: skip
         for what, (role, _) in needs.items()
-        if ids[role] not in graph.after(owner)
+        if ids[role] != EXISTING and ids[role] not in graph.after(owner)
     ]

@@ -1,10 +1,11 @@
-"""The EKS stack: network, cluster, nodes, add-ons, load balancer controller and CiliumMesh."""
+"""The EKS stack: network, cluster, nodes, add-ons, load balancer controller and CiliumMesh; or, with
+``existing_cluster``, CiliumMesh on a cluster the user runs, through a kubectl provider of its own."""
 
 from __future__ import annotations
 
 import importlib
 
-from aws_cdk import Acknowledgment, CfnOutput, Duration, Environment, Fn, RemovalPolicy, Stack, Tags, Validations
+from aws_cdk import Acknowledgment, Annotations, CfnOutput, CfnResource, Duration, Environment, Fn, RemovalPolicy, Stack, Tags, Validations
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
@@ -15,6 +16,7 @@ from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
 from cilium_mesh.metrics import MeshMetrics, MeshMetricsProps
 from cilium_mesh.rollout import TrafficRollout, TrafficRolloutProps
+from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 from cilium_mesh.smoke import SmokeTest, SmokeTestProps
 from constructs import Construct
 
@@ -40,10 +42,17 @@ class CiliumEksStack(Stack):
         self.config = config
 
         self.eni = config.datapath == "eni"
-        self.vpc = self._network()
-        self.cluster = self._cluster()
-        self.nodes = self._nodes()
-        self.load_balancer_controller = self._load_balancer_controller()
+        self.existing = config.existing_cluster
+        if self.existing:
+            # The user's VPC, nodes, add-ons and load balancer controller are theirs: nothing of them is created.
+            self.vpc, self.private_subnets, self.cluster = self._imported_cluster()
+            self.nodes = self.load_balancer_controller = None
+        else:
+            self.vpc = self._network()
+            self.private_subnets = self.vpc.private_subnets
+            self.cluster = self._cluster()
+            self.nodes = self._nodes()
+            self.load_balancer_controller = self._load_balancer_controller()
         self.mesh = CiliumMesh(
             self,
             "CiliumMesh",
@@ -56,19 +65,22 @@ class CiliumEksStack(Stack):
                 cluster_name=config.cluster_name,
                 network_policy=config.network_policy,
                 datapath=config.datapath,
+                existing_cluster=self.existing is not None,
             ),
         )
         if self.eni:
             self.eni_cleanup = EniCleanup(self, "CiliumEniCleanup", cluster_name=config.cluster_name)
             self.eni_cleanup.node.add_dependency(self.vpc)
             self.nodes.node.add_dependency(self.eni_cleanup)
-        self.coredns = self._cluster_dns()
+        if not self.existing:
+            self.coredns = self._cluster_dns()
         if config.metrics:
             self.metrics = MeshMetrics(
                 self,
                 "Metrics",
-                MeshMetricsProps(cluster=self.cluster, traffic_policy=config.traffic_policy, alert_email=config.alert_email),
-            )
+                MeshMetricsProps(cluster=self.cluster, private_subnets=self.private_subnets,
+                                 traffic_policy=config.traffic_policy, alert_email=config.alert_email),
+            )  # fmt: skip
         self.traffic = self._traffic_rollout()
         if config.smoke_test:
             self.smoke_test = SmokeTest(
@@ -83,6 +95,8 @@ class CiliumEksStack(Stack):
                     after=(*self.mesh.manifests_after, *self.mesh.manifests.values(), self.traffic.resource),
                 ),
             )
+        if self.existing:
+            self._kubernetes_steps_after_the_access_entry()
         self._outputs()
         self._acknowledge_findings()
 
@@ -179,6 +193,59 @@ class CiliumEksStack(Stack):
         if not self.eni:
             self.vpc_cni = eks.Addon(self, "VpcCni", cluster=cluster, addon_name="vpc-cni", preserve_on_delete=False)
         return cluster
+
+    def _imported_cluster(self) -> tuple[ec2.IVpc, list[ec2.ISubnet], eks.ICluster]:
+        """The user's cluster, imported from the setting alone (synth looks nothing up), with a kubectl provider
+        of the stack's own and an access entry that lets that provider's role administer the cluster.
+
+        ``Cluster.from_cluster_attributes`` reads ``kubectl_provider`` and ignores ``kubectl_provider_options``
+        (aws-cdk-lib 2.275 aws-eks-v2 cluster.js, ImportedCluster), and a KubectlProvider needs a cluster: so
+        the cluster is imported once for the provider, then again with it. The provider's Lambda runs
+        ``aws eks update-kubeconfig`` as its own role; with private access it runs in the private subnets
+        with the cluster security group (KubectlProvider's default for it).
+        """
+        existing = self.existing
+        release = KUBERNETES_RELEASES[existing.kubernetes_version]
+        layer_class = getattr(importlib.import_module(release.layer_module), release.layer_class)
+        # Zones only for the VPC's interface: every subnet is named by ID.
+        vpc = ec2.Vpc.from_vpc_attributes(self, "Vpc", vpc_id=existing.vpc_id, availability_zones=list(self.config.availability_zones))
+        subnets = [ec2.Subnet.from_subnet_id(self, f"PrivateSubnet{i}", subnet) for i, subnet in enumerate(existing.private_subnet_ids)]
+        for subnet in subnets:
+            # Nothing here reads a route table: the subnets only place the collector and the provider's Lambda.
+            Annotations.of(subnet).acknowledge_warning("@aws-cdk/aws-ec2:noSubnetRouteTableId", "no route table is read")
+        attributes = {"cluster_name": existing.name, "vpc": vpc, "cluster_security_group_id": existing.cluster_security_group_id,
+                      "cluster_endpoint": existing.endpoint}  # fmt: skip
+        reference = eks.Cluster.from_cluster_attributes(self, "ClusterReference", **attributes)
+        self.kubectl_provider = eks.KubectlProvider(
+            self,
+            "KubectlProvider",
+            cluster=reference,
+            kubectl_layer=layer_class(self, "KubectlLayer"),
+            private_subnets=subnets if existing.provider_in_vpc else None,
+        )
+        cluster = eks.Cluster.from_cluster_attributes(self, "Cluster", **attributes, kubectl_provider=self.kubectl_provider)
+        self.kubectl_access = eks.AccessEntry(
+            self,
+            "KubectlProviderAccess",
+            cluster=cluster,
+            principal=self.kubectl_provider.role.role_arn,
+            access_policies=[
+                eks.AccessPolicy.from_access_policy_name(
+                    "AmazonEKSClusterAdminPolicy", access_scope_type=eks.AccessScopeType.CLUSTER
+                )
+            ],
+        )
+        return vpc, subnets, cluster
+
+    def _kubernetes_steps_after_the_access_entry(self) -> None:
+        """Every resource whose requests run kubectl (the chart, manifests, object values, and the rollout,
+        whose Lambda calls the provider) comes after the access entry, and so is deleted before it: a
+        created cluster's kubectl barrier does that for a created cluster, an imported one has none."""
+        for construct in self.node.find_all():
+            if isinstance(construct, CfnResource) and (
+                construct.cfn_resource_type.startswith("Custom::AWSCDK-EKS-") or construct.cfn_resource_type == ROLLOUT_RESOURCE_TYPE
+            ):
+                construct.node.add_dependency(self.kubectl_access)
 
     def _nodes(self) -> eks.Nodegroup:
         config = self.config
@@ -285,19 +352,61 @@ class CiliumEksStack(Stack):
 
     def _acknowledge_findings(self) -> None:
         """cdk-nag AwsSolutions findings that are accepted, each on its construct, with its concrete cause."""
-        kubectl_provider = self.cluster.node.find_child("KubectlProvider")
+        kubectl_provider = self.cluster.kubectl_provider
         handler = kubectl_provider.node.find_child("Handler")
         framework = kubectl_provider.node.find_child("Provider").node.find_child("framework-onEvent")
-        controller_role = self.load_balancer_controller.node.find_child("alb-sa").node.find_child("Role")
-        lambda_in_vpc = ["service-role/AWSLambdaBasicExecutionRole", "service-role/AWSLambdaVPCAccessExecutionRole"]
+        in_vpc = not self.existing or self.existing.provider_in_vpc
+        lambda_basic = ["service-role/AWSLambdaBasicExecutionRole"]
+        lambda_runs = [*lambda_basic, "service-role/AWSLambdaVPCAccessExecutionRole"] if in_vpc else lambda_basic
+        where = "in the VPC " if in_vpc else ""
         ecr_public = (
             f'{{"Fn::If":["{self.get_logical_id(handler.node.find_child("HasEcrPublic"))}",{{"Fn::Join":["",["arn:",'
             '{"Ref":"AWS::Partition"},":iam::aws:policy/AmazonElasticContainerRegistryPublicReadOnly"]]},'
             '{"Ref":"AWS::NoValue"}]}'
         )
         handler_id = self.get_logical_id(handler.node.default_child)
-        elb = "arn:<AWS::Partition>:elasticloadbalancing:*:*:"
         acknowledgements = [
+            (
+                handler.role,
+                [_managed_policy(name) for name in (*lambda_runs, "AmazonEC2ContainerRegistryReadOnly")]
+                + [f"AwsSolutions-IAM4[Policy::{ecr_public}]"],
+                f"The kubectl provider's Lambda (aws_eks_v2.KubectlProvider) runs {where}with "
+                f"{' and '.join(name.split('/')[-1] for name in lambda_runs)}, and reads its image layers "
+                "with the ECR read-only policies.",
+            ),
+            (
+                handler,
+                ["AwsSolutions-L1"],
+                "aws-cdk-lib pins the kubectl provider's runtime to the one its kubectl and helm layer supports.",
+            ),
+            (
+                framework.role,
+                [_managed_policy(name) for name in lambda_runs],
+                f"The CDK custom-resource framework Lambda behind the kubectl provider runs {where}with "
+                f"{' and '.join(name.split('/')[-1] for name in lambda_runs)}.",
+            ),
+            (
+                framework.role,
+                [f"AwsSolutions-IAM5[Resource::<{handler_id}.Arn>:*]"],
+                "The custom-resource framework invokes every version (':*') of the kubectl provider's own handler.",
+            ),
+        ]
+        if not self.existing:
+            acknowledgements += self._created_cluster_acknowledgements()
+        if self.eni:
+            acknowledgements += self._eni_acknowledgements()
+        traffic = self.traffic
+        acknowledgements += self._provider_acknowledgements(
+            traffic.provider, list(traffic.functions.values()), "the traffic rollout"
+        )
+        for construct, findings, reason in acknowledgements:
+            Validations.of(construct).acknowledge(*(Acknowledgment(id=f, reason=reason) for f in findings))
+
+
+    def _created_cluster_acknowledgements(self) -> list[tuple]:
+        controller_role = self.load_balancer_controller.node.find_child("alb-sa").node.find_child("Role")
+        elb = "arn:<AWS::Partition>:elasticloadbalancing:*:*:"
+        return [
             (
                 self.cluster.role,
                 [_managed_policy("AmazonEKSClusterPolicy")],
@@ -308,30 +417,6 @@ class CiliumEksStack(Stack):
                 [_managed_policy(name) for name in self._node_policies()],
                 "Nodes need exactly AmazonEKSWorkerNodePolicy (join the cluster), AmazonEC2ContainerRegistryReadOnly "
                 "(pull images) and, with the VPC CNI (datapath chaining), AmazonEKS_CNI_Policy (it assigns pod IPs).",
-            ),
-            (
-                handler.role,
-                [_managed_policy(name) for name in (*lambda_in_vpc, "AmazonEC2ContainerRegistryReadOnly")]
-                + [f"AwsSolutions-IAM4[Policy::{ecr_public}]"],
-                "The kubectl provider's Lambda (aws_eks_v2.KubectlProvider) runs in the VPC with "
-                "AWSLambdaBasicExecutionRole and AWSLambdaVPCAccessExecutionRole, and reads its image layers "
-                "with the ECR read-only policies.",
-            ),
-            (
-                handler,
-                ["AwsSolutions-L1"],
-                "aws-cdk-lib pins the kubectl provider's runtime to the one its kubectl and helm layer supports.",
-            ),
-            (
-                framework.role,
-                [_managed_policy(name) for name in lambda_in_vpc],
-                "The CDK custom-resource framework Lambda behind the kubectl provider runs in the VPC with "
-                "AWSLambdaBasicExecutionRole and AWSLambdaVPCAccessExecutionRole.",
-            ),
-            (
-                framework.role,
-                [f"AwsSolutions-IAM5[Resource::<{handler_id}.Arn>:*]"],
-                "The custom-resource framework invokes every version (':*') of the kubectl provider's own handler.",
             ),
             (
                 controller_role,
@@ -353,15 +438,6 @@ class CiliumEksStack(Stack):
                 "manages load balancers, target groups and security groups whose names it picks at run time.",
             ),
         ]
-        if self.eni:
-            acknowledgements += self._eni_acknowledgements()
-        traffic = self.traffic
-        acknowledgements += self._provider_acknowledgements(
-            traffic.provider, list(traffic.functions.values()), "the traffic rollout"
-        )
-        for construct, findings, reason in acknowledgements:
-            Validations.of(construct).acknowledge(*(Acknowledgment(id=f, reason=reason) for f in findings))
-
 
     def _eni_acknowledgements(self) -> list[tuple]:
         identity = self.mesh.operator_identity

@@ -47,10 +47,11 @@ KEYS = (
     "alert_email",
     "smoke_test",
     "rollout",
+    "existing_cluster",
 )
 
 # Keys whose null is a value (none), not a missing key.
-OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout")
+OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout", "existing_cluster")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {
@@ -93,6 +94,49 @@ class ConfigError(ValueError):
     """One line: the key, what is wrong, what is allowed."""
 
 
+# existing_cluster: a cluster the user runs, imported. Everything the import needs is in the setting,
+# so synth looks nothing up in AWS. Its keys, each required, and what they take:
+EXISTING_CLUSTER_KEYS = {
+    "name": "the cluster's name",
+    "kubernetes_version": 'its Kubernetes version, a string like "1.33"',
+    "endpoint": "its API server endpoint, https://<id>.<suffix>.<region>.eks.amazonaws.com (Cilium needs it before Services route)",
+    "vpc_id": "its VPC, vpc-<hex>",
+    "private_subnet_ids": "its nodes' private subnets, 2 to 16 subnet-<hex> (AMP's collector, and the kubectl provider with private access)",
+    "cluster_security_group_id": "the cluster security group EKS made, sg-<hex>",
+    "endpoint_access": "public, private or public_and_private",
+    "public_access_cidrs": 'with public access, the CIDRs it admits, like ["0.0.0.0/0"]',
+    "authentication_mode": "API or API_AND_CONFIG_MAP (access entries)",
+    "vpc_cni_version": "the amazon-vpc-cni add-on's version, like v1.19.2-eksbuild.1",
+}
+ENDPOINT_ACCESS = ("public", "private", "public_and_private")
+AUTHENTICATION_MODES = ("API", "API_AND_CONFIG_MAP", "CONFIG_MAP")
+# Cilium's aws-cni chaining needs the VPC CNI 1.11.2 or newer (Documentation/installation/cni-chaining-aws-cni.rst).
+MIN_VPC_CNI = (1, 11, 2)
+_AWS_ID = {kind: re.compile(rf"{kind}-([0-9a-f]{{8}}|[0-9a-f]{{17}})", re.ASCII) for kind in ("vpc", "subnet", "sg")}
+_VPC_CNI_VERSION = re.compile(r"v?([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})(-eksbuild\.[0-9]{1,4})?", re.ASCII)
+
+
+@dataclass(frozen=True)
+class ExistingCluster:
+    """A cluster the user already runs, as the stack imports it (README, "An existing cluster")."""
+
+    name: str
+    kubernetes_version: str
+    endpoint: str
+    vpc_id: str
+    private_subnet_ids: tuple[str, ...]
+    cluster_security_group_id: str
+    endpoint_access: str
+    public_access_cidrs: tuple[str, ...]
+    authentication_mode: str
+    vpc_cni_version: str
+
+    @property
+    def provider_in_vpc(self) -> bool:
+        """With private access the kubectl provider runs in the private subnets, with the cluster security group."""
+        return self.endpoint_access != "public"
+
+
 @dataclass(frozen=True)
 class MeshConfig:
     """The checked configuration, in canonical form."""
@@ -113,6 +157,7 @@ class MeshConfig:
     alert_email: str | None
     smoke_test: bool
     rollout: RolloutSettings | None
+    existing_cluster: ExistingCluster | None = None
 
 
 @functools.cache
@@ -184,21 +229,22 @@ def _datapath(value: Any, cluster_name: str) -> str:
     return value
 
 
-def _kubernetes_version(value: Any) -> str:
-    """A string only: JSON reads 1.30 as the number 1.3, so a number cannot say which version it meant."""
+def _kubernetes_version(value: Any, key: str = "kubernetes_version") -> str:
+    """A string only: JSON reads 1.30 as the number 1.3, so a number cannot say which version it meant.
+    Each supported version has its own kubectl layer (stacks/versions.py)."""
     supported = ", ".join(KUBERNETES_RELEASES)
     if not isinstance(value, str):
         raise ConfigError(
-            f'kubernetes_version: {_shown(value)} must be a string like "1.35" (as a JSON number 1.30 would read'
+            f'{key}: {_shown(value)} must be a string like "1.35" (as a JSON number 1.30 would read'
             f" as 1.3); supported: {supported}"
         )
     if value in RETIRED_KUBERNETES:
         raise ConfigError(
-            f"kubernetes_version: {value} is retired on EKS (extended support ended {RETIRED_KUBERNETES[value]});"
-            f" supported: {supported}"
+            f"{key}: {value} is retired on EKS (extended support ended {RETIRED_KUBERNETES[value]}) and has no"
+            f" kubectl layer here; supported: {supported}"
         )
     if value not in KUBERNETES_RELEASES:
-        raise ConfigError(f"kubernetes_version: {_shown(value)} is not an EKS version; supported: {supported}")
+        raise ConfigError(f"{key}: {_shown(value)} is not an EKS version with a kubectl layer; supported: {supported}")
     return value
 
 
@@ -297,12 +343,12 @@ def _rollout(value: Any, metrics: bool) -> RolloutSettings | None:
         raise ConfigError(f"rollout: {error}") from None
 
 
-def _cidrs(value: Any) -> tuple[str, ...]:
+def _cidrs(value: Any, key: str = "endpoint_public_cidrs") -> tuple[str, ...]:
     """Strings only (IPv4Network would also take an int), host bits zero, each once, as IPv4Network writes them."""
     value = _structured(value)
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_PUBLIC_CIDRS:
         raise ConfigError(
-            f"endpoint_public_cidrs: {_shown(value)} must be a list of 1 to {MAX_PUBLIC_CIDRS} (the EKS limit)"
+            f"{key}: {_shown(value)} must be a list of 1 to {MAX_PUBLIC_CIDRS} (the EKS limit)"
             " IPv4 CIDRs like '203.0.113.0/24'"
         )
     cidrs: list[str] = []
@@ -313,11 +359,11 @@ def _cidrs(value: Any) -> tuple[str, ...]:
             network = None
         if network is None:
             raise ConfigError(
-                f"endpoint_public_cidrs: {_shown(cidr)} is not an IPv4 CIDR string with its host bits zero,"
+                f"{key}: {_shown(cidr)} is not an IPv4 CIDR string with its host bits zero,"
                 " like '203.0.113.0/24'"
             )
         if network in cidrs:
-            raise ConfigError(f"endpoint_public_cidrs: {cidr!r} is {network}, listed twice; give each CIDR once")
+            raise ConfigError(f"{key}: {cidr!r} is {network}, listed twice; give each CIDR once")
         cidrs.append(network)
     return tuple(cidrs)
 
@@ -334,6 +380,89 @@ def _traffic_policy(value: Any) -> TrafficPolicy:
     except TrafficPolicyError as error:
         raise ConfigError(f"traffic_weights: {error}") from None
     return policy
+
+
+def _aws_id(key: str, value: Any, kind: str) -> str:
+    if not isinstance(value, str) or not _AWS_ID[kind].fullmatch(value):
+        raise ConfigError(f"{key}: {_shown(value)} is not a {kind} ID like '{kind}-0123456789abcdef0'")
+    return value
+
+
+def _existing_cluster(value: Any, region: str, datapath: Any) -> ExistingCluster | None:
+    """Null (the stack creates its VPC, cluster and nodes), or the cluster to import, every key given."""
+    value = _structured(value)
+    if value is None:
+        return None
+    prefix = "existing_cluster"
+    if not isinstance(value, dict):
+        raise ConfigError(f'{prefix}: {_shown(value)} must be null or an object with {", ".join(EXISTING_CLUSTER_KEYS)}')
+    unknown = sorted(set(value) - set(EXISTING_CLUSTER_KEYS))
+    if unknown:
+        raise ConfigError(f"{prefix}.{_key_shown(unknown[0])}: not a key of existing_cluster (keys: {', '.join(EXISTING_CLUSTER_KEYS)})")
+    missing = [key for key in EXISTING_CLUSTER_KEYS if value.get(key) is None]
+    if missing:
+        raise ConfigError(f"{prefix}.{missing[0]}: missing; {EXISTING_CLUSTER_KEYS[missing[0]]}")
+    if datapath != "chaining":
+        raise ConfigError(
+            f"{prefix}: needs datapath chaining (-c datapath=chaining), not {_shown(datapath)}: eni needs nodes that run"
+            " no aws-node, and Cilium documents no in-place move from the VPC CNI to ENI mode"
+        )
+    name = value["name"]
+    if not isinstance(name, str) or not _CLUSTER_NAME.fullmatch(name):
+        raise ConfigError(f"{prefix}.name: {_shown(name)} is not an EKS cluster name (a letter, then letters, digits and '-')")
+    endpoint = value["endpoint"]
+    if not isinstance(endpoint, str) or not re.fullmatch(
+        rf"https://[0-9A-Za-z]+\.[0-9a-z]+\.{re.escape(region)}\.eks\.amazonaws\.com", endpoint, re.ASCII
+    ):
+        raise ConfigError(
+            f"{prefix}.endpoint: {_shown(endpoint)} is not an EKS API server endpoint of {region} like"
+            f" 'https://0123456789ABCDEF0123456789ABCDEF.gr7.{region}.eks.amazonaws.com'"
+        )
+    subnets = _structured(value["private_subnet_ids"])
+    if not isinstance(subnets, list) or not 2 <= len(subnets) <= 16:
+        raise ConfigError(f"{prefix}.private_subnet_ids: {_shown(subnets)} must be a list of 2 to 16 subnet IDs")
+    subnets = [_aws_id(f"{prefix}.private_subnet_ids", subnet, "subnet") for subnet in subnets]
+    if len(set(subnets)) != len(subnets):
+        raise ConfigError(f"{prefix}.private_subnet_ids: a subnet is listed twice; give each once")
+    access = value["endpoint_access"]
+    if access not in ENDPOINT_ACCESS:
+        raise ConfigError(f"{prefix}.endpoint_access: {_shown(access)} must be one of {', '.join(ENDPOINT_ACCESS)}")
+    public_cidrs = _cidrs(value["public_access_cidrs"], f"{prefix}.public_access_cidrs")
+    if access == "public" and public_cidrs != ("0.0.0.0/0",):
+        raise ConfigError(
+            f"{prefix}.endpoint_access: public, limited to {', '.join(public_cidrs)}: the kubectl provider's Lambda has no"
+            " fixed address to admit; turn on private access (public_and_private), and it runs in the private subnets"
+        )
+    mode = value["authentication_mode"]
+    if mode not in AUTHENTICATION_MODES:
+        raise ConfigError(f"{prefix}.authentication_mode: {_shown(mode)} must be one of {', '.join(AUTHENTICATION_MODES[:2])}")
+    if mode == "CONFIG_MAP":
+        raise ConfigError(
+            f"{prefix}.authentication_mode: CONFIG_MAP has no access entries, which the stack's kubectl provider needs;"
+            f" switch with `aws eks update-cluster-config --name {name} --access-config authenticationMode=API_AND_CONFIG_MAP`"
+            " (one-way: a cluster cannot go back to CONFIG_MAP)"
+        )
+    cni = value["vpc_cni_version"]
+    match = _VPC_CNI_VERSION.fullmatch(cni) if isinstance(cni, str) else None
+    if not match:
+        raise ConfigError(f"{prefix}.vpc_cni_version: {_shown(cni)} is not a VPC CNI version like 'v1.19.2-eksbuild.1'")
+    if tuple(int(part) for part in match.groups()[:3]) < MIN_VPC_CNI:
+        raise ConfigError(
+            f"{prefix}.vpc_cni_version: {cni} is older than v{'.'.join(map(str, MIN_VPC_CNI))}, the first Cilium's"
+            " aws-cni chaining supports; update the vpc-cni add-on first"
+        )
+    return ExistingCluster(
+        name=name,
+        kubernetes_version=_kubernetes_version(value["kubernetes_version"], f"{prefix}.kubernetes_version"),
+        endpoint=endpoint,
+        vpc_id=_aws_id(f"{prefix}.vpc_id", value["vpc_id"], "vpc"),
+        private_subnet_ids=tuple(subnets),
+        cluster_security_group_id=_aws_id(f"{prefix}.cluster_security_group_id", value["cluster_security_group_id"], "sg"),
+        endpoint_access=access,
+        public_access_cidrs=public_cidrs,
+        authentication_mode=mode,
+        vpc_cni_version=cni,
+    )
 
 
 def _key_shown(key: str) -> str:
@@ -359,13 +488,21 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         raise ConfigError(f"{missing[0]}: missing from cdk.json context (keys: {', '.join(KEYS)})")
     context = settings.get
     region = _region(context("region"))
-    cluster_name = _cluster_name(context("cluster_name"))
+    existing = _existing_cluster(context("existing_cluster"), region, context("datapath"))
+    # With an existing cluster, its own name and version; the keys for a created cluster are not used.
+    cluster_name = existing.name if existing else _cluster_name(context("cluster_name"))
+    kubernetes_version = existing.kubernetes_version if existing else _kubernetes_version(context("kubernetes_version"))
+    if existing and context("admin_principal_arn") is not None:
+        raise ConfigError(
+            "admin_principal_arn: an existing cluster keeps the access it has (the stack adds an access entry for its"
+            " own kubectl provider only); set it to null"
+        )
     metrics = _flag("metrics", context("metrics"))
     return MeshConfig(
         region=region,
         availability_zones=_zones(context("availability_zones"), region),
         cluster_name=cluster_name,
-        kubernetes_version=_kubernetes_version(context("kubernetes_version")),
+        kubernetes_version=kubernetes_version,
         cilium_version=_cilium_version(context("cilium_version")),
         node_instance_type=_instance_type(context("node_instance_type")),
         node_count=_node_count(context("node_count")),
@@ -378,6 +515,7 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         alert_email=_alert_email(context("alert_email"), metrics),
         smoke_test=_flag("smoke_test", context("smoke_test")),
         rollout=_rollout(context("rollout"), metrics),
+        existing_cluster=existing,
     )
 
 

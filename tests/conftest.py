@@ -95,6 +95,40 @@ def synth_variant(tmp_path_factory) -> Synth:
     )
 
 
+# The walkthrough's Terraform-made cluster, as `existing_cluster` names it (IDs in EC2's format, none real).
+EXISTING_CLUSTER = {
+    "name": "walkthrough",
+    "kubernetes_version": "1.33",
+    "endpoint": "https://0123456789ABCDEF0123456789ABCDEF.gr7.us-west-2.eks.amazonaws.com",
+    "vpc_id": "vpc-0123456789abcdef0",
+    "private_subnet_ids": ["subnet-0a1b2c3d4e5f60718", "subnet-0a1b2c3d4e5f60719", "subnet-0a1b2c3d4e5f6071a"],
+    "cluster_security_group_id": "sg-0a1b2c3d4e5f60718",
+    "endpoint_access": "public_and_private",
+    "public_access_cidrs": ["0.0.0.0/0"],
+    "authentication_mode": "API_AND_CONFIG_MAP",
+    "vpc_cni_version": "v1.19.2-eksbuild.1",
+}
+
+
+@pytest.fixture(scope="session")
+def synth_existing(tmp_path_factory) -> Synth:
+    """An existing cluster with private access (the provider in its subnets); weights rolled out."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out.existing"), datapath="chaining", existing_cluster=EXISTING_CLUSTER,
+                      rollout=ROLLOUT)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def synth_existing_public(tmp_path_factory) -> Synth:
+    """An existing cluster with a public endpoint only (the provider outside the VPC)."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out.existing-public"), datapath="chaining",
+                      existing_cluster={**EXISTING_CLUSTER, "endpoint_access": "public"})  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def provider_steps_existing(synth_existing):
+    return dry_run(synth_existing.template, synth_existing.stack)
+
+
 @pytest.fixture(scope="session")
 def provider_steps(synth):
     """The provider dry run of the chaining stack, once per session (checks/provider_dry_run.py)."""
@@ -137,6 +171,7 @@ FIXTURE_TOOLS = {
     # The provider dry run renders the real Cilium chart with the kubectl layer's helm (``helm template``).
     "provider_steps": ("helm",),
     "provider_steps_eni": ("helm",),
+    "provider_steps_existing": ("helm",),
     "cfn_lint_run": ("cfn_lint",),
 }
 

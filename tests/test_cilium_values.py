@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, DATAPATHS, cilium_release_file, parse_documents
+from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_EXISTING_CLUSTER_FILE, CILIUM_VALUES_FILE, DATAPATHS, cilium_release_file, parse_documents
 from cilium_mesh.values import cilium_values, merge
 from checks.cilium_chart import API_SERVER, CLUSTER_NAME, chart_values, check, dead_keys, key_paths, render, supported_charts
 from checks.fixtures import cilium_chart
@@ -30,7 +30,7 @@ def test_values_are_the_shared_file_then_the_datapaths_then_the_clusters(datapat
 def test_datapath_files_set_different_keys_from_the_shared_file():
     """Each key lives in one file: a datapath file never overrides the shared one."""
     shared = set(key_paths(yaml.safe_load(CILIUM_VALUES_FILE.read_text())))
-    for path in [*CILIUM_DATAPATH_FILES.values(), *CILIUM_VALUES_FILE.parent.glob("release-*.yaml")]:
+    for path in [*CILIUM_DATAPATH_FILES.values(), *CILIUM_VALUES_FILE.parent.glob("release-*.yaml"), CILIUM_EXISTING_CLUSTER_FILE]:
         assert shared.isdisjoint(key_paths(yaml.safe_load(path.read_text()))), path.name
 
 

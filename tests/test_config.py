@@ -111,6 +111,7 @@ BAD = THROUGH_APP + [
     ("rollout", {"max_error_ratio": True}, "from 0 to below 1"),
     ("rollout", {"max_p99_ms": 0}, "whole milliseconds"),
     ("rollout", {"min_request_rate": 0}, "above 0"),
+    ("existing_cluster", "walkthrough", "must be null or an object"),
 ]
 
 

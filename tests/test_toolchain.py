@@ -10,7 +10,7 @@ import constructs
 import pytest
 from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
-from conftest import CDK_CLI, ROOT, STACK_NAME, synth_of
+from conftest import CDK_CLI, EXISTING_CLUSTER, ROOT, STACK_NAME
 
 
 def test_constructs_folder_does_not_shadow_the_constructs_library():
@@ -46,10 +46,10 @@ ACCEPTED_CFN_LINT_WARNINGS = {
 
 
 @pytest.fixture(scope="module")
-def cfn_lint_run(synth, synth_variant, synth_eni) -> subprocess.CompletedProcess:
-    """One cfn-lint over the session's three templates."""
+def cfn_lint_run(synth, synth_variant, synth_eni, synth_existing, synth_existing_public) -> subprocess.CompletedProcess:
+    """One cfn-lint over the session's five templates."""
     cfn_lint = os.path.join(os.path.dirname(sys.executable), "cfn-lint")
-    templates = [str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni)]
+    templates = [str(s.outdir / f"{STACK_NAME}.template.json") for s in (synth, synth_variant, synth_eni, synth_existing, synth_existing_public)]
     return subprocess.run([cfn_lint, "--format", "json", *templates], capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -73,8 +73,8 @@ def nag_violations(report: dict) -> list[str]:
     ]
 
 
-def test_cdk_nag_aws_solutions_has_no_unsuppressed_findings(synth, synth_variant, synth_eni):
-    for result in (synth, synth_variant, synth_eni):
+def test_cdk_nag_aws_solutions_has_no_unsuppressed_findings(synth, synth_variant, synth_eni, synth_existing, synth_existing_public):
+    for result in (synth, synth_variant, synth_eni, synth_existing, synth_existing_public):
         assert nag_violations(result.nag_report) == []
         assert all(plugin["conclusion"] == "success" for plugin in result.nag_report["pluginReports"])
 
@@ -127,13 +127,22 @@ def test_every_supported_kubernetes_version_maps_to_its_own_kubectl_layer(tmp_pa
     assert not set(KUBERNETES_RELEASES) & set(RETIRED_KUBERNETES)
 
 
-@pytest.mark.parametrize("datapath", ["chaining", "eni"])
-def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_ones(tmp_path, monkeypatch, request, datapath):
+# Each session synth whose acknowledgements are checked, and the context it was made with.
+NAG_SYNTHS = {
+    "synth": {"datapath": "chaining"},
+    "synth_eni": {"datapath": "eni"},
+    "synth_existing": {"datapath": "chaining", "existing_cluster": EXISTING_CLUSTER},
+    "synth_existing_public": {"datapath": "chaining", "existing_cluster": {**EXISTING_CLUSTER, "endpoint_access": "public"}},
+}
+
+
+@pytest.mark.parametrize("fixture", list(NAG_SYNTHS))
+def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_ones(tmp_path, monkeypatch, request, fixture):
     """Proves the plugin ran on this stack and that no acknowledgement is stale or misplaced."""
     from conftest import synthesize
     from stacks.cilium_eks_stack import CiliumEksStack
 
-    synth = synth_of(request, datapath)
+    synth = request.getfixturevalue(fixture)
     acknowledged = {
         (rule[rule.index("AwsSolutions-") :], construct.node.path)
         for construct in synth.stack.node.find_all()
@@ -143,7 +152,7 @@ def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_
         if "AwsSolutions-" in rule
     }
     monkeypatch.setattr(CiliumEksStack, "_acknowledge_findings", lambda self: None)
-    bare = synthesize(tmp_path / "bare", datapath=datapath)
+    bare = synthesize(tmp_path / "bare", **NAG_SYNTHS[fixture])
     findings = [
         (violation["ruleName"], construct["constructPath"])
         for plugin in bare.nag_report["pluginReports"]

@@ -19,6 +19,8 @@ DATAPATHS = ("chaining", "eni")
 #   eni:      L7 rules, which only Cilium as the only CNI enforces.
 NETWORK_POLICY_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "policy" / f"network-policy-{datapath}.yaml" for datapath in DATAPATHS}
 CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in DATAPATHS}
+# With existing_cluster (chaining only): what leaves the cluster working once Cilium is uninstalled.
+CILIUM_EXISTING_CLUSTER_FILE = MANIFESTS_DIR / "cilium" / "existing-cluster.yaml"
 TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
 
 

@@ -71,23 +71,28 @@ class CiliumMeshProps:
     """What CiliumMesh needs.
 
     cluster:                  cluster with a kubectl provider.
-    nodes:                    the node group: after Cilium with datapath eni, before it with chaining.
-    load_balancer_controller: must outlive the ``cilium-ingress`` Service on destroy.
+    nodes:                    the node group: after Cilium with datapath eni, before it with chaining;
+                              None for a cluster whose nodes already run (chaining only).
+    load_balancer_controller: must outlive the ``cilium-ingress`` Service on destroy; None where the
+                              cluster already runs one (it outlives the stack).
     cilium_version:           Cilium chart version, one of versions.CILIUM_RELEASES.
     traffic_policy:           L7 traffic management for catalogdetail.
     network_policy:           apply manifests/policy/ (default True: default-deny plus the app's call graph).
     datapath:                 "eni" (Cilium as the only CNI) or "chaining" (onto the VPC CNI, the walkthrough's).
     cluster_name:             the EKS cluster's name; with eni also Cilium's cluster.name (ENI tags).
+    existing_cluster:         the cluster runs without the stack (default False): Cilium's uninstall must
+                              leave it working on the VPC CNI alone (manifests/cilium/existing-cluster.yaml).
     """
 
-    cluster: eks.Cluster
-    nodes: IConstruct
-    load_balancer_controller: IConstruct
+    cluster: eks.ICluster
+    nodes: IConstruct | None
+    load_balancer_controller: IConstruct | None
     cilium_version: str
     traffic_policy: TrafficPolicy
     cluster_name: str
     network_policy: bool = True
     datapath: str = "eni"
+    existing_cluster: bool = False
 
 
 class CiliumMesh(Construct):
@@ -116,7 +121,8 @@ class CiliumMesh(Construct):
             repository=CILIUM_HELM_REPOSITORY,
             version=props.cilium_version,
             namespace="kube-system",
-            values=cilium_values(api_server_host, props.datapath, props.cluster_name, props.cilium_version),
+            values=cilium_values(api_server_host, props.datapath, props.cluster_name, props.cilium_version,
+                                 props.existing_cluster),
             wait=not eni,  # no nodes yet with eni (aws-cdk-lib leaves the property out when false)
             timeout=STEP_TIMEOUT,
         )
@@ -130,7 +136,7 @@ class CiliumMesh(Construct):
             )
             self.ingress_teardown.node.add_dependency(self.cilium, props.nodes, props.load_balancer_controller)
         else:
-            self.cilium.node.add_dependency(props.nodes, props.load_balancer_controller)
+            self.cilium.node.add_dependency(*(c for c in (props.nodes, props.load_balancer_controller) if c is not None))
             ready = [self.cilium]
 
         manifests = {"App": load_documents(*WORKLOAD_FILES), "Ingress": load_documents(INGRESS_FILE)}
@@ -156,7 +162,7 @@ class CiliumMesh(Construct):
             json_path=".status.loadBalancer.ingress[0].hostname",
             timeout=STEP_TIMEOUT,
         )
-        self.ingress_hostname.node.add_dependency(self.cilium, props.load_balancer_controller)
+        self.ingress_hostname.node.add_dependency(*(c for c in (self.cilium, props.load_balancer_controller) if c is not None))
 
     def _eni_readiness(self, props: CiliumMeshProps) -> list[eks.KubernetesObjectValue]:
         """Steps after the nodes that return once Cilium is Ready: its operator (ENI IPAM running with

@@ -21,6 +21,7 @@ checks/amp_api.py takes each property to what AMP receives, and the tests check 
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import yaml
@@ -70,12 +71,14 @@ def alert_manager_definition(topic_arn: str, region: str) -> str:
 class MeshMetricsProps:
     """What MeshMetrics needs.
 
-    cluster:        the cluster whose Cilium pods are scraped (its private subnets and cluster security group).
-    traffic_policy: the split the rules compare the served traffic with.
-    alert_email:    an address subscribed to the alerts topic; None (default): no subscription.
+    cluster:         the cluster whose Cilium pods are scraped (its VPC and cluster security group).
+    private_subnets: the nodes' private subnets, where the collector runs.
+    traffic_policy:  the split the rules compare the served traffic with.
+    alert_email:     an address subscribed to the alerts topic; None (default): no subscription.
     """
 
-    cluster: eks.Cluster
+    cluster: eks.ICluster
+    private_subnets: Sequence[ec2.ISubnet]
     traffic_policy: TrafficPolicy
     alert_email: str | None = None
 
@@ -163,7 +166,7 @@ class MeshMetrics(Construct):
             source=aps.CfnScraper.SourceProperty(
                 eks_configuration=aps.CfnScraper.EksConfigurationProperty(
                     cluster_arn=cluster.cluster_arn,
-                    subnet_ids=cluster.vpc.select_subnets(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS).subnet_ids,
+                    subnet_ids=[subnet.subnet_id for subnet in props.private_subnets],
                     security_group_ids=[self.scraper_security_group.security_group_id],
                 )
             ),

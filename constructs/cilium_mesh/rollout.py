@@ -44,7 +44,7 @@ class TrafficRolloutProps:
     after:          what must exist first: Cilium ready (the CRD), the namespace, the app.
     """
 
-    cluster: eks.Cluster
+    cluster: eks.ICluster
     traffic_policy: TrafficPolicy
     rollout: RolloutSettings | None
     query_url: str | None
@@ -58,7 +58,7 @@ class TrafficRollout(Construct):
     def __init__(self, scope: Construct, id: str, props: TrafficRolloutProps) -> None:
         super().__init__(scope, id)
         stack = Stack.of(self)
-        kubectl_handler = props.cluster.node.find_child("KubectlProvider").node.find_child("Handler")
+        kubectl_handler = props.cluster.kubectl_provider.node.find_child("Handler")
         code = lambda_.Code.from_asset(str(PACKAGE_DIR), exclude=["*", *(f"!{name}" for name in LAMBDA_FILES)])
         self.functions = {
             name: lambda_.Function(

@@ -36,7 +36,7 @@ class SmokeTestProps:
     after:          every manifest the Job checks, and what they wait for (Cilium ready, the namespace).
     """
 
-    cluster: eks.Cluster
+    cluster: eks.ICluster
     traffic_policy: TrafficPolicy
     datapath: str
     network_policy: bool

@@ -2,7 +2,7 @@
 
 import copy
 
-from .manifests import CILIUM_DATAPATH_FILES, CILIUM_VALUES_FILE, cilium_release_file, load_documents
+from .manifests import CILIUM_DATAPATH_FILES, CILIUM_EXISTING_CLUSTER_FILE, CILIUM_VALUES_FILE, cilium_release_file, load_documents
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -26,11 +26,13 @@ def cluster_values(api_server_host: str, datapath: str, cluster_name: str) -> di
     return values
 
 
-def cilium_values(api_server_host: str, datapath: str, cluster_name: str, cilium_version: str) -> dict:
+def cilium_values(api_server_host: str, datapath: str, cluster_name: str, cilium_version: str,
+                  existing_cluster: bool = False) -> dict:  # fmt: skip
     """What the stack hands helm: values.yaml, datapath-<datapath>.yaml, release-<minor>.yaml where the
-    minor has one, then the cluster's values."""
+    minor has one, existing-cluster.yaml on a cluster the user runs, then the cluster's values."""
     release = cilium_release_file(cilium_version)
-    files = load_documents(CILIUM_VALUES_FILE, CILIUM_DATAPATH_FILES[datapath], *([release] if release else []))
+    extra = [*([release] if release else []), *([CILIUM_EXISTING_CLUSTER_FILE] if existing_cluster else [])]
+    files = load_documents(CILIUM_VALUES_FILE, CILIUM_DATAPATH_FILES[datapath], *extra)
     values = {}
     for layer in (*files, cluster_values(api_server_host, datapath, cluster_name)):
         values = merge(values, layer)
