@@ -150,8 +150,9 @@ def provider_steps_of(request, datapath: str):
 
 
 # --- tiers ---------------------------------------------------------------------------------------
-# `-m fast` is the inner loop: every test that starts none of the slow tools below. A test that does
-# carries the tool's marker, by hand or through a fixture in FIXTURE_TOOLS. In a run of the fast tier
+# `-m fast` is the inner loop: every test that starts none of the slow tools below and is not marked
+# slow (the few that take most of a second on their own: a synth of their own, a plot). A test that
+# starts a tool carries the tool's marker, by hand or through a fixture in FIXTURE_TOOLS. In a run of the fast tier
 # alone, starting one of those tools fails (in the test or the fixture that tried), so the tier cannot
 # quietly grow slow.
 TOOL_MARKERS = {
@@ -180,7 +181,7 @@ def pytest_collection_modifyitems(session, config, items):
     for item in items:
         for tool in {t for name in getattr(item, "fixturenames", ()) for t in FIXTURE_TOOLS.get(name, ())}:
             item.add_marker(tool)
-        if not any(item.get_closest_marker(tool) for tool in TOOL_MARKERS):
+        if not any(item.get_closest_marker(marker) for marker in (*TOOL_MARKERS, "slow")):
             item.add_marker("fast")
 
 

@@ -248,6 +248,7 @@ def test_defaults_in_cdk_json_are_valid_and_complete():
     assert config.datapath == "eni"
 
 
+@pytest.mark.slow
 def test_cdk_json_carries_aws_cdk_libs_recommended_feature_flags():
     """What `cdk init` puts in a new app's cdk.json, from the installed aws-cdk-lib itself."""
     library = next((Path(aws_cdk.__file__).parent / "_jsii").glob("aws-cdk-lib@*.jsii.tgz"))

@@ -342,6 +342,7 @@ def test_the_plot_shows_what_the_requests_saw_within_seconds_of_the_fault():
     assert [shares["v2"][i] for i, m in enumerate(middles) if m > 30] == [0.0] * 15
 
 
+@pytest.mark.slow
 def test_plot_draws_both_views_and_every_weight_visibly(tmp_path):
     from checks.metrics_harness import PLOTTED
     from tools.preview import draw

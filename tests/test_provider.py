@@ -266,6 +266,7 @@ def test_cloudformation_hands_wait_false_to_the_handler_as_a_string_that_waits(s
     assert ("--wait" in create.commands[1]) is expected
 
 
+@pytest.mark.slow
 def test_kubectl_layer_matches_the_cluster_version(synth):
     result = subprocess.run(
         [layer_kubectl(synth.stack.config.kubernetes_version), "version", "--client", "--output", "json"],

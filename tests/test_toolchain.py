@@ -79,6 +79,7 @@ def test_cdk_nag_aws_solutions_has_no_unsuppressed_findings(synth, synth_variant
         assert all(plugin["conclusion"] == "success" for plugin in result.nag_report["pluginReports"])
 
 
+@pytest.mark.slow
 def test_cdk_nag_reports_what_is_not_acknowledged(tmp_path):
     """The same plugin on a role with a managed policy: proves the check above is live."""
     app = cdk.App(outdir=str(tmp_path))
@@ -136,6 +137,7 @@ NAG_SYNTHS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", list(NAG_SYNTHS))
 def test_cdk_nag_findings_without_acknowledgements_are_exactly_the_acknowledged_ones(tmp_path, monkeypatch, request, fixture):
     """Proves the plugin ran on this stack and that no acknowledgement is stale or misplaced."""
