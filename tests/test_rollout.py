@@ -273,6 +273,38 @@ def test_a_stop_that_cannot_restore_says_so_and_leaves_it_to_cloudformations_rol
         " CloudFormation's rollback applies them")  # fmt: skip
 
 
+class RecordingKubectl:
+    """The kubectl provider answering, each apply recorded (its state annotation)."""
+
+    def __init__(self, state: dict):
+        self.state, self.applied = state, []
+
+    def __call__(self, function, cluster_name):
+        return self
+
+    def annotation(self, document, key):
+        return json.dumps(self.state)
+
+    def apply(self, document):
+        self.applied.append(json.loads(document["metadata"]["annotations"][STATE_ANNOTATION]))
+
+
+@pytest.mark.parametrize(("elapsed_s", "applies"), [(2, [{"step": 0}]), (60, [{"step": 1}])], ids=["waits", "passes"])
+def test_a_poll_makes_at_most_one_apply_when_amp_answers_again(monkeypatch, elapsed_s, applies):
+    """The note of AMP's silence goes with the poll's one apply: the cleared note while the step waits, or the
+    next step's fresh state; so a poll stays a get and one apply, as its Lambda's timeout is sized."""
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    with rollout_lambda() as module:
+        now = time.time()
+        kubectl = RecordingKubectl({"request": "rollout", "step": 0, "since": now - elapsed_s, module.AMP_UNANSWERED: now - 30})
+        monkeypatch.setattr(module, "Kubectl", kubectl)
+        healthy = {"error_ratio": 0.0, "p99_ms": 10.0, "ejected_hosts": 0.0, "request_rate": 5.0}
+        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **healthy))
+        assert module.is_complete(rollout_event(now + 600)) == {"IsComplete": False}
+    assert [{k: v for k, v in a.items() if k == "step"} for a in kubectl.applied] == applies
+    assert all(module.AMP_UNANSWERED not in a for a in kubectl.applied)
+
+
 def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, provider_steps):
     """Create (even with a rollout setting) applies the policy at once: nothing deployed to step from."""
     rollout = synth.logical_id(synth.stack.traffic.resource)

@@ -256,8 +256,6 @@ def is_complete(event: dict, _context=None) -> dict:
         if AMP_UNANSWERED not in state:
             _apply_or_wait(kubectl, with_state(current, {**state, AMP_UNANSWERED: now}))
         return {"IsComplete": False}
-    if AMP_UNANSWERED in state:
-        _apply_or_wait(kubectl, with_state(current, {k: v for k, v in state.items() if k != AMP_UNANSWERED}))
     reasons = [reason for reading in readings if (reason := breach(settings, reading))]
     quiet = [reading for reading in readings if not enough_traffic(settings, reading)]
     _log(step=step, elapsed_s=round(elapsed, 3), readings=[r.__dict__ for r in readings], breaches=reasons)
@@ -270,6 +268,8 @@ def is_complete(event: dict, _context=None) -> dict:
     if reasons:
         stop("; ".join(reasons))
     if elapsed < settings.pause_s or quiet:
+        if AMP_UNANSWERED in state:  # AMP answers again: the note goes (a stop or the next step replaces it anyway)
+            _apply_or_wait(kubectl, with_state(current, {k: v for k, v in state.items() if k != AMP_UNANSWERED}))
         return {"IsComplete": False}
     following = step + 1
     try:
