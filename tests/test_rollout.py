@@ -305,6 +305,33 @@ def test_a_poll_makes_at_most_one_apply_when_amp_answers_again(monkeypatch, elap
     assert all(module.AMP_UNANSWERED not in a for a in kubectl.applied)
 
 
+class FailingApplies(RecordingKubectl):
+    """The provider reads the state, and fails every apply."""
+
+    def apply(self, document):
+        super().apply(document)
+        raise self.module.KubectlFailed("kubectl provider: error: the server is currently unable to handle the request")
+
+
+@pytest.mark.parametrize("elapsed_s", [6, 60], ids=["in the step's wait", "after it"])
+def test_a_next_step_that_cannot_be_applied_waits_only_until_the_end_of_the_steps_wait(monkeypatch, elapsed_s):
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    with rollout_lambda() as module:
+        kubectl = FailingApplies({"request": "rollout", "step": 0, "since": time.time() - elapsed_s})
+        kubectl.module = module
+        monkeypatch.setattr(module, "Kubectl", kubectl)
+        healthy = {"error_ratio": 0.0, "p99_ms": 10.0, "ejected_hosts": 0.0, "request_rate": 5.0}
+        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **healthy))
+        if elapsed_s < VOLUME_WAIT_FACTOR * LOCAL_SETTINGS.pause_s:
+            assert module.is_complete(rollout_event(time.time() + 600)) == {"IsComplete": False}
+            return
+        with pytest.raises(module.RolloutStopped) as stopped:
+            module.is_complete(rollout_event(time.time() + 600))
+    assert str(stopped.value).startswith(
+        "rollout stopped at step 1 of 3 (v1 90%, v2 10%): step 2 was not applied by the end of the step's wait (60 s):"
+        " kubectl provider: error: the server is currently unable to handle the request; could not restore v1 100%, v2 0%")
+
+
 def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, provider_steps):
     """Create (even with a rollout setting) applies the policy at once: nothing deployed to step from."""
     rollout = synth.logical_id(synth.stack.traffic.resource)

@@ -16,7 +16,9 @@ timeout as it is): AMP answering 429 or 5xx, or not at all, makes the poll wait 
 a pass), and the first such poll notes the time on the annotation; a step whose AMP has still not
 answered when its own wait (VOLUME_WAIT_FACTOR pauses) is over stops as a breach stops. AMP
 refusing a query (any other 4xx) stops at once. A failed kubectl provider call makes the poll wait
-too, until the rollout's own deadline (its longest run plus KUBECTL_GRACE_S, set by on_event).
+too: an apply of the next step until the step's own wait is over (then it stops), a read of the
+rollout's state (which says which step it is) until the rollout's own deadline (its longest run
+plus KUBECTL_GRACE_S, set by on_event).
 
 Every Kubernetes call is a call of the cluster's kubectl provider handler (aws-cdk-lib's own code, with
 its access to the cluster), made with the event CloudFormation would send it: an Update of a
@@ -275,6 +277,8 @@ def is_complete(event: dict, _context=None) -> dict:
     try:
         kubectl.apply(_document(target.with_weights(steps[following]), {"request": event["RequestId"], "step": following, "since": time.time()}))
     except KubectlFailed as error:
+        if elapsed >= VOLUME_WAIT_FACTOR * settings.pause_s:
+            stop(f"step {following + 1} was not applied by the end of the step's wait ({elapsed:.0f} s): {error}")
         return _wait_for_kubectl(event, error)
     _log(step=following, applied=steps[following])
     return {"IsComplete": following == len(steps) - 1}
