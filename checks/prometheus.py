@@ -134,16 +134,22 @@ class PrometheusServer:
         raise RuntimeError("prometheus did not scrape its targets in time")
 
     def wait_for_evaluation_after(self, moment: float) -> None:
-        """Until every target was scraped after ``moment`` (epoch seconds) and every rule group evaluated after that."""
+        """Until every target was scraped after ``moment`` (epoch seconds) and every rule group evaluated after
+        those scrapes. The scrapes waited for are the first ones after ``moment``, held fixed: compared with
+        the latest scrapes instead, an evaluation that runs just before each scrape would never count."""
         deadline = time.monotonic() + START_TIMEOUT_S
+        scraped_by = None
         while time.monotonic() < deadline:
-            scraped = [_epoch(t["lastScrape"]) for t in self._get("/api/v1/targets")["activeTargets"]]
-            if scraped and min(scraped) > moment:
+            if scraped_by is None:
+                scraped = [_epoch(t["lastScrape"]) for t in self._get("/api/v1/targets")["activeTargets"]]
+                if scraped and min(scraped) > moment:
+                    scraped_by = max(scraped)
+            if scraped_by is not None:
                 groups = self._get("/api/v1/rules")["groups"]
-                if all(_epoch(g["lastEvaluation"]) > max(scraped) for g in groups):
+                if all(_epoch(g["lastEvaluation"]) > scraped_by for g in groups):
                     return
             time.sleep(0.1)
-        raise RuntimeError("prometheus did not scrape and evaluate in time")
+        raise RuntimeError(f"prometheus did not scrape (after {moment:.3f}) and evaluate (after {scraped_by}) in time")
 
     def firing(self) -> dict[str, list[dict]]:
         """Alert name -> the labels of each of its firing alerts."""

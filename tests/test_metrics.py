@@ -2,7 +2,9 @@
 unit tests, and the same rules in a real Prometheus over the real Envoy, where each fault sets off its alert."""
 
 import base64
+import datetime
 import json
+import math
 import re
 import shutil
 
@@ -358,3 +360,42 @@ def test_plot_draws_both_views_and_every_weight_visibly(tmp_path):
     assert [label for label in legend if label.startswith("weight")] == ["weight of v1, v2: 50% each"]
     legend_90_10 = draw(run_, POLICY.with_weights({"v1": 90, "v2": 10}), "v2 down", path)
     assert [label for label in legend_90_10 if label.startswith("weight")] == ["weight of v2: 10%", "weight of v1: 90%"]
+
+
+class PhasedPrometheus:
+    """A Prometheus API whose rule groups are evaluated every second 1 ms before its targets are scraped,
+    on a clock that moves only when waited on (0.1 s a poll): an evaluation is never the latest event
+    when polled, so a wait that compares with the latest scrape never ends."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def time(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def latest(self, phase: float) -> str:
+        stamp = math.floor(self.now - phase) + phase
+        return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+    def get(self, path: str, **_) -> dict:
+        if path == "/api/v1/targets":
+            return {"activeTargets": [{"lastScrape": self.latest(0.5), "health": "up"}]}
+        return {"groups": [{"lastEvaluation": self.latest(0.499)}]}
+
+
+def test_waiting_for_an_evaluation_ends_whatever_the_phase_of_scrapes_and_evaluations(monkeypatch):
+    from checks import prometheus
+
+    clock = PhasedPrometheus()
+    monkeypatch.setattr(prometheus, "time", clock)
+    server = prometheus.PrometheusServer("127.0.0.1:9")
+    monkeypatch.setattr(server, "_get", clock.get)
+    started = clock.now
+    server.wait_for_evaluation_after(started)
+    assert clock.now - started < 3, "one scrape after the moment, then one evaluation after it"
