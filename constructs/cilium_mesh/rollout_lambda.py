@@ -66,6 +66,8 @@ APPLY = "Custom::AWSCDK-EKS-KubernetesResource"
 GET = "Custom::AWSCDK-EKS-KubernetesObjectValue"
 # The status CloudFormation's rollback of an update runs in: it sends an Update with the old properties.
 ROLLBACK_STATUS = "UPDATE_ROLLBACK_IN_PROGRESS"
+# The annotation's note of when AMP first failed to answer in this step.
+AMP_UNANSWERED = "amp_unanswered_since"
 
 # boto3 clients by service, made on first use (tests put their own here).
 CLIENTS: dict = {}
@@ -282,10 +284,6 @@ def is_complete(event: dict, _context=None) -> dict:
         return _wait_for_kubectl(event, error)
     _log(step=following, applied=steps[following])
     return {"IsComplete": following == len(steps) - 1}
-
-
-# The annotation's note of when AMP first failed to answer in this step.
-AMP_UNANSWERED = "amp_unanswered_since"
 
 
 def _stop(event: dict, kubectl: Kubectl, where: str, reason: str) -> NoReturn:
