@@ -281,8 +281,8 @@ def preview_run() -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def cli_synths(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
-    """The real CDK CLI on a copy of the app, once per datapath (both at once), with no AWS credentials or
-    config: (directory with the app's copy and each output, results)."""
+    """The real CDK CLI on a copy of the app, once per datapath and once for an existing cluster (all at once),
+    with no AWS credentials or config: (directory with the app's copy and each output, results)."""
     directory = tmp_path_factory.mktemp("cli")
     work = directory / "app"
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "__pycache__", ".tools"))
@@ -293,19 +293,25 @@ def cli_synths(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedPr
         AWS_CONFIG_FILE=str(directory / "none"),
         PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}",
     )
+    # Each run's -c options: both datapaths, and the README's command for an existing cluster (its JSON as one string).
+    runs = {
+        "chaining": ["-c", "datapath=chaining"],
+        "eni": ["-c", "datapath=eni"],
+        "existing": ["-c", "datapath=chaining", "-c", f"existing_cluster={json.dumps(EXISTING_CLUSTER)}"],
+    }
     processes = {
-        datapath: subprocess.Popen(
+        name: subprocess.Popen(
             # --no-staging: the 57 MB of kubectl layer assets are not copied; what is checked here is the synth.
-            [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--no-staging", "--output", str(directory / datapath),
-             "--app", f"{sys.executable} app.py", "-c", f"datapath={datapath}"],
+            [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--no-staging", "--output", str(directory / name),
+             "--app", f"{sys.executable} app.py", *options],
             cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        for datapath in ("chaining", "eni")
+        for name, options in runs.items()
     }
     results = {}
-    for datapath, process in processes.items():
+    for name, process in processes.items():
         _, stderr = process.communicate(timeout=BACKGROUND_TIMEOUT_S)
-        results[datapath] = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
     return directory, results
 
 

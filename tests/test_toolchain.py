@@ -23,17 +23,20 @@ def test_constructs_folder_does_not_shadow_the_constructs_library():
     assert cilium_mesh.__file__ == str(ROOT / "constructs" / "cilium_mesh" / "__init__.py")
 
 
-def test_cdk_cli_synthesizes_both_datapaths_without_credentials_or_lookups(cli_synths):
-    """The real CLI, with no AWS credentials or config, once per datapath."""
+def test_cdk_cli_synthesizes_both_datapaths_and_an_existing_cluster_without_credentials_or_lookups(cli_synths):
+    """The real CLI, with no AWS credentials or config, once per datapath, and with the README's command for
+    an existing cluster (`-c existing_cluster=<its JSON>`)."""
     if not CDK_CLI.exists():
         pytest.fail("node_modules/.bin/cdk missing: run the README's set-up command (npm ci)")
     directory, results = cli_synths
-    for datapath, result in results.items():
-        assert result.returncode == 0, (datapath, result.stderr[-3000:])
-        template = json.loads((directory / datapath / f"{STACK_NAME}.template.json").read_text())
+    assert set(results) == {"chaining", "eni", "existing"}
+    for name, result in results.items():
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        template = json.loads((directory / name / f"{STACK_NAME}.template.json").read_text())
         types = {r["Type"] for r in template["Resources"].values()}
-        assert "AWS::EKS::Cluster" in types and ("Custom::CiliumEniCleanup" in types) == (datapath == "eni")
-        manifest = json.loads((directory / datapath / "manifest.json").read_text())
+        assert ("AWS::EKS::Cluster" in types) == (name != "existing") and ("Custom::CiliumEniCleanup" in types) == (name == "eni")
+        assert ("AWS::EKS::Nodegroup" in types) == (name != "existing")
+        manifest = json.loads((directory / name / "manifest.json").read_text())
         assert not manifest.get("missing"), "a context lookup would need AWS at synth"
     assert not (directory / "app" / "cdk.context.json").exists()
 
