@@ -89,14 +89,16 @@ class Fault:
         return f"5xx on {self.error_ratio:.0%}" if self.kind == "errors" else self.kind
 
 
-class _LoopbackServer(ThreadingHTTPServer):
+class LoopbackServer(ThreadingHTTPServer):
+    """An HTTP server on loopback for the harnesses' stand-ins (its handler a LoopbackHandler)."""
+
     daemon_threads = True
 
     def handle_error(self, request, client_address):
         """Envoy closing idle upstream connections at shutdown is expected, not an error."""
 
 
-class _Handler(BaseHTTPRequestHandler):
+class LoopbackHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
 
@@ -111,7 +113,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-class StandIn(_LoopbackServer):
+class StandIn(LoopbackServer):
     """A catalogdetail version that answers like the real one: {"version":"1","vendors":["ABC.com"]}."""
 
     def __init__(self, version: str, fault: Fault, seed: int, address: tuple[str, int]):
@@ -134,7 +136,7 @@ class StandIn(_LoopbackServer):
             self.server_close()
 
 
-class _StandInHandler(_Handler):
+class _StandInHandler(LoopbackHandler):
     def do_GET(self):  # noqa: N802 (http.server API)
         server: StandIn = self.server
         with server.lock:
@@ -186,7 +188,7 @@ class _DnsHandler(socketserver.BaseRequestHandler):
         sock.sendto(header + question + answers, self.client_address)
 
 
-class DeniedStandIn(_LoopbackServer):
+class DeniedStandIn(LoopbackServer):
     """Where Cilium would deny: answers 403 "Access denied", as cilium-envoy's upstream policy check does."""
 
     def __init__(self, address: tuple[str, int]):
@@ -194,7 +196,7 @@ class DeniedStandIn(_LoopbackServer):
         super().__init__(address, _DeniedHandler)
 
 
-class _DeniedHandler(_Handler):
+class _DeniedHandler(LoopbackHandler):
     def do_GET(self):  # noqa: N802 (http.server API)
         self.server.served += 1
         self.reply(403, ACCESS_DENIED, "text/plain")

@@ -190,15 +190,13 @@ def role_ids(stack) -> dict[str, list[str]]:
         "manifests": list(mesh.manifests.values()),
         "ingress_owner": [mesh.cilium],
     }
-    if stack.existing:
-        return {**{role: [EXISTING] for role in ("nodes", "coredns", "load_balancer_controller", "vpc")},
-                **{role: [logical_id(stack, c) for c in constructs] for role, constructs in roles.items()}}  # fmt: skip
-    roles |= {
-        "nodes": [stack.nodes],
-        "coredns": [stack.coredns],
-        "load_balancer_controller": [stack.load_balancer_controller.node.find_child("Resource")],
-        "vpc": [stack.vpc],
-    }
+    if not stack.existing:
+        roles |= {
+            "nodes": [stack.nodes],
+            "coredns": [stack.coredns],
+            "load_balancer_controller": [stack.load_balancer_controller.node.find_child("Resource")],
+            "vpc": [stack.vpc],
+        }
     if stack.eni:
         roles |= {
             "operator_identity": [mesh.operator_identity.association],
@@ -207,7 +205,10 @@ def role_ids(stack) -> dict[str, list[str]]:
             "eni_cleanup": [stack.eni_cleanup.resource],
             "ingress_owner": [mesh.ingress_teardown],
         }
-    return {role: [logical_id(stack, c) for c in constructs] for role, constructs in roles.items()}
+    ids = {role: [logical_id(stack, c) for c in constructs] for role, constructs in roles.items()}
+    if stack.existing:
+        ids |= {role: [EXISTING] for role in ("nodes", "coredns", "load_balancer_controller", "vpc")}
+    return ids
 
 
 @functools.cache

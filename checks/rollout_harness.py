@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import http.server
 import importlib
 import io
 import json
@@ -53,7 +52,7 @@ from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutSet
 from cilium_mesh.traffic import TrafficPolicy
 from checks import prometheus
 from checks.cilium_envoy import build_for
-from checks.envoy_harness import LOOPBACK, Fault, running
+from checks.envoy_harness import LOOPBACK, Fault, LoopbackHandler, LoopbackServer, running
 from checks.metrics_harness import SCRAPE_INTERVAL_S, PacedClient
 from checks.provider_dry_run import (
     Cluster,
@@ -329,30 +328,19 @@ class AmpFront:
         self.failed = 0
         front = self
 
-        class Handler(http.server.BaseHTTPRequestHandler):
+        class Handler(LoopbackHandler):
             def do_POST(self):  # noqa: N802 (http.server's name)
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if front.fails_now():
                     front.failed += 1
-                    self.send_response(503)
-                    self.send_header("Content-Length", "19")
-                    self.end_headers()
-                    self.wfile.write(b"Service Unavailable")
+                    self.reply(503, b"Service Unavailable", "text/plain")
                     return
                 request = urllib.request.Request(f"{front.upstream}{self.path}", data=body, method="POST",
                                                  headers={"Content-Type": self.headers["Content-Type"]})  # fmt: skip
                 with urllib.request.urlopen(request, timeout=10) as answer:
-                    data = answer.read()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                    self.reply(200, answer.read())
 
-            def log_message(self, *_):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer((LOOPBACK, 0), Handler)
+        self.server = LoopbackServer((LOOPBACK, 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def fails_now(self) -> bool:

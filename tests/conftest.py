@@ -333,6 +333,15 @@ def helm_values(resource: dict) -> dict:
     return json.loads(resolve_join(resource["Properties"]["Values"]))
 
 
+def update_requested() -> bool:
+    """UPDATE_SNAPSHOTS=1 rewrites the snapshot, except in CI, where it must fail instead of passing."""
+    if os.environ.get("UPDATE_SNAPSHOTS") != "1":
+        return False
+    if os.environ.get("CI"):
+        raise AssertionError("UPDATE_SNAPSHOTS is set in CI: review and commit the snapshot instead")
+    return True
+
+
 def normalize_assets(text: str) -> str:
     """Asset hashes change with any byte of a bundled asset; the snapshot keeps their place only."""
     return re.sub(r"[0-9a-f]{64}", "<ASSET_HASH>", text)

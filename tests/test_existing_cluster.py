@@ -4,13 +4,12 @@ kubectl provider and access entry, with nothing of the user's created or changed
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from cilium_mesh.manifests import CILIUM_EXISTING_CLUSTER_FILE, load_documents
 from cilium_mesh.metrics_files import METRICS_PORTS
 from cilium_mesh.values import cilium_values
-from conftest import CONTEXT, EXISTING_CLUSTER, ROOT, manifest_documents, normalize_assets
+from conftest import CONTEXT, EXISTING_CLUSTER, ROOT, manifest_documents, normalize_assets, update_requested
 from stacks.config import ConfigError, load_config
 
 from checks.cilium_chart import chart_values, dead_keys, render, supported_charts
@@ -118,7 +117,7 @@ def test_the_snapshot_is_reviewed(request, existing):
     kind = "private" if existing.stack.config.existing_cluster.provider_in_vpc else "public"
     current = normalize_assets(json.dumps(existing.template, indent=1, sort_keys=True)) + "\n"
     snapshot = SNAPSHOTS[kind]
-    if os.environ.get("UPDATE_SNAPSHOTS") == "1" and not os.environ.get("CI"):
+    if update_requested():
         snapshot.write_text(current)
     assert current == snapshot.read_text(), "template changed: review, then UPDATE_SNAPSHOTS=1 pytest"
 

@@ -273,6 +273,10 @@ def test_a_stop_that_cannot_restore_says_so_and_leaves_it_to_cloudformations_rol
         " CloudFormation's rollback applies them")  # fmt: skip
 
 
+# What the gate reads of a healthy version with enough traffic.
+HEALTHY = {"error_ratio": 0.0, "p99_ms": 10.0, "ejected_hosts": 0.0, "request_rate": 5.0}
+
+
 class RecordingKubectl:
     """The kubectl provider answering, each apply recorded (its state annotation)."""
 
@@ -298,30 +302,18 @@ def test_a_poll_makes_at_most_one_apply_when_amp_answers_again(monkeypatch, elap
         now = time.time()
         kubectl = RecordingKubectl({"request": "rollout", "step": 0, "since": now - elapsed_s, module.AMP_UNANSWERED: now - 30})
         monkeypatch.setattr(module, "Kubectl", kubectl)
-        healthy = {"error_ratio": 0.0, "p99_ms": 10.0, "ejected_hosts": 0.0, "request_rate": 5.0}
-        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **healthy))
+        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **HEALTHY))
         assert module.is_complete(rollout_event(now + 600)) == {"IsComplete": False}
     assert [{k: v for k, v in a.items() if k == "step"} for a in kubectl.applied] == applies
     assert all(module.AMP_UNANSWERED not in a for a in kubectl.applied)
-
-
-class FailingApplies(RecordingKubectl):
-    """The provider reads the state, and fails every apply."""
-
-    def apply(self, document):
-        super().apply(document)
-        raise self.module.KubectlFailed("kubectl provider: error: the server is currently unable to handle the request")
 
 
 @pytest.mark.parametrize("elapsed_s", [6, 60], ids=["in the step's wait", "after it"])
 def test_a_next_step_that_cannot_be_applied_waits_only_until_the_end_of_the_steps_wait(monkeypatch, elapsed_s):
     monkeypatch.setenv("AWS_REGION", "us-west-2")
     with rollout_lambda() as module:
-        kubectl = FailingApplies({"request": "rollout", "step": 0, "since": time.time() - elapsed_s})
-        kubectl.module = module
-        monkeypatch.setattr(module, "Kubectl", kubectl)
-        healthy = {"error_ratio": 0.0, "p99_ms": 10.0, "ejected_hosts": 0.0, "request_rate": 5.0}
-        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **healthy))
+        monkeypatch.setattr(module, "Kubectl", FailingKubectl(module, {"request": "rollout", "step": 0, "since": time.time() - elapsed_s}))
+        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **HEALTHY))
         if elapsed_s < VOLUME_WAIT_FACTOR * LOCAL_SETTINGS.pause_s:
             assert module.is_complete(rollout_event(time.time() + 600)) == {"IsComplete": False}
             return
@@ -329,7 +321,7 @@ def test_a_next_step_that_cannot_be_applied_waits_only_until_the_end_of_the_step
             module.is_complete(rollout_event(time.time() + 600))
     assert str(stopped.value).startswith(
         "rollout stopped at step 1 of 3 (v1 90%, v2 10%): step 2 was not applied by the end of the step's wait (60 s):"
-        " kubectl provider: error: the server is currently unable to handle the request; could not restore v1 100%, v2 0%")
+        " kubectl provider: error: You must be logged in to the server (Unauthorized); could not restore v1 100%, v2 0%")
 
 
 def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, provider_steps):

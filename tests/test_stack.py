@@ -1,26 +1,16 @@
 """What one `cdk deploy` builds, asserted on the synthesized template."""
 
 import json
-import os
 
 import pytest
 from aws_cdk.assertions import Match
-from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_assets, synth_of
+from conftest import ROOT, TOKEN, helm_values, manifest_documents, normalize_assets, synth_of, update_requested
 from cilium_mesh.traffic import TrafficPolicy
 
 SNAPSHOTS = {
     "chaining": ROOT / "tests" / "snapshots" / "CiliumMeshEks.template.json",
     "eni": ROOT / "tests" / "snapshots" / "CiliumMeshEks.eni.template.json",
 }
-
-
-def update_requested() -> bool:
-    """UPDATE_SNAPSHOTS=1 rewrites the snapshot, except in CI, where it must fail instead of passing."""
-    if os.environ.get("UPDATE_SNAPSHOTS") != "1":
-        return False
-    if os.environ.get("CI"):
-        raise AssertionError("UPDATE_SNAPSHOTS is set in CI: review and commit the snapshot instead")
-    return True
 
 
 def test_ci_refuses_to_rewrite_the_snapshot(monkeypatch):
