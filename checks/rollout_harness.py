@@ -22,6 +22,9 @@ exhausted is "Operation timed out"), and time is shorter: pauses of seconds, scr
 every second, the gate polled every second. The rules' 2-minute rate windows divide by 2 minutes, so a
 few seconds of a step read as a lower request rate than AMP reads after a full pause: the local
 minimum rate is scaled down to match (LOCAL_SETTINGS); the error ratio, latency and ejection read the same.
+AMP's outages are a loopback front of that Prometheus (AmpFront) answering 503 Service Unavailable, as
+AMP answers when it cannot serve; a throttle (429) or a timeout reaches the Lambda's same path, which its
+unit tests cover with urllib's own errors.
 """
 
 from __future__ import annotations
