@@ -43,7 +43,7 @@ from cilium_mesh.manifests import (
     replaced_by_name,
 )
 from cilium_mesh.smoke_files import smoke_documents
-from cilium_mesh.traffic import TrafficPolicy
+from cilium_mesh.traffic import MeshService
 from cilium_mesh.values import cilium_values
 
 # --- The rules, each with where it comes from -------------------------------------------------
@@ -247,7 +247,7 @@ class Deployed:
     documents: tuple
     policies: tuple
     values: dict
-    traffic: TrafficPolicy
+    traffic: MeshService
 
     def __post_init__(self) -> None:
         """Refuse a policy field the model does not evaluate, rather than judge it wrongly."""
@@ -263,7 +263,7 @@ class Deployed:
                 raise Unmodelled(f"policy {policy['metadata']['name']} uses {sorted(extra)}, which the model does not evaluate")
 
     @classmethod
-    def of(cls, datapath: str, traffic: TrafficPolicy, cilium_version: str = "1.19.6",
+    def of(cls, datapath: str, traffic: MeshService, cilium_version: str = "1.19.6",
            documents: list[dict] | None = None, policies: list[dict] | None = None,
            values: dict | None = None) -> Deployed:  # fmt: skip
         smoke = smoke_documents(traffic, datapath, True) if documents is None or policies is None else []
@@ -309,7 +309,7 @@ class Deployed:
         """The ready pods a Service selects, placed on ``node``."""
         if (namespace, name) == ("kube-system", "kube-dns"):
             return [p for p in self.pods(node) if p.workload == "coredns"]
-        service = self.service(namespace, name)
+        service = self.name(namespace, name)
         selector = (service or {}).get("spec", {}).get("selector") or {}
         return [p for p in self.pods(node) if service and selector and p.namespace == namespace
                 and selector.items() <= dict(p.labels).items()]  # fmt: skip
@@ -319,7 +319,7 @@ class Deployed:
         if not cluster_dns or not host.endswith(".svc.cluster.local"):
             return []
         name, namespace = host.split(".")[:2]
-        service = self.service(namespace, name)
+        service = self.name(namespace, name)
         if service is None:
             return []
         if service["spec"].get("clusterIP") == "None":
@@ -479,17 +479,17 @@ def _cec_hops(deployed: Deployed, client: str, path: str) -> list[Hop]:
         for name in names:
             cluster = clusters[name]
             if cluster["type"] == "EDS":
-                hops.append(Hop(f"{client} -> {policy.service}: route {route['name']}, cluster {name}", client, "cec-eds",
+                hops.append(Hop(f"{client} -> {policy.name}: route {route['name']}, cluster {name}", client, "cec-eds",
                                 name, Request(policy.port, path=path)))  # fmt: skip
                 continue
             for locality in cluster["load_assignment"]["endpoints"]:
                 host = locality["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
                 kind = "failover" if locality.get("priority", 0) else route["name"]
-                hops.append(Hop(f"{client} -> {policy.service}: route {route['name']}, cluster {name} priority "
+                hops.append(Hop(f"{client} -> {policy.name}: route {route['name']}, cluster {name} priority "
                                 f"{locality.get('priority', 0)} ({kind}, {host.split('.')[0]})", client, "cec-dns",
                                 host, Request(policy.port, path=path)))  # fmt: skip
             if cluster.get("health_checks"):
-                hops.append(Hop(f"cilium-envoy -> {policy.service}: active health check of cluster {name}",
+                hops.append(Hop(f"cilium-envoy -> {policy.name}: active health check of cluster {name}",
                                 "cilium-envoy", "health-check", name, Request(policy.port, path=path)))  # fmt: skip
     hops += [replace(h, name=f"{h.name}, retry after a per-try timeout", retry_after_timeout=True)
              for h in hops if h.via.startswith("cec-")]  # fmt: skip
@@ -515,7 +515,7 @@ def paths(deployed: Deployed) -> list[Hop]:
                         Request(53, "UDP", dns_name=host)))  # fmt: skip
         hops.append(Hop(f"{workload} -> DNS over TCP ({host})", workload, "direct", "kube-system/kube-dns",
                         Request(53, "TCP", dns_name=host)))  # fmt: skip
-        if (namespace, name) == (policy.namespace, policy.service):
+        if (namespace, name) == (policy.namespace, policy.name):
             hops += _cec_hops(deployed, workload, path)
         else:
             hops.append(Hop(f"{workload} -> {name}:{port}", workload, "direct", f"{namespace}/{name}", Request(port, path=path)))
@@ -622,7 +622,7 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
     backend_node = CLIENT_NODE if placement == "same node" or hop.via == "probe" else "b"
     if hop.via == "health-check":  # rule "host-source": from the node, no downstream connection
         policy = deployed.traffic
-        for target in deployed.backends(policy.namespace, policy.service, backend_node):
+        for target in deployed.backends(policy.namespace, policy.name, backend_node):
             node = Endpoint("node", NODES[CLIENT_NODE], CLIENT_NODE)
             ok, saw = verdict(deployed, target, "ingress", ipcache(node, target.node), hop.request)
             outcome.check("host-source", ok, saw, "denied")
@@ -645,7 +645,7 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
                       f"cilium-envoy's dnsPolicy: {deployed.values.get('envoy', {}).get('dnsPolicy')}", "no address")  # fmt: skip
     for target in _targets(deployed, hop, backend_node, outcome):
         if hop.via in ("cec-eds", "cec-dns"):
-            outcome.check("l7lb-redirect", True, f"{deployed.traffic.service} is in the CiliumEnvoyConfig's spec.services")
+            outcome.check("l7lb-redirect", True, f"{deployed.traffic.name} is in the CiliumEnvoyConfig's spec.services")
             dialled = ipcache(target, CLIENT_NODE)
             ok, saw = verdict(deployed, client, "egress", dialled, hop.request)
             if not outcome.check("dial-identity", ok, f"Envoy dials {target}, identity {dialled}: {saw}", "denied"):
@@ -695,7 +695,7 @@ def cec_statuses(deployed: Deployed) -> dict[tuple[str, str], str]:
     the worst of both placements and of every client (productcatalog, the smoke test): "delivered", "denied"
     (403 before connect), "dropped" or "no address"."""
     policy = deployed.traffic
-    clients = sorted({workload for workload, host, _, _ in _url_calls(deployed) if host.split(".")[0] == policy.service})
+    clients = sorted({workload for workload, host, _, _ in _url_calls(deployed) if host.split(".")[0] == policy.name})
     statuses: dict[tuple[str, str], str] = {}
     for hop in (h for client in clients for h in _cec_hops(deployed, client, "/catalogDetail")):
         if hop.retry_after_timeout or not hop.via.startswith("cec-"):

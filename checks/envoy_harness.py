@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cilium_mesh.traffic import TrafficPolicy, qualify_like_cilium
+from cilium_mesh.traffic import MeshService, qualify_like_cilium
 from checks.cilium_envoy import envoy_command
 from checks.datapath import Deployed, cec_statuses
 
@@ -244,12 +244,12 @@ def _socket_address(address: str, port: int) -> dict:
 NODE = {"id": "host~127.0.0.1~harness~cluster.local", "cluster": "cilium-envoy"}
 
 
-def _as_delivered(policy: TrafficPolicy, rds_source: Callable[[dict], dict],
+def _as_delivered(policy: MeshService, rds_source: Callable[[dict], dict],
                   eds_source: Callable[[dict], dict]) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Listeners and clusters as Cilium hands them to Envoy: names qualified as Cilium qualifies them,
     the route configuration over RDS and endpoints over EDS from the given config sources (each made
     from the qualified route or EDS cluster); only the listener address (loopback) is made up."""
-    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
+    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.cec_name)
     (route,) = [r for r in resources if r["@type"].endswith(".RouteConfiguration")]
     route_source = rds_source(route)
     listeners, clusters = [], []
@@ -268,7 +268,7 @@ def _as_delivered(policy: TrafficPolicy, rds_source: Callable[[dict], dict],
     return listeners, clusters
 
 
-def stand_in_bootstrap(policy: TrafficPolicy, addresses: dict[str, str | None], dns_port: int,
+def stand_in_bootstrap(policy: MeshService, addresses: dict[str, str | None], dns_port: int,
                        directory: Path, dynamic_clusters: bool = False, route_later: list | None = None) -> dict:  # fmt: skip
     """The policy's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
 
@@ -331,7 +331,7 @@ CILIUM_CONFIG_SOURCE = {
 }
 
 
-def cilium_xds_bootstrap(policy: TrafficPolicy) -> dict:
+def cilium_xds_bootstrap(policy: MeshService) -> dict:
     """The policy's resources exactly as Cilium hands them to Envoy: names qualified, RDS and EDS
     from Cilium's xDS server; only the listener address (a Cilium proxy port) is made up."""
     listeners, clusters = _as_delivered(policy, lambda _: CILIUM_CONFIG_SOURCE, lambda _: CILIUM_CONFIG_SOURCE)
@@ -365,7 +365,7 @@ def validate_bootstrap(bootstrap: dict, tag: str) -> subprocess.CompletedProcess
 
 @dataclass
 class RunResult:
-    policy: TrafficPolicy
+    policy: MeshService
     faults: dict[str, Fault]
     requests: int
     versions: Counter = field(default_factory=Counter)
@@ -430,7 +430,7 @@ class EnvoyProcess:
         self.dns_clusters = [c["name"] for c in clusters if c.get("type") == "STRICT_DNS"]
         self.eds_clusters = [c["name"] for c in clusters if c.get("type") == "EDS"]
 
-    def apply_policy(self, policy: TrafficPolicy) -> None:
+    def apply_policy(self, policy: MeshService) -> None:
         """Hand the running Envoy the policy's resources as Cilium does when a CiliumEnvoyConfig changes:
         the clusters first, and once Envoy has them (DNS resolved), the routes that may name them."""
         route_later: list = []
@@ -443,7 +443,7 @@ class EnvoyProcess:
             write()
         self._wait_for_update(tuple(k for k in before if ".rds." in k and k.endswith(".update_success")), before, policy)
 
-    def _wait_for_update(self, updates: tuple[str, ...], before: dict[str, int], policy: TrafficPolicy) -> None:
+    def _wait_for_update(self, updates: tuple[str, ...], before: dict[str, int], policy: MeshService) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             counters = self.counters()
@@ -528,12 +528,12 @@ def _loopback_addresses(names: list[str], rng: random.Random) -> dict[str, str]:
     return {name: f"{base}.{index + 1}" for index, name in enumerate(names)}
 
 
-def model_statuses(policy: TrafficPolicy, datapath: str) -> dict[tuple[str, str], str]:
+def model_statuses(policy: MeshService, datapath: str) -> dict[tuple[str, str], str]:
     """What Cilium and the VPC do to each cluster kind and version, by the datapath model."""
     return cec_statuses(Deployed.of(datapath, policy))
 
 
-def verdicts_line(label: str, policy: TrafficPolicy, datapath: str) -> str:
+def verdicts_line(label: str, policy: MeshService, datapath: str) -> str:
     """The model's verdict per cluster kind and version, as preview and measure print it."""
     statuses = model_statuses(policy, datapath)
     verdicts = ", ".join(f"{kind} {version} {status}" for (kind, version), status in sorted(statuses.items()))
@@ -541,7 +541,7 @@ def verdicts_line(label: str, policy: TrafficPolicy, datapath: str) -> str:
 
 
 @contextmanager
-def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7,
+def running(policy: MeshService, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7,
             datapath: str = "eni", statuses: dict[tuple[str, str], str] | None = None,
             dynamic_clusters: bool = False):  # fmt: skip
     """Stand-in versions, their DNS names and an Envoy with the policy in front; everything stops on exit.
@@ -586,7 +586,7 @@ def running(policy: TrafficPolicy, tag: str, faults: dict[str, Fault] | None = N
         dns = DnsStandIn({policy.version_host(v): a for v in policy.versions if (a := address("dns", v))})
         serve(dns)
         eds = {v: address("eds", v) for v in policy.versions}
-        def render(changed: TrafficPolicy, route_later: list | None = None) -> dict:
+        def render(changed: MeshService, route_later: list | None = None) -> dict:
             return stand_in_bootstrap(changed, eds, dns.server_address[1], directory, dynamic_clusters, route_later)
 
         envoy = EnvoyProcess(render(policy), tag, directory, render if dynamic_clusters else None)
@@ -637,7 +637,7 @@ def send(address: tuple[str, int], requests: int,
     return versions, statuses, latencies, time.perf_counter() - started
 
 
-def run(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault] | None = None,
+def run(policy: MeshService, tag: str, requests: int, faults: dict[str, Fault] | None = None,
         headers: dict[str, str] | None = None, seed: int = 7, datapath: str = "eni",
         statuses: dict[tuple[str, str], str] | None = None) -> RunResult:  # fmt: skip
     """Send ``requests`` through the policy with the given faults and Cilium's verdicts, and collect what happened."""
@@ -645,7 +645,7 @@ def run(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault]
         return send_and_collect(envoy, policy, faults, requests, headers)
 
 
-def send_and_collect(envoy: EnvoyProcess, policy: TrafficPolicy, faults: dict[str, Fault], requests: int,
+def send_and_collect(envoy: EnvoyProcess, policy: MeshService, faults: dict[str, Fault], requests: int,
                      headers: dict[str, str] | None = None) -> RunResult:  # fmt: skip
     """Send ``requests`` through a running Envoy, then read its retries and ejections."""
     versions, statuses, latencies, elapsed = send((LOOPBACK, envoy.port), requests, headers)

@@ -30,7 +30,7 @@ from stacks import cdk_json_context
 from stacks.config import load_config
 
 from cilium_mesh.metrics_files import DASHBOARD_FILE, rule_file
-from cilium_mesh.traffic import TrafficPolicy
+from cilium_mesh.traffic import MeshService
 from checks import prometheus
 from checks.cilium_envoy import build_for
 from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, CatalogClient, Fault, RunResult, running, send_and_collect
@@ -64,7 +64,7 @@ ALSO_ALLOWED = {"v2 answers 503 on 30%": frozenset({"CatalogdetailFailoverActive
 class PacedClient(threading.Thread):
     """GET /catalogDetail at a fixed rate over one keep-alive connection, counting what came back, until stopped."""
 
-    def __init__(self, address: tuple[str, int], rate_per_s: float, policy: TrafficPolicy, faults: dict[str, Fault]):
+    def __init__(self, address: tuple[str, int], rate_per_s: float, policy: MeshService, faults: dict[str, Fault]):
         super().__init__(daemon=True)
         self.address, self.period, self.stopping = address, 1.0 / rate_per_s, threading.Event()
         self.result = RunResult(policy, faults, 0)
@@ -113,7 +113,7 @@ class Observation:
 
 
 @contextmanager
-def scraped(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], datapath: str = "eni", seed: int = 7,
+def scraped(policy: MeshService, tag: str, faults: dict[str, Fault], datapath: str = "eni", seed: int = 7,
             statuses: dict[tuple[str, str], str] | None = None):  # fmt: skip
     """The traffic harness with a Prometheus scraping its Envoy and evaluating the stack's rule file."""
     with running(policy, tag, faults, seed, datapath, statuses) as (envoy, faults, stand_ins):
@@ -150,7 +150,7 @@ def recorded_line(server: prometheus.PrometheusServer) -> str:
     return "; ".join(fields) + f"; alerts: {', '.join(alerts) or 'none'}"
 
 
-def run_recorded(policy: TrafficPolicy, tag: str, requests: int, faults: dict[str, Fault] | None = None,
+def run_recorded(policy: MeshService, tag: str, requests: int, faults: dict[str, Fault] | None = None,
                  headers: dict[str, str] | None = None, datapath: str = "eni") -> tuple[RunResult, str]:  # fmt: skip
     """Like envoy_harness.run, scraped by Prometheus; also returns what the rules recorded at the end."""
     with scraped(policy, tag, faults or {}, datapath) as (envoy, server, faults, _):
@@ -195,7 +195,7 @@ class Timeline:
 PLOTTED = ("catalogdetail:share:ratio2m", "catalogdetail:answered:ratio2m", "catalogdetail:ejections_active")
 
 
-def timeline(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], fault_after_s: float, duration_s: float,
+def timeline(policy: MeshService, tag: str, faults: dict[str, Fault], fault_after_s: float, duration_s: float,
              rate_per_s: float, datapath: str = "eni") -> Timeline:  # fmt: skip
     """Healthy for ``fault_after_s``, then ``faults`` (5xx or down) until ``duration_s``."""
     with scraped(policy, tag, {}, datapath) as (envoy, server, healthy, stand_ins):
@@ -218,7 +218,7 @@ def timeline(policy: TrafficPolicy, tag: str, faults: dict[str, Fault], fault_af
         return Timeline(wall_started, fault_after_s, series, first_fired, measured, samples)
 
 
-def observe(policy: TrafficPolicy, tag: str, scenarios: dict[str, tuple[dict[str, Fault], frozenset[str]]],
+def observe(policy: MeshService, tag: str, scenarios: dict[str, tuple[dict[str, Fault], frozenset[str]]],
             duration_s: float, rate_per_s: float, datapath: str = "eni",
             queries: tuple[str, ...] = ()) -> dict[str, Observation]:  # fmt: skip
     """Run every scenario at once for ``duration_s``; ``queries`` are evaluated at the end."""

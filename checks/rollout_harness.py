@@ -52,7 +52,7 @@ from botocore.response import StreamingBody
 from cilium_mesh.metrics_files import rule_file
 from cilium_mesh.rollout import LAMBDA_FILES, PACKAGE_DIR
 from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutSettings, resource_properties, with_state
-from cilium_mesh.traffic import TrafficPolicy
+from cilium_mesh.traffic import MeshService
 from checks import prometheus
 from checks.cilium_envoy import build_for
 from checks.envoy_harness import LOOPBACK, Fault, LoopbackHandler, LoopbackServer, running
@@ -75,7 +75,7 @@ WORKSPACE_PATH = "/workspaces/ws-0123abcd-4567-89ef-0123-456789abcdef"
 LAMBDA_MODULES = ("rollout_lambda", "rollout_plan", "traffic")
 CLUSTER = Cluster(logical_id="Cluster", name="cilium-mesh", kubernetes_version="1.35")
 # The canary the scenarios roll out: from v1 alone to v2 alone.
-PREVIOUS = TrafficPolicy(weights={"v1": 100, "v2": 0})
+PREVIOUS = MeshService(weights={"v1": 100, "v2": 0})
 TARGET = PREVIOUS.with_weights({"v1": 0, "v2": 100})
 # Seconds instead of minutes, and the minimum rate scaled to a step of seconds in a 2-minute window:
 # 0.375/s in rate2m is 45 requests, enough to tell 30% failures from the 5% budget (at most 2 of 45
@@ -125,7 +125,7 @@ class LiveCluster:
     """The cluster as the kubectl provider's handler sees it: its objects (shared with the dry run's
     ready objects), changed by applies and deletes; each applied CiliumEnvoyConfig goes to ``on_apply``."""
 
-    def __init__(self, modules: dict, objects: dict, base: TrafficPolicy, on_apply=None):
+    def __init__(self, modules: dict, objects: dict, base: MeshService, on_apply=None):
         self.modules, self.objects, self.base = modules, objects, base
         self.on_apply = on_apply or (lambda policy, state: None)
         self.applied: list[tuple[float, dict[str, int], dict]] = []
@@ -175,7 +175,7 @@ class _LiveRecorder(Recorder):
         return output
 
 
-def policy_of(document: dict, base: TrafficPolicy) -> TrafficPolicy:
+def policy_of(document: dict, base: MeshService) -> MeshService:
     """The policy an applied CiliumEnvoyConfig renders: its split's weights on ``base``'s settings. Raises
     unless the document is exactly that policy's rendering (nothing but the weights may differ)."""
     versions = [s["name"].removeprefix(base.service) for s in document["spec"]["backendServices"]]
@@ -222,10 +222,10 @@ def operate(module, event: dict, interval_s: float, max_attempts: int) -> Outcom
     return outcome("FAILED", "Operation timed out", max_attempts + 1)
 
 
-def event(request_type: str, new: TrafficPolicy, old: TrafficPolicy | None, settings: RolloutSettings | None,
+def event(request_type: str, new: MeshService, old: MeshService | None, settings: RolloutSettings | None,
           query_url: str, request_id: str) -> dict:  # fmt: skip
     """What CloudFormation sends the framework for the scenarios' rollout resource."""
-    def properties(policy: TrafficPolicy) -> dict:
+    def properties(policy: MeshService) -> dict:
         return {"ServiceToken": "<framework onEvent>", **resource_properties(CLUSTER.name, KUBECTL_HANDLER, policy.to_json(), settings, query_url)}
 
     return _cloudformation_event(request_type, request_id, "TrafficRolloutC34CA7CD", properties(new),
@@ -248,8 +248,8 @@ def _cloudformation_event(request_type: str, request_id: str, logical_id: str, p
     if old_properties is not None:
         payload["OldResourceProperties"] = old_properties
     if request_type != "Create":
-        policy = TrafficPolicy.from_json(properties["Policy"])
-        payload["PhysicalResourceId"] = f"{policy.namespace}/{policy.name}"
+        policy = MeshService.from_json(properties["Policy"])
+        payload["PhysicalResourceId"] = f"{policy.namespace}/{policy.cec_name}"
     return payload
 
 
@@ -403,7 +403,7 @@ def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per
         server.wait_for_scrape()
         fault_at: list[float] = []
 
-        def on_apply(policy: TrafficPolicy, state: dict) -> None:
+        def on_apply(policy: MeshService, state: dict) -> None:
             envoy.apply_policy(policy)
             if fault_step and state.get("step") == fault_step - 1 and not fault_at:
                 stand_ins["2"].fail(fault)
@@ -454,7 +454,7 @@ def dry_run_step(modules: dict, cluster: Cluster, name: str, resource: dict, req
     """The dry run's view of one request of the rollout resource: run as the framework runs it (no gate:
     a Create or Delete never steps), with every kubectl handler call it makes recorded into one Step."""
     properties = cloudformation_strings(cluster.resolve(resource["Properties"]))
-    policy = TrafficPolicy.from_json(properties["Policy"])
+    policy = MeshService.from_json(properties["Policy"])
     payload = _cloudformation_event(request_type, f"dry-run-{request_type.lower()}", name, properties)
     with rollout_lambda() as module:
         live = LiveCluster(modules, ready_objects, policy)

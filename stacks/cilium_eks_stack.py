@@ -11,7 +11,7 @@ from aws_cdk import aws_eks_v2 as eks
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
-from cilium_mesh import CiliumMesh, CiliumMeshProps, TrafficPolicy
+from cilium_mesh import CiliumMesh, CiliumMeshProps, MeshService
 from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
 from cilium_mesh.metrics import MeshMetrics, MeshMetricsProps
@@ -515,10 +515,10 @@ def _managed_policy(name: str) -> str:
     return f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/{name}]"
 
 
-def _traffic_check_command(policy: TrafficPolicy) -> str:
+def _traffic_check_command(policy: MeshService) -> str:
     """Shows the policy at work, which the plain Service cannot imitate: the split next to the
     configured weights, and requests pinned by header going only to their version."""
-    url = f"{policy.service}:{policy.port}/catalogDetail"
+    url = f"{policy.name}:{policy.port}/catalogDetail"
     count = 'grep -o "\\"version\\":\\"[0-9]*\\"" | sort | uniq -c'
     weights = " ".join(f"{v}={w}" for v, w in policy.weights.items())
     script = f'echo "configured weights: {weights}"; for i in $(seq 200); do curl -s {url}; echo; done | {count}'

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import botocore
-from cilium_mesh import TrafficPolicy, TrafficPolicyError
-from cilium_mesh.manifests import DATAPATHS, WORKLOAD_FILES, load_documents, service_names
+from cilium_mesh import DeclarationError, MeshService
+from cilium_mesh.declaration import ServicesError, check_unique, sample_service, services
+from cilium_mesh.manifests import DATAPATHS
 from cilium_mesh.rollout_plan import RolloutError, RolloutSettings
 from cilium_mesh.versions import CILIUM_RELEASES
 
@@ -48,10 +49,12 @@ KEYS = (
     "smoke_test",
     "rollout",
     "existing_cluster",
+    "sample_app",
+    "services",
 )
 
 # Keys whose null is a value (none), not a missing key.
-OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout", "existing_cluster")
+OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout", "existing_cluster", "traffic_weights", "services")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {
@@ -150,14 +153,18 @@ class MeshConfig:
     node_count: int
     admin_principal_arn: str | None
     endpoint_public_cidrs: tuple[str, ...]
-    traffic_policy: TrafficPolicy
+    services: tuple[MeshService, ...]
     network_policy: bool
     datapath: str
     metrics: bool
     alert_email: str | None
     smoke_test: bool
-    rollout: RolloutSettings | None
     existing_cluster: ExistingCluster | None = None
+    sample_app: bool = True
+
+    def service(self, key: str) -> MeshService:
+        """A declared service by ``namespace/name``."""
+        return next(s for s in self.services if s.key == key)
 
 
 @functools.cache
@@ -368,18 +375,43 @@ def _cidrs(value: Any, key: str = "endpoint_public_cidrs") -> tuple[str, ...]:
     return tuple(cidrs)
 
 
-def _traffic_policy(value: Any) -> TrafficPolicy:
+def _sample_weights(value: Any) -> dict | None:
+    """The sample's weights (null: its declaration's); checked with the rest of its declaration."""
     value = _structured(value)
+    if value is None:
+        return None
     if not isinstance(value, dict):
         raise ConfigError(
             f'traffic_weights: {_shown(value)} must map versions to weights, like {{"v1": 90, "v2": 10}}'
         )
+    return value
+
+
+def _services(context, metrics: bool) -> tuple[bool, tuple[MeshService, ...]]:
+    """sample_app (its catalogdetail first, with the sample's traffic_weights and rollout), then the declared
+    services; a rollout needs metrics, whoever declares it."""
+    sample = _flag("sample_app", context("sample_app"))
+    weights = _sample_weights(context("traffic_weights"))
+    rollout = _rollout(context("rollout"), metrics)
+    if not sample:
+        for key, value in (("traffic_weights", weights), ("rollout", rollout)):
+            if value is not None:
+                raise ConfigError(f"{key}: sets the sample app's catalogdetail, and sample_app is false; declare your"
+                                  f" services' {'weights' if key == 'traffic_weights' else 'rollout'} in services[]; set it to null")  # fmt: skip
     try:
-        policy = TrafficPolicy(weights=value)
-        policy.check_services(service_names(load_documents(*WORKLOAD_FILES), policy.namespace))
-    except TrafficPolicyError as error:
-        raise ConfigError(f"traffic_weights: {error}") from None
-    return policy
+        declared = services(_structured(context("services")) or [])
+        if sample:
+            try:
+                declared = (sample_service(weights, rollout), *declared)
+            except (ServicesError, DeclarationError) as error:  # the sample's declaration is the code's: its weights are wrong
+                raise ConfigError(f"traffic_weights: {str(error).split(': ', 1)[1]}") from None
+        check_unique(declared)
+    except (ServicesError, DeclarationError) as error:
+        raise ConfigError(str(error)) from None
+    for s in declared:
+        if s.rollout is not None and not metrics:
+            raise ConfigError(f"services[{s.name}].rollout: needs metrics true (its gate reads the metrics' recording rules); set it to null")
+    return sample, declared
 
 
 def _aws_id(key: str, value: Any, kind: str) -> str:
@@ -498,6 +530,7 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
             " own kubectl provider only); set it to null"
         )
     metrics = _flag("metrics", context("metrics"))
+    sample, declared = _services(context, metrics)
     return MeshConfig(
         region=region,
         availability_zones=_zones(context("availability_zones"), region),
@@ -508,14 +541,14 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         node_count=_node_count(context("node_count")),
         admin_principal_arn=_principal(context("admin_principal_arn")),
         endpoint_public_cidrs=_cidrs(context("endpoint_public_cidrs")),
-        traffic_policy=_traffic_policy(context("traffic_weights")),
+        services=declared,
         network_policy=_flag("network_policy", context("network_policy")),
         datapath=_datapath(context("datapath"), cluster_name),
         metrics=metrics,
         alert_email=_alert_email(context("alert_email"), metrics),
         smoke_test=_flag("smoke_test", context("smoke_test")),
-        rollout=_rollout(context("rollout"), metrics),
         existing_cluster=existing,
+        sample_app=sample,
     )
 
 

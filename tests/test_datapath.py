@@ -16,7 +16,7 @@ from checks.datapath import (
 )
 from cilium_mesh.manifests import DATAPATHS, NETWORK_POLICY_FILE, load_documents
 from cilium_mesh.smoke_files import smoke_documents
-from cilium_mesh.traffic import TrafficPolicy
+from cilium_mesh.traffic import MeshService
 from cilium_mesh.values import cilium_values
 
 from stacks import cdk_json_context
@@ -216,7 +216,7 @@ def test_same_node_requests_carry_productcatalogs_identity_not_the_hosts():
     assert broken and all(line.startswith("kubelet -> catalogdetail") for line in broken)
 
 
-class _WithHealthChecks(TrafficPolicy):
+class _WithHealthChecks(MeshService):
     def envoy_resources(self):
         resources = super().envoy_resources()
         for resource in resources:

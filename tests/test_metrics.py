@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import yaml
-from cilium_mesh import TrafficPolicy
+from cilium_mesh import MeshService
 from cilium_mesh.manifests import CILIUM_VALUES_FILE, load_documents
 from cilium_mesh.metrics_files import (
     DASHBOARD_FILE,
@@ -30,7 +30,7 @@ from checks import amp_api
 from checks.prometheus import amtool, promtool
 
 RULES_TEST_FILE = ROOT / "tests" / "metrics" / "rules_test.yaml"
-POLICY = TrafficPolicy(weights={"v1": 50, "v2": 50})
+POLICY = MeshService(weights={"v1": 50, "v2": 50})
 TAG = build_for(CONTEXT["cilium_version"]).tag
 # Labels the collector adds to every series (scrape-config.yaml): the job, and node and pod by relabelling.
 SCRAPE_LABELS = {"job", "node", "pod"}
@@ -93,7 +93,7 @@ def test_rules_unit_tests_fail_when_an_alert_breaks(tmp_path):
 
 
 def test_weights_group_follows_the_traffic_policy():
-    groups = {g["name"]: g for g in yaml.safe_load(rule_file(TrafficPolicy(weights={"v1": 90, "v2": 10})))["groups"]}
+    groups = {g["name"]: g for g in yaml.safe_load(rule_file(MeshService(weights={"v1": 90, "v2": 10})))["groups"]}
     weights = {r["labels"]["version"]: r["expr"] for r in groups["catalogdetail-weights"]["rules"]}
     assert weights == {"v1": "vector(0.9)", "v2": "vector(0.1)"}
 

@@ -48,7 +48,7 @@ def ids(synth):
         "namespace": synth.logical_id(mesh.namespace),
         "hostname": synth.logical_id(mesh.ingress_hostname),
         **{name: synth.logical_id(manifest) for name, manifest in mesh.manifests.items()},
-        "TrafficPolicy": synth.logical_id(synth.stack.traffic.resource),
+        "MeshService": synth.logical_id(synth.stack.traffic.resource),
     }
 
 
@@ -165,7 +165,7 @@ def test_destroy_runs_deploy_backwards(steps, ids):
     assert deleted == created[::-1]
     assert position(steps, ids["lbc"], "Create") < position(steps, ids["cilium"], "Create")
     assert position(steps, ids["cilium"], "Delete") < position(steps, ids["lbc"], "Delete")
-    for name in ("App", "Ingress", "TrafficPolicy", "NetworkPolicy", "hostname"):
+    for name in ("App", "Ingress", "MeshService", "NetworkPolicy", "hostname"):
         assert position(steps, ids["cilium"], "Create") < position(steps, ids[name], "Create")
         assert position(steps, ids[name], "Delete") < position(steps, ids["cilium"], "Delete")
 

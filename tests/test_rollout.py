@@ -38,7 +38,7 @@ from cilium_mesh.rollout_plan import (
     plan,
     step_weights,
 )
-from cilium_mesh.traffic import TrafficPolicy
+from cilium_mesh.traffic import MeshService
 from conftest import ROLLOUT
 
 from checks.rollout_harness import (
@@ -441,5 +441,5 @@ def test_every_poll_logs_what_the_gate_read(rollout_runs):
 
 
 def test_the_policy_survives_its_trip_through_cloudformation():
-    policy = TrafficPolicy(weights={"v1": 90, "v2": 10}, pin_header=None, failover_to_drained=True)
-    assert TrafficPolicy.from_json(policy.to_json()) == policy
+    policy = MeshService(weights={"v1": 90, "v2": 10}, pin_header=None, failover_to_drained=True)
+    assert MeshService.from_json(policy.to_json()) == policy

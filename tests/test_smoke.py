@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import celpy
 import pytest
-from cilium_mesh import TrafficPolicy
+from cilium_mesh import MeshService
 from cilium_mesh.mesh import PROVIDER_LAMBDA_TIMEOUT
 from cilium_mesh.manifests import load_documents
 from cilium_mesh.smoke_files import (
@@ -28,7 +28,7 @@ from checks.envoy_harness import LOOPBACK, Blackhole, Fault, running
 from checks.provider_dry_run import VirtualClock, find_step, refused_apply, smoke_verdict_object, wait_step
 
 TAG = build_for(CONTEXT["cilium_version"]).tag
-POLICY = TrafficPolicy(weights={"v1": 50, "v2": 50})
+POLICY = MeshService(weights={"v1": 50, "v2": 50})
 
 
 def load_script():
@@ -90,9 +90,9 @@ def test_a_changed_configuration_names_a_new_job():
     def name(policy, datapath="eni", network_policy=True):
         return job_of(smoke_documents(policy, datapath, network_policy))["metadata"]["name"]
 
-    canary = TrafficPolicy(weights={"v1": 90, "v2": 10})
+    canary = MeshService(weights={"v1": 90, "v2": 10})
     assert len({name(POLICY), name(canary), name(POLICY, "chaining"), name(POLICY, network_policy=False)}) == 4
-    assert name(POLICY) == name(TrafficPolicy(weights={"v1": 50, "v2": 50}))
+    assert name(POLICY) == name(MeshService(weights={"v1": 50, "v2": 50}))
 
 
 def test_smoke_test_off_leaves_it_out(synth_variant):
@@ -276,7 +276,7 @@ def test_script_fails_when_a_version_is_down(app_stand_ins):
 def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkeypatch):
     """A route that pins v1 to v2's Service (a broken render): the pin check names it."""
     apps = app_stand_ins
-    original = TrafficPolicy.route_configuration
+    original = MeshService.route_configuration
 
     def crossed(self):
         config = original(self)
@@ -285,7 +285,7 @@ def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkey
                 route["route"]["cluster"] = self.eds_cluster("v2")
         return config
 
-    monkeypatch.setattr(TrafficPolicy, "route_configuration", crossed)
+    monkeypatch.setattr(MeshService, "route_configuration", crossed)
     with running(POLICY, TAG) as (envoy, _, _):
         line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
     assert line == "pin v1: v2 5/5 (expected only v1)"
@@ -293,7 +293,7 @@ def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkey
 
 def test_split_check_tells_the_weights_apart_from_a_plain_round_robin():
     """200 requests: a 90/10 policy's band (4.5 standard deviations) excludes the 100/100 a plain Service gives."""
-    policy = TrafficPolicy(weights={"v1": 90, "v2": 10})
+    policy = MeshService(weights={"v1": 90, "v2": 10})
     n, p = 200, 0.9
     band = SMOKE.SIGMAS * (n * p * (1 - p)) ** 0.5
     assert abs(100 - n * p) > band

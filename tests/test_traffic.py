@@ -12,8 +12,8 @@ import pytest
 from cilium_mesh.traffic import (
     MAX_TOTAL_WEIGHT,
     CircuitBreakers,
-    TrafficPolicy,
-    TrafficPolicyError,
+    MeshService,
+    DeclarationError,
     cluster_references,
     duration,
     qualified_name,
@@ -23,8 +23,8 @@ from conftest import CONTEXT, ROOT
 from checks.cilium_envoy import ENVOY_BUILDS, build_for
 from checks.envoy_harness import Fault, cilium_xds_bootstrap, run, running, send_and_collect, validate_bootstrap
 
-DEFAULT = TrafficPolicy(weights={"v1": 50, "v2": 50})
-CANARY = TrafficPolicy(weights={"v1": 90, "v2": 10})
+DEFAULT = MeshService(weights={"v1": 50, "v2": 50})
+CANARY = MeshService(weights={"v1": 90, "v2": 10})
 TAG = build_for(CONTEXT["cilium_version"]).tag
 SPLIT_REQUESTS = 2000
 FAULT_REQUESTS = 1000
@@ -47,20 +47,20 @@ def test_qualified_name_follows_cilium():
     assert qualified_name("workshop", "cec", "") == ""
 
 
-@pytest.mark.parametrize("policy", [DEFAULT, CANARY, TrafficPolicy(weights={"v1": 1, "v2": 0, "v3": 2})])
+@pytest.mark.parametrize("policy", [DEFAULT, CANARY, MeshService(weights={"v1": 1, "v2": 0, "v3": 2})])
 def test_every_cluster_reference_resolves_after_cilium_qualifies_names(policy):
-    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.name)
+    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.cec_name)
     eds = {policy.eds_cluster(v) for v in policy.versions}
     assert cluster_references(resources) <= defined_clusters(resources)
     assert eds <= defined_clusters(resources)
     listener = next(r for r in resources if r["@type"].endswith("Listener"))
     route = next(r for r in resources if r["@type"].endswith("RouteConfiguration"))
     rds = listener["filter_chains"][0]["filters"][0]["typed_config"]["rds"]["route_config_name"]
-    assert rds == route["name"] == f"workshop/{policy.name}/route"
+    assert rds == route["name"] == f"workshop/{policy.cec_name}/route"
 
 
 def test_cilium_qualifies_the_failover_clusters_and_leaves_their_dns_names():
-    resources = qualify_like_cilium(DEFAULT.envoy_resources(), "workshop", DEFAULT.name)
+    resources = qualify_like_cilium(DEFAULT.envoy_resources(), "workshop", DEFAULT.cec_name)
     failover = next(r for r in resources if r.get("type") == "STRICT_DNS")
     assert failover["name"] == failover["load_assignment"]["cluster_name"] == "workshop/catalogdetail-traffic/catalogdetail-v1"
     hosts = [e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"] for e in failover["load_assignment"]["endpoints"]]
@@ -71,7 +71,7 @@ def test_cilium_qualifies_the_failover_clusters_and_leaves_their_dns_names():
 
 
 def test_failover_priorities_put_own_version_first_then_heaviest():
-    policy = TrafficPolicy(weights={"v1": 10, "v2": 30, "v3": 60})
+    policy = MeshService(weights={"v1": 10, "v2": 30, "v3": 60})
     clusters = {r["name"]: r for r in policy.envoy_resources() if r.get("type") == "STRICT_DNS"}
     endpoints = clusters["catalogdetail-v1"]["load_assignment"]["endpoints"]
     assert [(e["priority"], e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"].split(".")[0])
@@ -79,12 +79,12 @@ def test_failover_priorities_put_own_version_first_then_heaviest():
 
 
 def test_drained_versions_take_no_traffic_unless_opted_in():
-    drained = TrafficPolicy(weights={"v1": 100, "v2": 0})
+    drained = MeshService(weights={"v1": 100, "v2": 0})
     route = drained.route_configuration()["virtual_hosts"][0]["routes"][-1]["route"]
     assert route["weighted_clusters"]["clusters"] == [{"name": "catalogdetail-v1", "weight": 100}]
     assert drained.failover_order("v1") == ["v1"]
     assert "catalogdetailv2.workshop" not in json.dumps(drained.envoy_resources())
-    opted_in = TrafficPolicy(weights={"v1": 100, "v2": 0}, failover_to_drained=True)
+    opted_in = MeshService(weights={"v1": 100, "v2": 0}, failover_to_drained=True)
     assert opted_in.failover_order("v1") == ["v1", "v2"]
 
 
@@ -95,7 +95,7 @@ def test_durations_are_protobuf_durations():
 
 
 def test_uses_only_what_cilium_envoy_builds():
-    text = json.dumps(TrafficPolicy.walkthrough().envoy_resources() + DEFAULT.envoy_resources())
+    text = json.dumps(MeshService.walkthrough().envoy_resources() + DEFAULT.envoy_resources())
     for absent in ("aggregate", "previous_hosts", "previous_priorities", "retry_host_predicate", "lua"):
         assert absent not in text
 
@@ -113,31 +113,31 @@ def test_uses_only_what_cilium_envoy_builds():
     ],
 )
 def test_bad_weights_are_rejected(weights, message):
-    with pytest.raises(TrafficPolicyError, match=message):
-        TrafficPolicy(weights=weights)
+    with pytest.raises(DeclarationError, match=message):
+        MeshService(weights=weights)
 
 
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [
-        ("request_timeout_ms", 0, "request_timeout_ms must be a positive integer"),
+        ("timeout_ms", 0, "timeout_ms must be a positive integer"),
         ("connect_timeout_ms", -5, "connect_timeout_ms must be a positive integer"),
         ("pin_header", "X Version", "lower-case HTTP header"),
         ("service", "Catalog", "DNS-1123"),
         ("port", 70000, "port must be 1-65535"),
-        ("request_timeout_ms", 10**9, "at most 86400000"),
+        ("timeout_ms", 10**9, "at most 86400000"),
         ("circuit_breakers", CircuitBreakers(max_retries=0), "circuit_breakers.max_retries must be an integer from 1"),
         ("circuit_breakers", CircuitBreakers(max_connections=True), "circuit_breakers.max_connections"),
     ],
 )
 def test_bad_settings_are_rejected(field, value, message):
-    with pytest.raises(TrafficPolicyError, match=message):
-        TrafficPolicy(weights={"v1": 1}, **{field: value})
+    with pytest.raises(DeclarationError, match=message):
+        MeshService(weights={"v1": 1}, **{field: value})
 
 
 def test_every_cluster_sets_its_circuit_breakers():
     """Cilium fills its own, version-dependent limits only into clusters that set none."""
-    for policy in (DEFAULT, TrafficPolicy.walkthrough()):
+    for policy in (DEFAULT, MeshService.walkthrough()):
         clusters = [r for r in policy.envoy_resources() if r["@type"].endswith(".Cluster")]
         assert clusters and all(
             c["circuit_breakers"] == {"thresholds": [{"max_connections": 1024, "max_pending_requests": 1024,
@@ -147,8 +147,8 @@ def test_every_cluster_sets_its_circuit_breakers():
 
 
 def test_a_version_needs_its_service():
-    with pytest.raises(TrafficPolicyError, match="no Service catalogdetailv3"):
-        TrafficPolicy(weights={"v3": 1}).check_services({"catalogdetail", "catalogdetailv1", "catalogdetailv2"})
+    with pytest.raises(DeclarationError, match="no Service catalogdetailv3"):
+        MeshService(weights={"v3": 1}).check_services({"catalogdetail", "catalogdetailv1", "catalogdetailv2"})
 
 
 # --- cilium-envoy's Envoy -----------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_cilium_envoy_set_rejects_retry_predicates(tag):
         {"name": "envoy.retry_host_predicates.previous_hosts", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}
     ]  # fmt: skip
-    hcm["route_config"] = qualify_like_cilium([{**route, "@type": "x.RouteConfiguration"}], "workshop", DEFAULT.name)[0]
+    hcm["route_config"] = qualify_like_cilium([{**route, "@type": "x.RouteConfiguration"}], "workshop", DEFAULT.cec_name)[0]
     hcm["route_config"].pop("@type")
     result = validate_bootstrap(bootstrap, tag)
     assert result.returncode != 0 and "previous_hosts" in result.stderr + result.stdout
@@ -200,7 +200,7 @@ def test_cilium_envoy_set_rejects_retry_predicates(tag):
 
 @pytest.mark.envoy
 @pytest.mark.parametrize("tag", sorted(ENVOY_BUILDS))
-@pytest.mark.parametrize("policy", [DEFAULT, CANARY, TrafficPolicy.walkthrough()], ids=["default", "canary", "walkthrough"])
+@pytest.mark.parametrize("policy", [DEFAULT, CANARY, MeshService.walkthrough()], ids=["default", "canary", "walkthrough"])
 def test_cilium_envoy_accepts_the_resources_as_cilium_delivers_them(policy, tag):
     """Listener, EDS and failover clusters with Cilium's gRPC RDS/EDS sources, in every supported Cilium's build."""
     result = validate_bootstrap(cilium_xds_bootstrap(policy), tag)
@@ -226,21 +226,21 @@ def test_cilium_envoy_rejects_a_typo_in_a_deployed_cluster():
 @pytest.mark.envoy
 def test_route_typo_is_rejected_when_served_over_rds(monkeypatch):
     """The route configuration reaches Envoy over RDS in the harness too: a typo there fails the run."""
-    original = TrafficPolicy.route_configuration
+    original = MeshService.route_configuration
 
     def with_typo(self):
         route = original(self)
         route["virtual_hosts"][0]["routes"][-1]["route"]["retry_policy"]["retry_onn"] = "5xx"
         return route
 
-    monkeypatch.setattr(TrafficPolicy, "route_configuration", with_typo)
+    monkeypatch.setattr(MeshService, "route_configuration", with_typo)
     with pytest.raises(RuntimeError):
         run(DEFAULT, TAG, 10)
 
 
 def test_walkthrough_policy_is_the_walkthroughs_yaml():
     """Step 11's CiliumEnvoyConfig: 50/50, retry on 5xx three times with 1s per try, local-origin ejection after 2."""
-    resources = TrafficPolicy.walkthrough().envoy_resources()
+    resources = MeshService.walkthrough().envoy_resources()
     route = next(r for r in resources if r["@type"].endswith("RouteConfiguration"))
     (split,) = route["virtual_hosts"][0]["routes"]
     assert split["route"]["weighted_clusters"]["clusters"] == [
@@ -287,10 +287,10 @@ FAULT_RUNS = {
     ("this policy", "5xx:0.3"): (DEFAULT, FAULT_REQUESTS, {"v2": Fault("errors", 0.3)}),
     ("this policy", "down"): (DEFAULT, FAULT_REQUESTS, {"v2": Fault("down")}),
     ("this policy", "empty"): (DEFAULT, FAULT_REQUESTS, {"v2": Fault("empty")}),
-    ("drained", "down"): (TrafficPolicy(weights={"v1": 100, "v2": 0}), 15, {"v1": Fault("down")}),
+    ("drained", "down"): (MeshService(weights={"v1": 100, "v2": 0}), 15, {"v1": Fault("down")}),
     # 'down' backs off between its retries: fewer requests.
-    ("walkthrough", "down"): (TrafficPolicy.walkthrough(), 120, {"v2": Fault("down")}),
-    ("walkthrough", "empty"): (TrafficPolicy.walkthrough(), FAULT_REQUESTS, {"v2": Fault("empty")}),
+    ("walkthrough", "down"): (MeshService.walkthrough(), 120, {"v2": Fault("down")}),
+    ("walkthrough", "empty"): (MeshService.walkthrough(), FAULT_REQUESTS, {"v2": Fault("empty")}),
 }
 
 

@@ -38,7 +38,7 @@ from checks.datapath import Deployed, cec_statuses
 from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running, verdicts_line
 from checks import metrics_harness
 
-from cilium_mesh import TrafficPolicy
+from cilium_mesh import MeshService
 from stacks import cdk_json_context
 from stacks.config import load_config
 
@@ -61,7 +61,7 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
     return median if low == high else f"{median} ({low} to {high})"
 
 
-def failover_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, repeats: int, datapath: str) -> list[str]:
+def failover_rows(policies: dict[str, MeshService], tag: str, requests: int, repeats: int, datapath: str) -> list[str]:
     header = next(p.pin_header for p in policies.values() if p.pin_header)
     rows = []
     for scenario, (faults, pinned, cluster_ips) in SCENARIOS.items():
@@ -107,7 +107,7 @@ def _interleaved(targets: dict[str, tuple[str, int]], requests: int, rng: random
     return latencies
 
 
-def overhead_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, rounds: int,
+def overhead_rows(policies: dict[str, MeshService], tag: str, requests: int, rounds: int,
                   datapath: str) -> tuple[list[str], list[float]]:  # fmt: skip
     """Rows of p50/p99 added per policy, and the per-round ratio of p99 added (this policy / walkthrough)."""
     added = {name: {0.5: [], 0.99: []} for name in policies}
@@ -134,7 +134,7 @@ def overhead_rows(policies: dict[str, TrafficPolicy], tag: str, requests: int, r
     return rows, [m / t if t > 0 else float("inf") for m, t in zip(mine, theirs)]
 
 
-def alert_rows(policy: TrafficPolicy, tag: str, seconds: float, datapath: str) -> list[str]:
+def alert_rows(policy: MeshService, tag: str, seconds: float, datapath: str) -> list[str]:
     """Per scenario: the alerts that fired and when, and v2's share recorded next to the one measured."""
     observations = metrics_harness.observe(policy, tag, metrics_harness.SCENARIOS, seconds, metrics_harness.RATE_PER_S,
                                            datapath, ("catalogdetail:share:ratio2m",))  # fmt: skip
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     config = load_config(cdk_json_context())
     policy = config.traffic_policy
-    policies = {"this policy": policy, "walkthrough": dataclasses.replace(TrafficPolicy.walkthrough(), weights=policy.weights)}
+    policies = {"this policy": policy, "walkthrough": dataclasses.replace(MeshService.walkthrough(), weights=policy.weights)}
     build = build_for(config.cilium_version)
     started = time.perf_counter()
     print(f"Envoy {build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "

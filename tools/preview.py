@@ -28,7 +28,7 @@ from checks.cilium_envoy import build_for
 from checks.envoy_harness import DIFFERENCES, Fault, RunResult, run, verdicts_line
 from checks.metrics_harness import Timeline, run_recorded, timeline
 
-from cilium_mesh import TrafficPolicy, TrafficPolicyError
+from cilium_mesh import MeshService, DeclarationError
 from stacks import cdk_json_context
 from stacks.config import ConfigError, load_config
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             if not policy.pin_header or args.header not in policy.weights:
                 raise ValueError(f"--header must be one of {', '.join(policy.versions)}")
             headers = {policy.pin_header: args.header}
-    except (ValueError, ConfigError, TrafficPolicyError) as error:
+    except (ValueError, ConfigError, DeclarationError) as error:
         print(f"preview: {error}", file=sys.stderr)
         return 2
 
@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         return plot_run(args, policy, faults, build, config.datapath)
     runs = [("this policy", policy)]
     if args.compare:
-        runs.append(("walkthrough", dataclasses.replace(TrafficPolicy.walkthrough(), weights=policy.weights)))
+        runs.append(("walkthrough", dataclasses.replace(MeshService.walkthrough(), weights=policy.weights)))
     fault_text = ", ".join(f"{v} {f.describe()}" for v, f in faults.items()) or "none"
-    print(f"{policy.name}: {args.requests} requests to {policy.service}:{policy.port}/catalogDetail in Envoy "
+    print(f"{policy.cec_name}: {args.requests} requests to {policy.name}:{policy.port}/catalogDetail in Envoy "
           f"{build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
           f"faults: {fault_text}" + (f", header {policy.pin_header}: {args.header}" if headers else ""))
     print(DIFFERENCES)
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def plot_run(args: argparse.Namespace, policy: TrafficPolicy, faults: dict[str, Fault], build, datapath: str) -> int:
+def plot_run(args: argparse.Namespace, policy: MeshService, faults: dict[str, Fault], build, datapath: str) -> int:
     fault_text = ", ".join(f"{v} {f.describe()}" for v, f in faults.items())
-    print(f"{policy.name}: {args.rate:g} requests/s for {args.seconds:g} s in Envoy {build.upstream_version} limited to "
+    print(f"{policy.cec_name}: {args.rate:g} requests/s for {args.seconds:g} s in Envoy {build.upstream_version} limited to "
           f"cilium-envoy {build.tag}; after {args.fault_after:g} s: {fault_text}")  # fmt: skip
     run_ = timeline(policy, build.tag, faults, args.fault_after, args.seconds, args.rate, datapath)
     draw(run_, policy, fault_text, args.plot)
@@ -153,7 +153,7 @@ SEEN_WINDOW_S = 2.0
 VERSION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple")
 
 
-def draw(run_: Timeline, policy: TrafficPolicy, fault_text: str, path: Path) -> list[str]:
+def draw(run_: Timeline, policy: MeshService, fault_text: str, path: Path) -> list[str]:
     """Three panels over time: what the requests saw (solid, every SEEN_WINDOW_S from the run itself)
     beside what AMP's 2-minute rules record for the same moments (thin, dashed), the weights, and
     Envoy's ejected hosts. Returns the legend's labels."""
@@ -204,7 +204,7 @@ def draw(run_: Timeline, policy: TrafficPolicy, fault_text: str, path: Path) -> 
     for alert, after in sorted(run_.first_fired_s.items(), key=lambda item: item[1]):
         ejected.annotate(alert, (run_.fault_at_s + after, 0.5), xycoords=("data", "axes fraction"), rotation=90,
                          fontsize=7, va="center", ha="right", color="grey")  # fmt: skip
-    share.set_title(f"{policy.name}, weights {dict(policy.weights)}: {fault_text} at {run_.fault_at_s:g} s (red); "
+    share.set_title(f"{policy.cec_name}, weights {dict(policy.weights)}: {fault_text} at {run_.fault_at_s:g} s (red); "
                     "alerts firing (grey)", fontsize=9)  # fmt: skip
     labels = [text.get_text() for axis in (share, answered, ejected) for text in axis.get_legend().get_texts()]
     figure.savefig(path, dpi=110)

@@ -4,9 +4,9 @@ The construct is loaded on first use (PEP 562), so that the configuration and th
 which need no aws-cdk-lib, import without the CDK's runtime: a bad setting stops app.py at once.
 """
 
-from .traffic import CircuitBreakers, OutlierDetection, RetryPolicy, TrafficPolicy, TrafficPolicyError
+from .traffic import CircuitBreakers, OutlierDetection, Retries, MeshService, DeclarationError
 
-__all__ = ["CircuitBreakers", "CiliumMesh", "CiliumMeshProps", "OutlierDetection", "RetryPolicy", "TrafficPolicy", "TrafficPolicyError"]
+__all__ = ["CircuitBreakers", "CiliumMesh", "CiliumMeshProps", "OutlierDetection", "Retries", "MeshService", "DeclarationError"]
 
 
 def __getattr__(name: str):

@@ -22,6 +22,8 @@ CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapa
 # With existing_cluster (chaining only): what leaves the cluster working once Cilium is uninstalled.
 CILIUM_EXISTING_CLUSTER_FILE = MANIFESTS_DIR / "cilium" / "existing-cluster.yaml"
 TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"
+# The sample app's declaration of catalogdetail, in the form of cdk.json's "services".
+SAMPLE_DECLARATION_FILE = MANIFESTS_DIR / "app" / "mesh-services.yaml"
 
 
 def cilium_release_file(cilium_version: str) -> Path | None:

@@ -52,7 +52,7 @@ from .manifests import (
     load_documents,
     replaced_by_name,
 )
-from .traffic import TrafficPolicy
+from .traffic import MeshService
 from .values import cilium_values
 from .versions import CILIUM_HELM_REPOSITORY
 
@@ -88,7 +88,7 @@ class CiliumMeshProps:
     nodes: IConstruct | None
     load_balancer_controller: IConstruct | None
     cilium_version: str
-    traffic_policy: TrafficPolicy
+    traffic_policy: MeshService
     cluster_name: str
     network_policy: bool = True
     datapath: str = "eni"

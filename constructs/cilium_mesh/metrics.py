@@ -37,7 +37,7 @@ from constructs import Construct
 
 from .manifests import load_documents
 from .metrics_files import METRICS_PORTS, RULES_NAMESPACE, SCRAPE_CONFIG_FILE, SCRAPER_RBAC_FILE, rule_file
-from .traffic import TrafficPolicy
+from .traffic import MeshService
 
 
 def alert_manager_definition(topic_arn: str, region: str) -> str:
@@ -79,7 +79,7 @@ class MeshMetricsProps:
 
     cluster: eks.ICluster
     private_subnets: Sequence[ec2.ISubnet]
-    traffic_policy: TrafficPolicy
+    traffic_policy: MeshService
     alert_email: str | None = None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import yaml
 
 from .manifests import MANIFESTS_DIR, load_documents
-from .traffic import TrafficPolicy
+from .traffic import MeshService
 
 METRICS_DIR = MANIFESTS_DIR / "metrics"
 SCRAPE_CONFIG_FILE = METRICS_DIR / "prometheus" / "scrape-config.yaml"
@@ -22,7 +22,7 @@ RULES_NAMESPACE = "cilium-mesh"
 WEIGHTS_GROUP = "catalogdetail-weights"
 
 
-def weights_group(policy: TrafficPolicy) -> dict:
+def weights_group(policy: MeshService) -> dict:
     """The configured split as series (catalogdetail:weight:ratio{version=...}), which the share and
     no-traffic rules compare with; rendered from the traffic policy, its one source."""
     total = sum(policy.weights.values())
@@ -35,7 +35,7 @@ def weights_group(policy: TrafficPolicy) -> dict:
     }
 
 
-def rule_file(policy: TrafficPolicy) -> str:
+def rule_file(policy: MeshService) -> str:
     """What AMP and the local Prometheus evaluate: manifests/metrics/prometheus/rules.yaml and the weights group."""
     (rules,) = load_documents(RULES_FILE)
     return yaml.safe_dump({"groups": [*rules["groups"], weights_group(policy)]}, sort_keys=False, width=1000)

@@ -22,7 +22,7 @@ from aws_cdk import custom_resources as cr
 from constructs import Construct, IConstruct
 
 from .rollout_plan import QUERY_INTERVAL_S, RESOURCE_TYPE, SERVICE_TIMEOUT_S, RolloutSettings, resource_properties
-from .traffic import TrafficPolicy
+from .traffic import MeshService
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 # What the Lambda's package holds: the handlers and the two modules they render and judge with.
@@ -45,7 +45,7 @@ class TrafficRolloutProps:
     """
 
     cluster: eks.ICluster
-    traffic_policy: TrafficPolicy
+    traffic_policy: MeshService
     rollout: RolloutSettings | None
     query_url: str | None
     workspace_arn: str | None
@@ -68,7 +68,7 @@ class TrafficRollout(Construct):
                 handler=f"rollout_lambda.{handler}",
                 code=code,
                 timeout=HANDLER_TIMEOUT,
-                description=f"{description} of the {props.traffic_policy.name} CiliumEnvoyConfig's rollout",
+                description=f"{description} of the {props.traffic_policy.cec_name} CiliumEnvoyConfig's rollout",
                 log_group=logs.LogGroup(
                     self, f"{name}Logs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
                 ),

@@ -60,7 +60,7 @@ from rollout_plan import (
     plan,
     with_state,
 )
-from traffic import TrafficPolicy
+from traffic import MeshService
 
 APPLY = "Custom::AWSCDK-EKS-KubernetesResource"
 GET = "Custom::AWSCDK-EKS-KubernetesObjectValue"
@@ -170,8 +170,8 @@ class Prometheus:
         return Reading(version, **{name: self.value(expr) for name, expr in gate_queries(version).items()})
 
 
-def _policy(properties: dict) -> TrafficPolicy:
-    return TrafficPolicy.from_json(properties["Policy"])
+def _policy(properties: dict) -> MeshService:
+    return MeshService.from_json(properties["Policy"])
 
 
 def _settings(properties: dict) -> RolloutSettings | None:
@@ -185,7 +185,7 @@ def _rolling_back(event: dict) -> bool:
     return stacks[0]["StackStatus"] == ROLLBACK_STATUS
 
 
-def _document(policy: TrafficPolicy, state: dict) -> dict:
+def _document(policy: MeshService, state: dict) -> dict:
     """The CiliumEnvoyConfig rendered from the policy, with the rollout's progress as an annotation."""
     return with_state(policy.cilium_envoy_config(), state)
 
@@ -211,7 +211,7 @@ def on_event(event: dict, _context=None) -> dict:
     _log(event=event["RequestType"], steps=steps, applied=0)
     longest = settings.worst_case_s if len(steps) > 1 else 0
     return {
-        "PhysicalResourceId": f"{target.namespace}/{target.name}",
+        "PhysicalResourceId": f"{target.namespace}/{target.cec_name}",
         "Data": {
             "Steps": json.dumps(steps),
             "Gaining": json.dumps(gaining_versions(previous, target.weights) if previous else []),
@@ -232,7 +232,7 @@ def is_complete(event: dict, _context=None) -> dict:
     except KubectlFailed as error:
         return _wait_for_kubectl(event, error)
     if state.get("request") != event["RequestId"]:
-        raise RolloutStopped(f"rollout: the CiliumEnvoyConfig {target.name} was applied by another request ({state.get('request')})")
+        raise RolloutStopped(f"rollout: the CiliumEnvoyConfig {target.cec_name} was applied by another request ({state.get('request')})")
     if "stopped" in state:
         raise RolloutStopped(f"rollout stopped: {state['stopped']}")
     step = state["step"]

@@ -6,12 +6,13 @@ Lambda (rollout_lambda.py, packaged with this file and traffic.py) plans and jud
 A rollout moves the split from the deployed weights to the new ones in steps, each a percentage of
 the change (10 -> 50 -> 100 by default). After each step but the last it waits ``pause_s``, then
 asks Amazon Managed Service for Prometheus about every version that gains weight, from the
-recording rules of manifests/metrics/prometheus/rules.yaml:
+recording rules of manifests/metrics/prometheus/service-rules.yaml, each series with the service's
+namespace and service labels:
 
-  catalogdetail:errors:ratio2m{version}        the share of its attempts that failed: at most max_error_ratio;
-  catalogdetail:latency_ms:p99_2m{destination} p99 of the requests routed to it: at most max_p99_ms;
-  catalogdetail:ejections_active{destination}  Envoy ejected its hosts: none;
-  catalogdetail:attempts:rate2m{version}       requests it was asked per second: at least min_request_rate.
+  mesh_service:errors:ratio2m{version}         the share of its attempts that failed: at most max_error_ratio;
+  mesh_service:latency_ms:p99_2m{destination}  p99 of the requests routed to it: at most max_p99_ms;
+  mesh_service:ejections_active{destination}   Envoy ejected its hosts: none;
+  mesh_service:attempts:rate2m{version}        requests it was asked per second: at least min_request_rate.
 
 A breach stops the rollout at once (the previous weights are applied again, and the deploy fails);
 a step passes once its pause is over with enough traffic and no breach; a step that has not had
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 
 # The rollout runs inside one custom resource: CloudFormation waits at most an hour for it
@@ -59,6 +62,36 @@ class RolloutError(ValueError):
 
 
 @dataclass(frozen=True)
+class RolloutLoad:
+    """Synthetic requests during each step of a rollout, sent from inside the cluster as a caller would
+    (a Deployment in the mesh's namespace, admitted by the service's policy), each with the header
+    x-cilium-mesh-load, so they are counted apart. A quiet service can then still be judged.
+
+    rate_per_s: requests per second (default 2; the gate needs min_request_rate per version).
+    path:       the path asked for (default the service's check_path).
+    method:     GET (default) or HEAD: the load must be harmless to repeat.
+    headers:    extra request headers (default none).
+    """
+
+    rate_per_s: float = 2.0
+    path: str | None = None
+    method: str = "GET"
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", dict(self.headers))
+        if not _number(self.rate_per_s) or not 0 < self.rate_per_s <= 100:
+            raise RolloutError(f"load.rate_per_s {self.rate_per_s!r} must be a number above 0 and at most 100 (requests/s)")
+        if self.path is not None and (not isinstance(self.path, str) or not self.path.startswith("/")):
+            raise RolloutError(f"load.path {self.path!r} must start with '/'")
+        if self.method not in ("GET", "HEAD"):
+            raise RolloutError(f"load.method {self.method!r} must be GET or HEAD (the load repeats its request)")
+        for name, value in self.headers.items():
+            if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name) or not isinstance(value, str):
+                raise RolloutError(f"load.headers.{name}: must be a lower-case HTTP header name with a string value")
+
+
+@dataclass(frozen=True)
 class RolloutSettings:
     """How new weights are rolled out.
 
@@ -69,6 +102,7 @@ class RolloutSettings:
     max_p99_ms:       the highest p99 latency, in ms, of requests routed to it (default 500).
     min_request_rate: requests per second it must be asked before a step may pass (default 0.5,
                       60 requests in the rules' 2-minute window).
+    load:             synthetic requests during each step (RolloutLoad); default none.
     min_pause_s:      the shortest pause allowed; MIN_PAUSE_S for AMP, less only for local runs.
     """
 
@@ -77,6 +111,7 @@ class RolloutSettings:
     max_error_ratio: float = 0.05
     max_p99_ms: int = 500
     min_request_rate: float = 0.5
+    load: RolloutLoad | None = None
     min_pause_s: int = field(default=MIN_PAUSE_S, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,10 +151,20 @@ class RolloutSettings:
         unknown = sorted(set(value) - set(ROLLOUT_KEYS))
         if unknown:
             raise RolloutError(f"{unknown[0]!r} is not a rollout setting (settings: {', '.join(ROLLOUT_KEYS)})")
-        return cls(**value, min_pause_s=min_pause_s)
+        load = value.get("load")
+        if load is not None and not isinstance(load, RolloutLoad):
+            if not isinstance(load, Mapping):
+                raise RolloutError(f"load {load!r} must be an object like {{\"rate_per_s\": 2}}")
+            unknown = sorted(set(load) - {f.name for f in dataclasses.fields(RolloutLoad)})
+            if unknown:
+                raise RolloutError(f"load.{unknown[0]}: not a load setting (settings: rate_per_s, path, method, headers)")
+            load = RolloutLoad(**load)
+        return cls(**{**value, "load": load}, min_pause_s=min_pause_s)
 
     def as_mapping(self) -> dict:
-        return {key: list(self.steps) if key == "steps" else getattr(self, key) for key in ROLLOUT_KEYS}
+        mapping = {key: list(self.steps) if key == "steps" else getattr(self, key) for key in ROLLOUT_KEYS}
+        mapping["load"] = dataclasses.asdict(self.load) if self.load else None
+        return mapping
 
     @property
     def worst_case_s(self) -> int:
@@ -127,7 +172,7 @@ class RolloutSettings:
         return (len(self.steps) - 1) * VOLUME_WAIT_FACTOR * self.pause_s
 
 
-ROLLOUT_KEYS = ("steps", "pause_s", "max_error_ratio", "max_p99_ms", "min_request_rate")
+ROLLOUT_KEYS = ("steps", "pause_s", "max_error_ratio", "max_p99_ms", "min_request_rate", "load")
 
 
 def _number(value) -> bool:
@@ -182,13 +227,15 @@ class Reading:
     request_rate: float | None
 
 
-# The gate's queries per version gaining weight: recorded series of the rules AMP evaluates.
-def gate_queries(version: str) -> dict[str, str]:
+# The gate's queries per version gaining weight: recorded series of the rules AMP evaluates, each
+# service's apart by its labels (manifests/metrics/prometheus/service-rules.yaml).
+def gate_queries(namespace: str, service: str, version: str) -> dict[str, str]:
+    labels = f'namespace="{namespace}", service="{service}"'
     return {
-        "error_ratio": f'catalogdetail:errors:ratio2m{{version="{version}"}}',
-        "p99_ms": f'catalogdetail:latency_ms:p99_2m{{destination="{version}"}}',
-        "ejected_hosts": f'catalogdetail:ejections_active{{destination="{version}"}}',
-        "request_rate": f'catalogdetail:attempts:rate2m{{version="{version}"}}',
+        "error_ratio": f'mesh_service:errors:ratio2m{{{labels}, version="{version}"}}',
+        "p99_ms": f'mesh_service:latency_ms:p99_2m{{{labels}, destination="{version}"}}',
+        "ejected_hosts": f'mesh_service:ejections_active{{{labels}, destination="{version}"}}',
+        "request_rate": f'mesh_service:attempts:rate2m{{{labels}, version="{version}"}}',
     }
 
 

@@ -22,7 +22,7 @@ from aws_cdk import aws_eks_v2 as eks
 from constructs import Construct, IConstruct
 
 from .smoke_files import VERDICT_WAIT_S, result_document, smoke_documents, verdict_configmap
-from .traffic import TrafficPolicy
+from .traffic import MeshService
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SmokeTestProps:
     """
 
     cluster: eks.ICluster
-    traffic_policy: TrafficPolicy
+    traffic_policy: MeshService
     datapath: str
     network_policy: bool
     after: tuple[IConstruct, ...]

@@ -7,7 +7,7 @@ import hashlib
 import json
 
 from .manifests import MANIFESTS_DIR, load_documents, replaced_by_name
-from .traffic import TrafficPolicy
+from .traffic import MeshService
 
 SMOKE_DIR = MANIFESTS_DIR / "smoke"
 SMOKE_TEST_FILE = SMOKE_DIR / "smoke-test.yaml"
@@ -19,7 +19,7 @@ SMOKE_POLICY_DATAPATH_FILES = {"chaining": None, "eni": SMOKE_DIR / "network-pol
 VERDICT_WAIT_S = 600
 
 
-def smoke_documents(policy: TrafficPolicy, datapath: str, network_policy: bool) -> list[dict]:
+def smoke_documents(policy: MeshService, datapath: str, network_policy: bool) -> list[dict]:
     """manifests/smoke/ as the stack applies it: the script as a ConfigMap, the Job's settings from the
     configuration and a name from their digest, and the smoke test's network policy with the app's."""
     documents = load_documents(SMOKE_TEST_FILE)

@@ -1,20 +1,24 @@
-"""L7 traffic policy for one Kubernetes Service, rendered as a CiliumEnvoyConfig.
+"""A Service in the mesh: its declaration (one model for cdk.json's ``services`` and for Python), and
+the CiliumEnvoyConfig, version Services and network policy rendered from it.
 
-A policy splits requests across version Services by integer weight, pins
-requests that carry a header to one version, retries, times out, and ejects
-failing hosts. Everything it uses is built into cilium-envoy (no aggregate
-cluster, no retry predicates or priorities: cilium/proxy leaves them out).
+Standard library only: the rollout Lambda renders each step's CiliumEnvoyConfig with this file.
+Types of a declaration from cdk.json are checked by cilium_mesh.declaration (pydantic); what this
+file checks, on both ways in, is everything else, one line per mistake naming its path, e.g.
+``services[payments].routes[1].to: version v3 is not declared``.
 
-With ``failover`` on (the default), each weighted destination is one Envoy
-cluster whose endpoints are the version Services' cluster DNS names (headless
-Services, so DNS answers their pods' addresses, which carry the pods'
-identities in Cilium's policy; a ClusterIP would be "world"), its own
-version at priority 0 and the other versions at priorities 1, 2, ... When
-outlier detection ejects the priority-0 host (a version down, answering
-errors, or without endpoints), Envoy sends that destination's share to the
-next priority. While every version is healthy the split is exactly the
-configured one. Pinned requests go to the version's own Service endpoints
-(Cilium's EDS cluster), never elsewhere.
+A service's requests go, in order: to the version its pin header names; to the first declared route
+that matches (one version, or the split); else to the split by integer weight. Everything used is
+built into cilium-envoy (no aggregate cluster, no retry predicates or priorities, no fault filter:
+cilium/proxy leaves them out).
+
+With ``failover`` on (the default), each weighted destination is one Envoy cluster whose endpoints
+are the version Services' cluster DNS names (headless Services, so DNS answers their pods'
+addresses, which carry the pods' identities in Cilium's policy; a ClusterIP would be "world"), its
+own version at priority 0 and the other versions at priorities 1, 2, ... When outlier detection
+ejects the priority-0 host (a version down, answering errors, or without endpoints), Envoy sends
+that destination's share to the next priority. While every version is healthy the split is exactly
+the configured one. Pinned and routed requests go to the version's own Service endpoints (Cilium's
+EDS cluster), never elsewhere.
 """
 
 from __future__ import annotations
@@ -27,9 +31,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+if __package__:
+    from .rollout_plan import RolloutSettings
+else:  # in the rollout Lambda, where this file is the top-level module traffic
+    from rollout_plan import RolloutSettings
+
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# RFC 9110 token, lower case (HTTP/2 header names are lower case, and Envoy matches them so).
 _HTTP_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
-_RETRY_CONDITIONS = frozenset(
+# Kubernetes label keys (an optional DNS prefix and '/') and values.
+_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+_PATH = re.compile(r"^/[\x21-\x7e]*$")
+RETRY_CONDITIONS = frozenset(
     {
         "5xx",
         "gateway-error",
@@ -39,23 +53,33 @@ _RETRY_CONDITIONS = frozenset(
         "envoy-ratelimited",
         "retriable-4xx",
         "refused-stream",
-        "retriable-status-codes",
-        "retriable-headers",
         "http3-post-connect-failure",
     }
 )
+HTTP_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE", "POST", "PATCH", "CONNECT")
+# RFC 9110 9.2.2: a request of these methods may be repeated with the same effect.
+IDEMPOTENT_METHODS = ("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE")
 # Envoy keeps weights and their sum in uint32 (RouteAction.WeightedCluster).
 MAX_TOTAL_WEIGHT = 2**32 - 1
 # Timeouts and intervals are protobuf Durations; a day is far beyond any sane value.
 MAX_DURATION_MS = 86_400_000
 CLUSTER_DOMAIN = "svc.cluster.local"
+# The response header that says which version a request was routed to (the smoke test reads it).
+DESTINATION_HEADER = "x-cilium-mesh-destination"
+# The header the rollout's synthetic load carries; its requests are counted apart (a virtual cluster).
+LOAD_HEADER = "x-cilium-mesh-load"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "cilium-mesh-eks"}
+# The namespace of the mesh's own workloads: the smoke test and the rollouts' load.
+MESH_NAMESPACE = "cilium-mesh"
+SMOKE_TEST_LABELS = {"app": "smoke-test"}
+OUTSIDER_LABELS = {"app": "smoke-test-outsider"}
 
 LISTENER_NAME = "listener"
 ROUTE_NAME = "route"
 
 
-class TrafficPolicyError(ValueError):
-    """A traffic policy that Envoy or Cilium would reject, or that cannot work."""
+class DeclarationError(ValueError):
+    """A declaration Envoy or Cilium would reject, or that cannot work: one line, its path first."""
 
 
 def _type(name: str) -> str:
@@ -68,24 +92,43 @@ def duration(milliseconds: int) -> str:
     return f"{seconds}s" if not millis else f"{seconds}.{millis:03d}s"
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of one request. With failover, a retry reaches another version once the failing one is ejected."""
+def _whole(value, low: int, high: int) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and low <= value <= high
 
-    retry_on: tuple[str, ...] = ("5xx", "reset", "connect-failure", "refused-stream")
-    num_retries: int = 3
+
+def _frozen(mapping) -> Mapping:
+    return MappingProxyType(dict(mapping or {}))
+
+
+@dataclass(frozen=True)
+class Retries:
+    """Retries of one request. With failover, a retry reaches another version once the failing one is ejected.
+
+    attempts:           retries after the first try (Istio's ``attempts``); default 3.
+    per_try_timeout_ms: each try's own timeout; default 1000.
+    conditions:         Envoy's retry_on conditions; default 5xx, reset, connect-failure, refused-stream.
+    methods:            the methods retried; default the idempotent ones (RFC 9110): GET, HEAD, OPTIONS,
+                        TRACE, PUT, DELETE. POST, PATCH or CONNECT need ``non_idempotent: true``.
+    non_idempotent:     the opt-in to retry methods that are not idempotent; default false.
+    """
+
+    attempts: int = 3
     per_try_timeout_ms: int = 1000
+    conditions: tuple[str, ...] = ("5xx", "reset", "connect-failure", "refused-stream")
+    methods: tuple[str, ...] = IDEMPOTENT_METHODS
+    non_idempotent: bool = False
 
 
 @dataclass(frozen=True)
 class OutlierDetection:
     """Passive health: hosts that keep failing are ejected for a while.
 
-    consecutive_local_origin_failure: connection failures in a row (refused, reset) that eject a host.
+    consecutive_5xx:                  5xx answers in a row that eject a host; default 5.
+    consecutive_local_origin_failure: connection failures in a row (refused, reset) that eject a host; default 2.
     failure_percentage_threshold:     a host answering at least this share of errors within one
                                       ``interval`` is ejected (needs ``failure_percentage_request_volume``
-                                      requests in that interval); None turns it off.
-    max_ejection_percent:             100, so that a version with one Service address can be ejected.
+                                      requests in that interval); default 20, null turns it off.
+    max_ejection_percent:             default 100, so that a version with one Service address can be ejected.
     """
 
     consecutive_5xx: int = 5
@@ -112,94 +155,177 @@ class CircuitBreakers:
 
 
 @dataclass(frozen=True)
-class TrafficPolicy:
-    """Traffic policy for ``service`` across its version Services ``<service><version>``.
+class Route:
+    """One ordered rule: requests that match every given condition go ``to`` one version, or to the split.
 
-    weights:             version -> integer weight, e.g. {"v1": 90, "v2": 10}; 0 drains a version.
-    pin_header:          a request with ``<pin_header>: <version>`` goes to that version
-                         only (no split, no failover); None turns header routes off.
-    failover:            a weighted destination falls back to the other versions.
-    failover_to_drained: versions with weight 0 also take failover traffic (default: drained
-                         means no traffic at all, except pinned requests).
-    request_timeout_ms:  the whole request, retries included.
+    path_prefix / path: the path starts with, or is exactly, this (at most one of the two; default any path).
+    headers:            header name -> exact value, all of them present (default none).
+    methods:            any of these methods (default any).
+    to:                 a declared version, or "split" (default).
     """
 
-    weights: Mapping[str, int]
-    service: str = "catalogdetail"
-    namespace: str = "workshop"
-    port: int = 3000
-    pin_header: str | None = "x-catalog-version"
-    failover: bool = True
-    failover_to_drained: bool = False
-    request_timeout_ms: int = 5000
-    connect_timeout_ms: int = 2000
-    dns_refresh_ms: int = 5000
-    retries: RetryPolicy = field(default_factory=RetryPolicy)
-    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
-    circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
-    split_local_origin_errors: bool = True
+    path_prefix: str | None = None
+    path: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()
+    to: str = "split"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", MappingProxyType(dict(self.weights)))
+        object.__setattr__(self, "headers", _frozen(self.headers))
+        object.__setattr__(self, "methods", tuple(self.methods))
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A copy of ``percent`` of the split's and routes' requests (not the pinned ones) to ``version``; its
+    answers are dropped (Envoy's router, request_mirror_policies)."""
+
+    version: str
+    percent: float
+
+
+@dataclass(frozen=True)
+class HttpRule:
+    """Under datapath eni, what a caller may ask (Cilium's L7 rule): a method and a path (a regular expression)."""
+
+    method: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Workloads the mesh admits to the service.
+
+    labels:    their pods' labels (all of them).
+    namespace: theirs; default the service's.
+    http:      under datapath eni, the requests they may make (default: any request on the port).
+    """
+
+    labels: Mapping[str, str]
+    namespace: str | None = None
+    http: tuple[HttpRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", _frozen(self.labels))
+        object.__setattr__(self, "http", tuple(self.http))
+
+
+@dataclass(frozen=True)
+class MeshService:
+    """One Service of the mesh, across its version Services ``<name><version>`` (README, "Your services").
+
+    name, namespace:      the Service the callers already use (DNS labels).
+    port:                 its port.
+    versions:             version -> the labels of that version's pods; the stack makes a headless
+                          Service ``<name><version>`` selecting each.
+    target_port:          the pods' port; default ``port``.
+    weights:              version -> integer weight; default an even split; a version left out has 0
+                          (drained: only pinned and routed requests reach it).
+    pin_header:           a request with ``<pin_header>: <version>`` goes to that version only; default none.
+    routes:               ordered rules before the split (Route).
+    mirror:               a share of the requests copied to a version (Mirror); default none.
+    timeout_ms:           the whole request, retries included; default 5000.
+    connect_timeout_ms:   each connection to a pod; default 2000.
+    dns_refresh_ms:       how often the failover clusters resolve the version Services; default 5000.
+    retries:              Retries; default 3 retries of idempotent methods.
+    outlier_detection:    OutlierDetection; circuit_breakers: CircuitBreakers.
+    failover:             true (default): a weighted destination falls back to the other weighted
+                          versions, heaviest first; a list: that priority order; false: no failover.
+    failover_to_drained:  versions with weight 0 also take failover traffic (default false).
+    callers:              the workloads admitted (Caller); default null: the mesh applies no policy to
+                          the service's pods. Probes, the smoke test and the rollout's load are admitted too.
+    namespace_default_deny: the mesh denies everything else in and out of the service's namespace (default false).
+    check_path:           what the smoke test and the load ask for (GET); default "/".
+    split_local_origin_errors: outlier detection counts connection failures apart from 5xx; default true.
+    rollout:              how changed weights roll out (RolloutSettings); default null: at once.
+    """
+
+    name: str
+    namespace: str
+    port: int
+    versions: Mapping[str, Mapping[str, str]]
+    weights: Mapping[str, int] | None = None
+    target_port: int | None = None
+    pin_header: str | None = None
+    routes: tuple[Route, ...] = ()
+    mirror: Mirror | None = None
+    timeout_ms: int = 5000
+    connect_timeout_ms: int = 2000
+    dns_refresh_ms: int = 5000
+    retries: Retries = field(default_factory=Retries)
+    outlier_detection: OutlierDetection = field(default_factory=OutlierDetection)
+    circuit_breakers: CircuitBreakers = field(default_factory=CircuitBreakers)
+    failover: bool | tuple[str, ...] = True
+    failover_to_drained: bool = False
+    callers: tuple[Caller, ...] | None = None
+    namespace_default_deny: bool = False
+    check_path: str = "/"
+    split_local_origin_errors: bool = True
+    rollout: RolloutSettings | None = None
+
+    def __post_init__(self) -> None:
+        versions = {v: _frozen(labels) for v, labels in dict(self.versions or {}).items()}
+        object.__setattr__(self, "versions", MappingProxyType(versions))
+        weights = dict(self.weights) if self.weights is not None else dict.fromkeys(versions, 1)
+        for version in versions:
+            weights.setdefault(version, 0)
+        object.__setattr__(self, "weights", MappingProxyType(weights))
+        object.__setattr__(self, "routes", tuple(self.routes))
+        if self.callers is not None:
+            object.__setattr__(self, "callers", tuple(self.callers))
+        if isinstance(self.failover, list):
+            object.__setattr__(self, "failover", tuple(self.failover))
+        object.__setattr__(self, "retries", dataclasses.replace(
+            self.retries, conditions=tuple(self.retries.conditions), methods=tuple(self.retries.methods)))  # fmt: skip
         self._validate()
 
-    @classmethod
-    def walkthrough(cls) -> TrafficPolicy:
-        """The walkthrough's hand-written 50/50 policy, kept to compare against."""
-        return cls(
-            weights={"v1": 50, "v2": 50},
-            pin_header=None,
-            failover=False,
-            request_timeout_ms=15000,
-            retries=RetryPolicy(retry_on=("5xx",), num_retries=3, per_try_timeout_ms=1000),
-            outlier_detection=OutlierDetection(
-                consecutive_5xx=5,
-                consecutive_local_origin_failure=2,
-                failure_percentage_threshold=None,
-                interval_ms=10000,
-                base_ejection_time_ms=30000,
-                max_ejection_percent=10,
-            ),
-        )
+    # --- JSON for the rollout Lambda -----------------------------------------------------------
 
     def to_json(self) -> str:
-        """Every setting as JSON, for the rollout Lambda (which renders the steps' CiliumEnvoyConfigs)."""
-        settings = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        settings["weights"] = dict(self.weights)
-        for name in ("retries", "outlier_detection", "circuit_breakers"):
-            settings[name] = dataclasses.asdict(settings[name])
+        """Every setting but the rollout's (its own property) as JSON, for the rollout Lambda."""
+        settings = _plain(self)
+        settings.pop("rollout")
         return json.dumps(settings, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> TrafficPolicy:
-        settings = json.loads(text)
-        retries = settings.pop("retries")
-        outlier_detection = OutlierDetection(**settings.pop("outlier_detection"))
-        circuit_breakers = CircuitBreakers(**settings.pop("circuit_breakers"))
+    def from_json(cls, text: str) -> MeshService:
+        s = json.loads(text)
         return cls(
-            **settings,
-            retries=RetryPolicy(**{**retries, "retry_on": tuple(retries["retry_on"])}),
-            outlier_detection=outlier_detection,
-            circuit_breakers=circuit_breakers,
-        )
+            **{k: v for k, v in s.items() if k not in ("routes", "mirror", "retries", "outlier_detection", "circuit_breakers", "callers", "failover")},
+            failover=tuple(s["failover"]) if isinstance(s["failover"], list) else s["failover"],
+            routes=tuple(Route(**r) for r in s["routes"]),
+            mirror=Mirror(**s["mirror"]) if s["mirror"] else None,
+            retries=Retries(**s["retries"]),
+            outlier_detection=OutlierDetection(**s["outlier_detection"]),
+            circuit_breakers=CircuitBreakers(**s["circuit_breakers"]),
+            callers=None if s["callers"] is None else tuple(
+                Caller(labels=c["labels"], namespace=c["namespace"], http=tuple(HttpRule(**h) for h in c["http"])) for c in s["callers"]),
+        )  # fmt: skip
 
-    def with_weights(self, weights: Mapping[str, int]) -> TrafficPolicy:
+    def with_weights(self, weights: Mapping[str, int]) -> MeshService:
         return dataclasses.replace(self, weights=weights)
 
-    @property
-    def name(self) -> str:
-        return f"{self.service}-traffic"
+    # --- Names ---------------------------------------------------------------------------------
 
     @property
-    def versions(self) -> tuple[str, ...]:
-        return tuple(self.weights)
+    def key(self) -> str:
+        """``namespace/name``: how the tools and the rules name a service."""
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def cec_name(self) -> str:
+        return f"{self.name}-traffic"
+
+    @property
+    def pod_port(self) -> int:
+        return self.target_port or self.port
 
     @property
     def weighted_versions(self) -> tuple[str, ...]:
         return tuple(v for v, w in self.weights.items() if w > 0)
 
     def version_service(self, version: str) -> str:
-        return f"{self.service}{version}"
+        return f"{self.name}{version}"
 
     def version_host(self, version: str) -> str:
         """The version Service's cluster DNS name: its pods' addresses, the Service being headless."""
@@ -210,134 +336,258 @@ class TrafficPolicy:
         return f"{self.namespace}/{self.version_service(version)}"
 
     def failover_cluster(self, version: str) -> str:
-        return f"{self.service}-{version}"
+        return f"{self.name}-{version}"
 
     def failover_order(self, version: str) -> list[str]:
-        """Priorities of a weighted destination: its own version, then the others by weight
-        (heaviest first), then name; drained versions only with ``failover_to_drained``."""
+        """Priorities of a weighted destination: its own version, then the declared order (or the other
+        versions by weight, heaviest first, then name); drained versions only with ``failover_to_drained``."""
         candidates = self.versions if self.failover_to_drained else self.weighted_versions
-        others = sorted((v for v in candidates if v != version), key=lambda v: (-self.weights[v], v))
+        if isinstance(self.failover, tuple):
+            others = [v for v in self.failover if v != version and v in candidates]
+        else:
+            others = sorted((v for v in candidates if v != version), key=lambda v: (-self.weights[v], v))
         return [version, *others]
 
+    # --- Checks ----------------------------------------------------------------------------------
+
+    def _fail(self, path: str, message: str):
+        raise DeclarationError(f"services[{self.name}].{path}: {message}")
+
     def _validate(self) -> None:
-        for label, value in (("service", self.service), ("namespace", self.namespace)):
-            if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value) or len(value) > 63:
-                raise TrafficPolicyError(f"{label} {value!r} is not a DNS-1123 label (a-z, 0-9, '-', at most 63)")
-        if not self.weights:
-            raise TrafficPolicyError("weights must name at least one version")
+        if not isinstance(self.name, str) or not _DNS_LABEL.fullmatch(self.name) or len(self.name) > 63:
+            raise DeclarationError(f"services[{self.name!r}].name: {self.name!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
+        if not isinstance(self.namespace, str) or not _DNS_LABEL.fullmatch(self.namespace) or len(self.namespace) > 63:
+            self._fail("namespace", f"{self.namespace!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
+        for label, value in (("port", self.port), ("target_port", self.target_port or 1)):
+            if not _whole(value, 1, 65535):
+                self._fail(label, f"must be 1-65535 (got {value!r})")
+        if not self.versions:
+            self._fail("versions", "declare at least one version and its pods' labels")
+        for version, labels in self.versions.items():
+            service = self.version_service(version) if isinstance(version, str) else ""
+            if not _DNS_LABEL.fullmatch(version or "") or len(service) > 63:
+                self._fail(f"versions.{version}", f"must make a DNS label Service name '{self.name}<version>' (a-z, 0-9, '-', at most 63)")
+            if not labels:
+                self._fail(f"versions.{version}", "needs its pods' labels")
+            self._check_labels(f"versions.{version}", labels)
+        names = list(self.versions)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                x, y = self.versions[a], self.versions[b]
+                if all(x[k] == y[k] for k in x.keys() & y.keys()):
+                    self._fail(f"versions.{b}", f"labels {dict(y)} and version {a}'s {dict(x)} can select the same pod;"
+                                                " give each version a label the others set differently")  # fmt: skip
         for version, weight in self.weights.items():
-            service = self.version_service(version) if isinstance(version, str) else None
-            if service is None or not _DNS_LABEL.fullmatch(version) or len(service) > 63:
-                raise TrafficPolicyError(
-                    f"version {version!r} must make a DNS-1123 Service name '{self.service}<version>' (a-z, 0-9, '-')"
-                )
-            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
-                raise TrafficPolicyError(f"weight of {version} must be a non-negative integer (got {weight!r})")
+            if version not in self.versions:
+                self._fail(f"weights.{version}", f"version {version} is not declared (versions: {', '.join(names)})")
+            if not _whole(weight, 0, MAX_TOTAL_WEIGHT):
+                self._fail(f"weights.{version}", f"must be a non-negative integer (got {weight!r})")
         total = sum(self.weights.values())
         if total <= 0:
-            raise TrafficPolicyError("weights must have a positive sum (got all zero)")
+            self._fail("weights", "must have a positive sum (got all zero)")
         if total > MAX_TOTAL_WEIGHT:
-            raise TrafficPolicyError(f"weights must sum to at most {MAX_TOTAL_WEIGHT} (Envoy's uint32; got {total})")
-        if self.pin_header is not None and not _HTTP_HEADER.fullmatch(self.pin_header):
-            raise TrafficPolicyError(f"pin_header {self.pin_header!r} must be a lower-case HTTP header name")
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
-            raise TrafficPolicyError(f"port must be 1-65535 (got {self.port!r})")
-        od = self.outlier_detection
+            self._fail("weights", f"must sum to at most {MAX_TOTAL_WEIGHT} (Envoy's uint32; got {total})")
+        if self.pin_header is not None:
+            self._check_header("pin_header", self.pin_header)
+        for i, route in enumerate(self.routes):
+            self._check_route(f"routes[{i}]", route)
+        if self.mirror is not None:
+            self._check_version("mirror.version", self.mirror.version)
+            p = self.mirror.percent
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100 or round(p * 10000) != p * 10000:
+                self._fail("mirror.percent", f"must be above 0 and at most 100, in steps of 0.0001 (got {p!r})")
+        if isinstance(self.failover, tuple):
+            for i, version in enumerate(self.failover):
+                self._check_version(f"failover[{i}]", version)
+            if len(set(self.failover)) != len(self.failover):
+                self._fail("failover", "names a version twice")
+        elif not isinstance(self.failover, bool):
+            self._fail("failover", f"must be true, false or a list of versions (got {self.failover!r})")
+        self._check_resilience()
+        if self.callers is not None:
+            for i, caller in enumerate(self.callers):
+                self._check_caller(f"callers[{i}]", caller)
+        if not isinstance(self.check_path, str) or not _PATH.fullmatch(self.check_path):
+            self._fail("check_path", f"{self.check_path!r} must be a path starting with '/'")
+
+    def _check_version(self, path: str, version) -> None:
+        if version not in self.versions:
+            self._fail(path, f"version {version} is not declared (versions: {', '.join(self.versions)})")
+
+    def _check_header(self, path: str, name) -> None:
+        if not isinstance(name, str) or not _HTTP_HEADER.fullmatch(name):
+            self._fail(path, f"{name!r} is not an HTTP header name in lower case (an RFC 9110 token)")
+
+    def _check_labels(self, path: str, labels: Mapping) -> None:
+        for key, value in labels.items():
+            if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
+                self._fail(f"{path}.{key}", "is not a Kubernetes label key")
+            if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
+                self._fail(f"{path}.{key}", f"{value!r} is not a Kubernetes label value")
+
+    def _check_methods(self, path: str, methods) -> None:
+        for method in methods:
+            if method not in HTTP_METHODS:
+                self._fail(path, f"{method!r} is not one of {', '.join(HTTP_METHODS)}")
+
+    def _check_route(self, path: str, route: Route) -> None:
+        if route.to != "split":
+            self._check_version(f"{path}.to", route.to)
+        if route.path_prefix is not None and route.path is not None:
+            self._fail(path, "give path_prefix or path, not both")
+        for key in ("path_prefix", "path"):
+            value = getattr(route, key)
+            if value is not None and (not isinstance(value, str) or not _PATH.fullmatch(value)):
+                self._fail(f"{path}.{key}", f"{value!r} must start with '/' (visible ASCII only)")
+        for name, value in route.headers.items():
+            self._check_header(f"{path}.headers", name)
+            if name == self.pin_header:
+                self._fail(f"{path}.headers.{name}", f"is the pin header (pin_header), whose routes come first: this route would never see it")
+            if name.startswith(":"):
+                self._fail(f"{path}.headers.{name}", "pseudo-headers are not matched; use path or methods")
+            if not isinstance(value, str):
+                self._fail(f"{path}.headers.{name}", f"must be a string (got {value!r})")
+        self._check_methods(f"{path}.methods", route.methods)
+        if route.path_prefix is None and route.path is None and not route.headers and not route.methods:
+            self._fail(path, "matches every request, so the split and every later route are never reached; give it a condition")
+
+    def _check_caller(self, path: str, caller: Caller) -> None:
+        if not caller.labels:
+            self._fail(f"{path}.labels", "name the callers' pods by at least one label")
+        self._check_labels(f"{path}.labels", caller.labels)
+        if caller.namespace is not None and (not isinstance(caller.namespace, str) or not _DNS_LABEL.fullmatch(caller.namespace)):
+            self._fail(f"{path}.namespace", f"{caller.namespace!r} is not a DNS label")
+        for j, rule in enumerate(caller.http):
+            self._check_methods(f"{path}.http[{j}].method", (rule.method,))
+            if not isinstance(rule.path, str) or not rule.path.startswith("/"):
+                self._fail(f"{path}.http[{j}].path", f"{rule.path!r} must start with '/'")
+
+    def _check_resilience(self) -> None:
+        od, cb, retries = self.outlier_detection, self.circuit_breakers, self.retries
         durations = {
-            "request_timeout_ms": self.request_timeout_ms,
+            "timeout_ms": self.timeout_ms,
             "connect_timeout_ms": self.connect_timeout_ms,
             "dns_refresh_ms": self.dns_refresh_ms,
-            "retries.per_try_timeout_ms": self.retries.per_try_timeout_ms,
+            "retries.per_try_timeout_ms": retries.per_try_timeout_ms,
             "outlier_detection.interval_ms": od.interval_ms,
             "outlier_detection.base_ejection_time_ms": od.base_ejection_time_ms,
         }
-        cb = self.circuit_breakers
-        limits = {
-            "circuit_breakers.max_connections": cb.max_connections,
-            "circuit_breakers.max_pending_requests": cb.max_pending_requests,
-            "circuit_breakers.max_requests": cb.max_requests,
-            "circuit_breakers.max_retries": cb.max_retries,
-        }
-        for label, value in limits.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOTAL_WEIGHT:
-                raise TrafficPolicyError(f"{label} must be an integer from 1 to {MAX_TOTAL_WEIGHT} (got {value!r})")
         counts = {
-            "retries.num_retries": self.retries.num_retries,
+            "retries.attempts": retries.attempts,
             "outlier_detection.consecutive_5xx": od.consecutive_5xx,
             "outlier_detection.consecutive_local_origin_failure": od.consecutive_local_origin_failure,
             "outlier_detection.failure_percentage_request_volume": od.failure_percentage_request_volume,
         }
         for label, value in {**durations, **counts}.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise TrafficPolicyError(f"{label} must be a positive integer (got {value!r})")
-        for label, value in durations.items():
-            if value > MAX_DURATION_MS:
-                raise TrafficPolicyError(f"{label} must be at most {MAX_DURATION_MS} (a day; got {value})")
-        for label, value in counts.items():
-            if value > 1000:
-                raise TrafficPolicyError(f"{label} must be at most 1000 (got {value})")
+            if not _whole(value, 1, MAX_DURATION_MS if label in durations else 1000):
+                self._fail(label, f"must be a whole number from 1 to {MAX_DURATION_MS if label in durations else 1000} (got {value!r})")
+        for name in ("max_connections", "max_pending_requests", "max_requests", "max_retries"):
+            value = getattr(cb, name)
+            if not _whole(value, 1, MAX_TOTAL_WEIGHT):
+                self._fail(f"circuit_breakers.{name}", f"must be a whole number from 1 to {MAX_TOTAL_WEIGHT} (got {value!r})")
         percents = {"outlier_detection.max_ejection_percent": od.max_ejection_percent}
         if od.failure_percentage_threshold is not None:
             percents["outlier_detection.failure_percentage_threshold"] = od.failure_percentage_threshold
         for label, value in percents.items():
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 100:
-                raise TrafficPolicyError(f"{label} must be an integer from 1 to 100 (got {value!r})")
-        unknown = sorted(set(self.retries.retry_on) - _RETRY_CONDITIONS)
-        if unknown or not self.retries.retry_on:
-            raise TrafficPolicyError(
-                f"retries.retry_on {unknown or '[]'} not allowed; use some of {sorted(_RETRY_CONDITIONS)}"
-            )
+            if not _whole(value, 1, 100):
+                self._fail(label, f"must be a whole number from 1 to 100 (got {value!r})")
+        unknown = sorted(set(retries.conditions) - RETRY_CONDITIONS)
+        if unknown or not retries.conditions:
+            self._fail("retries.conditions", f"{unknown or '[]'} not allowed; use some of {', '.join(sorted(RETRY_CONDITIONS))}")
+        self._check_methods("retries.methods", retries.methods)
+        risky = [m for m in retries.methods if m not in IDEMPOTENT_METHODS]
+        if risky and not retries.non_idempotent:
+            self._fail("retries.methods", f"{', '.join(risky)} are not idempotent: a retry may repeat their effect;"
+                                          " set retries.non_idempotent true to retry them anyway")  # fmt: skip
 
     def check_services(self, services: set[str]) -> None:
-        """Every version must have its Service (``<service><version>``) among ``services``."""
+        """Every version must have its Service (``<name><version>``) among ``services`` (hand-written ones)."""
         missing = [v for v in self.versions if self.version_service(v) not in services]
         if missing:
-            raise TrafficPolicyError(
-                f"no Service {', '.join(self.version_service(v) for v in missing)} in namespace "
-                f"{self.namespace} for version {', '.join(missing)}; versions with a Service: "
-                f"{', '.join(sorted(s[len(self.service):] for s in services if s.startswith(self.service) and s != self.service)) or 'none'}"
+            self._fail(
+                "versions",
+                f"no Service {', '.join(self.version_service(v) for v in missing)} in namespace {self.namespace}",
             )
 
-    def _route_action(self, **destination) -> dict:
+    # --- Kubernetes objects ----------------------------------------------------------------------
+
+    def version_services(self) -> list[dict]:
+        """The headless Service of each version: DNS answers its pods' own addresses (see the module's docstring)."""
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": self.version_service(v), "namespace": self.namespace,
+                             "labels": {**MANAGED_BY, "cilium-mesh.eks/service": self.name, "cilium-mesh.eks/version": v}},
+                "spec": {"clusterIP": "None", "selector": dict(labels),
+                         "ports": [{"name": "http", "port": self.port, "targetPort": self.pod_port}]},
+            }  # fmt: skip
+            for v, labels in self.versions.items()
+        ]
+
+    # --- Envoy -----------------------------------------------------------------------------------
+
+    def _retry_policy(self) -> dict:
         return {
-            **destination,
-            "timeout": duration(self.request_timeout_ms),
-            "retry_policy": {
-                "retry_on": ",".join(self.retries.retry_on),
-                "num_retries": self.retries.num_retries,
-                "per_try_timeout": duration(self.retries.per_try_timeout_ms),
-            },
+            "retry_on": ",".join(self.retries.conditions),
+            "num_retries": self.retries.attempts,
+            "per_try_timeout": duration(self.retries.per_try_timeout_ms),
         }
 
     def _weighted_destination(self, version: str) -> str:
-        return self.failover_cluster(version) if self.failover else self.eds_cluster(version)
+        return self.failover_cluster(version) if self.failover is not False else self.eds_cluster(version)
+
+    def _destination(self, to: str) -> dict:
+        """The route action's destination: one version's EDS cluster, or the weighted split."""
+        if to != "split":
+            return {"cluster": self.eds_cluster(to)}
+        split = [{"name": self._weighted_destination(v), "weight": self.weights[v],
+                  "response_headers_to_add": [_header(DESTINATION_HEADER, v)]} for v in self.weighted_versions]  # fmt: skip
+        return {"weighted_clusters": {"clusters": split}}
+
+    def _routes(self, name: str, match: dict, to: str, methods: tuple[str, ...], mirrored: bool) -> list[dict]:
+        """One rule as Envoy routes: with retries only for the methods retried, each method its own route
+        (an exact :method match), then the rule's other methods without retries."""
+        action = {**self._destination(to), "timeout": duration(self.timeout_ms)}
+        if mirrored and self.mirror is not None:
+            action["request_mirror_policies"] = [{
+                "cluster": self.eds_cluster(self.mirror.version),
+                "runtime_fraction": {"default_value": {"numerator": round(self.mirror.percent * 10000), "denominator": "MILLION"}},
+            }]  # fmt: skip
+        extra = {} if to == "split" else {"response_headers_to_add": [_header(DESTINATION_HEADER, to)]}
+        if not methods and set(self.retries.methods) >= set(HTTP_METHODS):  # every method retried: one route
+            return [{"name": name, "match": match, "route": {**action, "retry_policy": self._retry_policy()}, **extra}]
+        retried = [m for m in self.retries.methods if not methods or m in methods]
+        routes = []
+        for method in retried:
+            routes.append({"name": f"{name}-retried-{method.lower()}", "match": _with_method(match, method),
+                           "route": {**action, "retry_policy": self._retry_policy()}, **extra})  # fmt: skip
+        remaining = [m for m in methods if m not in retried]
+        if not methods:
+            routes.append({"name": name, "match": match, "route": action, **extra})
+        for method in remaining:
+            routes.append({"name": f"{name}-{method.lower()}", "match": _with_method(match, method), "route": action, **extra})
+        return routes
 
     def route_configuration(self) -> dict:
         routes = []
         if self.pin_header:
             for version in self.versions:
-                routes.append(
-                    {
-                        "name": f"pin-{version}",
-                        "match": {
-                            "prefix": "/",
-                            "headers": [{"name": self.pin_header, "string_match": {"exact": version}}],
-                        },
-                        "route": self._route_action(cluster=self.eds_cluster(version)),
-                    }
-                )
-        split = [{"name": self._weighted_destination(v), "weight": self.weights[v]} for v in self.weighted_versions]
-        routes.append(
-            {
-                "name": "split",
-                "match": {"prefix": "/"},
-                "route": self._route_action(weighted_clusters={"clusters": split}),
-            }
-        )
+                match = {"prefix": "/", "headers": [{"name": self.pin_header, "string_match": {"exact": version}}]}
+                routes += self._routes(f"pin-{version}", match, version, (), mirrored=False)
+        for i, rule in enumerate(self.routes):
+            match = {"path": rule.path} if rule.path is not None else {"prefix": rule.path_prefix or "/"}
+            if rule.headers:
+                match["headers"] = [{"name": k, "string_match": {"exact": v}} for k, v in rule.headers.items()]
+            routes += self._routes(f"route-{i}", match, rule.to, rule.methods, mirrored=True)
+        routes += self._routes("split", {"prefix": "/"}, "split", (), mirrored=True)
+        # A rollout's synthetic requests, counted apart (Envoy's vhost.<name>.vcluster.load.upstream_rq_*).
+        load = {"name": "load", "headers": [{"name": LOAD_HEADER, "present_match": True}]}
+        virtual_host = {"name": self.name, "domains": ["*"], "routes": routes, "virtual_clusters": [load]}
         return {
             "@type": _type("envoy.config.route.v3.RouteConfiguration"),
             "name": ROUTE_NAME,
-            "virtual_hosts": [{"name": self.service, "domains": ["*"], "routes": routes}],
+            "virtual_hosts": [virtual_host],
         }
 
     def listener(self) -> dict:
@@ -353,7 +603,7 @@ class TrafficPolicy:
                                 "@type": _type(
                                     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
                                 ),
-                                "stat_prefix": self.name,
+                                "stat_prefix": self.cec_name,
                                 "rds": {"route_config_name": ROUTE_NAME},
                                 "http_filters": [
                                     {
@@ -439,7 +689,7 @@ class TrafficPolicy:
                             {
                                 "endpoint": {
                                     "address": {
-                                        "socket_address": {"address": self.version_host(member), "port_value": self.port}
+                                        "socket_address": {"address": self.version_host(member), "port_value": self.pod_port}
                                     }
                                 }
                             }
@@ -454,7 +704,7 @@ class TrafficPolicy:
         """The Envoy resources as written in the CiliumEnvoyConfig (before Cilium qualifies names)."""
         resources = [self.listener(), self.route_configuration()]
         resources += [self._eds_cluster_resource(v) for v in self.versions]
-        if self.failover:
+        if self.failover is not False:
             resources += [self._failover_cluster_resource(v) for v in self.weighted_versions]
         return resources
 
@@ -463,12 +713,12 @@ class TrafficPolicy:
             "apiVersion": "cilium.io/v2",
             "kind": "CiliumEnvoyConfig",
             "metadata": {
-                "name": self.name,
+                "name": self.cec_name,
                 "namespace": self.namespace,
                 "labels": {"app.kubernetes.io/managed-by": "cilium-mesh-eks"},
             },
             "spec": {
-                "services": [{"name": self.service, "namespace": self.namespace, "listener": LISTENER_NAME}],
+                "services": [{"name": self.name, "namespace": self.namespace, "listener": LISTENER_NAME}],
                 "backendServices": [
                     {"name": self.version_service(v), "namespace": self.namespace} for v in self.versions
                 ],
@@ -541,3 +791,23 @@ def cluster_references(resources: list[dict]) -> set[str]:
                     refs.add(action["cluster"])
                 refs.update(wc["name"] for wc in action.get("weighted_clusters", {}).get("clusters", []))
     return refs
+
+
+def _header(name: str, value: str) -> dict:
+    return {"header": {"key": name, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+
+
+def _with_method(match: dict, method: str) -> dict:
+    return {**match, "headers": [*match.get("headers", []), {"name": ":method", "string_match": {"exact": method}}]}
+
+
+def _plain(value):
+    """A declaration as JSON-ready values: dataclasses and mappings as dicts, tuples as lists."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init and f.repr}
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+

@@ -1,0 +1,120 @@
+"""The network policy of a declared service, rendered from its ``callers``: exactly those workloads (and
+the kubelet's probes, the smoke test and the rollout's load) reach its pods on their port.
+
+A CiliumNetworkPolicy per version selects that version's pods by their labels (a selector cannot say
+"any of these label sets"). With the cilium-envoy L7 load balancer in front of the Service, the
+backend's ingress sees the caller's own identity east/west (cilium/proxy bpf_metadata.cc), so a rule
+that admits the caller admits its requests through the CiliumEnvoyConfig too; checks/datapath.py
+evaluates every path. Under datapath eni a caller's ``http`` rules become Cilium's L7 rules; the
+probes stay L4 (their paths are the user's Deployment's, not the declaration's, and an L7 rule
+would fail any other).
+
+Nothing else in the service's namespace changes, unless ``namespace_default_deny``: then the mesh
+denies everything else in and out of the namespace (DNS to kube-dns stays allowed) and lets the
+callers there out to the service's pods.
+
+Standard library only (checks/datapath.py loads it without the CDK).
+"""
+
+from __future__ import annotations
+
+from .rollout_plan import RolloutLoad
+from .traffic import MANAGED_BY, MESH_NAMESPACE, SMOKE_TEST_LABELS, HttpRule, MeshService
+
+NAMESPACE_LABEL = "k8s:io.kubernetes.pod.namespace"
+LOAD_LABELS = {"app": "cilium-mesh-load"}
+
+
+def load_labels(service: MeshService) -> dict[str, str]:
+    """The rollout load's pods: their own identity per service, so a policy admits one service's load only."""
+    return {**LOAD_LABELS, "cilium-mesh.eks/service": f"{service.namespace}.{service.name}"}
+
+
+def _peer(labels, namespace: str, service: MeshService) -> dict:
+    """A selector of pods by labels; the namespace named only when it is not the policy's own."""
+    selector = dict(labels)
+    if namespace != service.namespace:
+        selector[NAMESPACE_LABEL] = namespace
+    return {"matchLabels": selector}
+
+
+def _port(service: MeshService, http: list[HttpRule] | tuple[HttpRule, ...], datapath: str) -> list[dict]:
+    port = {"ports": [{"port": str(service.pod_port), "protocol": "TCP"}]}
+    if datapath == "eni" and http:
+        port["rules"] = {"http": [{"method": rule.method, "path": rule.path} for rule in http]}
+    return [port]
+
+
+def _metadata(name: str, namespace: str, service: MeshService) -> dict:
+    return {"name": name, "namespace": namespace, "labels": {**MANAGED_BY, "cilium-mesh.eks/service": service.name}}
+
+
+def ingress_rules(service: MeshService, datapath: str) -> list[dict]:
+    """Who reaches the service's pods: its callers, the smoke test, the rollout's load, and the probes."""
+    rules = [
+        {"fromEndpoints": [_peer(c.labels, c.namespace or service.namespace, service)], "toPorts": _port(service, c.http, datapath)}
+        for c in service.callers
+    ]
+    rules.append({"fromEndpoints": [_peer(SMOKE_TEST_LABELS, MESH_NAMESPACE, service)],
+                  "toPorts": _port(service, [HttpRule("GET", service.check_path)], datapath)})  # fmt: skip
+    load = service.rollout.load if service.rollout else None
+    if load is not None:
+        rules.append({"fromEndpoints": [_peer(load_labels(service), MESH_NAMESPACE, service)],
+                      "toPorts": _port(service, [HttpRule(load.method, _load_path(service, load))], datapath)})  # fmt: skip
+    rules.append({"fromEntities": ["host"], "toPorts": _port(service, (), datapath)})
+    return rules
+
+
+def _load_path(service: MeshService, load: RolloutLoad) -> str:
+    return load.path or service.check_path
+
+
+def service_policies(service: MeshService, datapath: str) -> list[dict]:
+    """The service's CiliumNetworkPolicies; none when it declares no callers."""
+    if service.callers is None:
+        return []
+    policies = [
+        {
+            "apiVersion": "cilium.io/v2",
+            "kind": "CiliumNetworkPolicy",
+            "metadata": _metadata(f"mesh-{service.name}-{version}", service.namespace, service),
+            "spec": {
+                "description": f"Only the declared callers (and probes, the mesh's smoke test and load) reach {service.name} {version}.",
+                "endpointSelector": {"matchLabels": dict(labels)},
+                "ingress": ingress_rules(service, datapath),
+            },
+        }
+        for version, labels in service.versions.items()
+    ]
+    if service.namespace_default_deny:
+        policies += _namespace_default_deny(service)
+    return policies
+
+
+def _namespace_default_deny(service: MeshService) -> list[dict]:
+    """Deny by default in the service's namespace, DNS allowed, and each caller there let out to the pods."""
+    namespace = service.namespace
+    versions = [{"matchLabels": dict(labels)} for labels in service.versions.values()]
+    policies = [
+        {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+         "metadata": _metadata(f"mesh-{service.name}-default-deny", namespace, service),
+         "spec": {"description": f"namespace_default_deny of {service.name}: nothing in or out unless allowed.",
+                  "endpointSelector": {}, "ingress": [{}], "egress": [{}]}},
+        {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+         "metadata": _metadata(f"mesh-{service.name}-dns", namespace, service),
+         "spec": {"description": "DNS to kube-dns only (UDP and TCP 53).", "endpointSelector": {},
+                  "egress": [{"toEndpoints": [{"matchLabels": {NAMESPACE_LABEL: "kube-system", "k8s:k8s-app": "kube-dns"}}],
+                              "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}]}]}]}},
+    ]  # fmt: skip
+    for i, caller in enumerate(service.callers):
+        if (caller.namespace or namespace) != namespace:
+            continue
+        policies.append({
+            "apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
+            "metadata": _metadata(f"mesh-{service.name}-caller-{i}", namespace, service),
+            "spec": {"description": f"Caller {i} of {service.name} reaches its pods.",
+                     "endpointSelector": {"matchLabels": dict(caller.labels)},
+                     "egress": [{"toEndpoints": versions, "toPorts": [{"ports": [{"port": str(service.pod_port), "protocol": "TCP"}]}]}]},
+        })  # fmt: skip
+    return policies
+
