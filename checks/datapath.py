@@ -1,10 +1,12 @@
-"""Every path a request takes, as Cilium and the VPC carry it, in each datapath.
+"""Every path a request takes, as Cilium and the VPC carry it, in each datapath, for every declared service.
 
-The model reads what the stack applies: the app's Deployments, Services and
-Ingress, the CiliumNetworkPolicies with the datapath's replacements, the Cilium
-values, and the traffic policy's Envoy resources. For each path, in each
-datapath, with client and backend on one node and on two, it works out, step
-by step and each step from the rule in ``RULES`` (with its source):
+The model reads what the stack applies: the sample app's Deployments, Services and Ingress (with
+sample_app), the version Services and CiliumNetworkPolicies each service's declaration renders, the
+sample's own policies with the datapath's replacements, the smoke test's objects, the Cilium values,
+and each service's Envoy resources. A service the user declares has no manifest here: its versions'
+pods and its callers are placed from the declaration (rule "declared"). For each path, in each
+datapath, with client and backend on one node and on two, it works out, step by step and each step
+from the rule in ``RULES`` (with its source):
 
 1. the address dialled: what the kernel's socket load balancer, Cilium's EDS or
    cluster DNS gives (a pod, a ClusterIP, or nothing);
@@ -17,24 +19,31 @@ by step and each step from the rule in ``RULES`` (with its source):
    L7 load balancer, enforced by Envoy on the address it dialled) and the
    backend's ingress, L7 rules included where Cilium enforces them.
 
-A path delivers when every step does. ``MUST_DENY`` lists requests the policy
-must refuse. What the model takes on trust is in ``RULES`` with ``confirmed``
-False: the README lists them as what a real cluster must still confirm.
+The paths of a service: each of its clients (its callers, the smoke test, the rollout's load, and
+any workload whose URL names it) through each route of its CiliumEnvoyConfig the client's request
+can take, to each cluster and priority, the mirror, and each retry; DNS from the clients and from
+cilium-envoy; the kubelet's probes of its pods. A path delivers when every step does.
+``must_deny`` lists requests the policy must refuse. What the model takes on trust is in ``RULES``
+with ``confirmed`` False: the README lists them as what a real cluster must still confirm.
 
-    python -m checks.datapath        # every path, both datapaths, both placements
+    python -m checks.datapath        # every path of every service, both datapaths, both placements
 """
 
 from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import ipaddress
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from urllib.parse import urlsplit
 
 from cilium_mesh.manifests import (
+    DATAPATHS,
     INGRESS_FILE,
     NETWORK_POLICY_DATAPATH_FILES,
     NETWORK_POLICY_FILE,
@@ -42,8 +51,19 @@ from cilium_mesh.manifests import (
     load_documents,
     replaced_by_name,
 )
+from cilium_mesh.policy import load_labels, service_policies
 from cilium_mesh.smoke_files import smoke_documents
-from cilium_mesh.traffic import MeshService
+from cilium_mesh.traffic import (
+    CLUSTER_DOMAIN,
+    HTTP_METHODS,
+    LOAD_HEADER,
+    MESH_NAMESPACE,
+    OUTSIDER_LABELS,
+    SMOKE_TEST_LABELS,
+    Caller,
+    HttpRule,
+    MeshService,
+)
 from cilium_mesh.values import cilium_values
 
 # --- The rules, each with where it comes from -------------------------------------------------
@@ -167,6 +187,14 @@ RULES = {
         "cluster's dns_refresh_rate; once the pod is gone its address is WORLD.",
         "coredns kubernetes plugin (ttl 5 by default); Envoy STRICT_DNS dns_refresh_rate",
     ),
+    "declared": Rule(
+        "A declared service's Service, its versions' pods and its callers' pods are the user's, not in the "
+        "stack's manifests: the model places one pod per version and per caller with the declared labels in "
+        "the declared namespace, ready on the declared port, probed by the kubelet on that port, and serving "
+        "past the DNS staleness window once deleted (a preStop, as the sample's catalogdetail has).",
+        "the service's declaration (cdk.json services; README, \"Your services\")",
+        confirmed=False,
+    ),
 }
 
 # --- The cluster the model places things in --------------------------------------------------
@@ -180,6 +208,13 @@ PLACEMENTS = ("same node", "other node")
 CLIENT_NODE = "a"
 ENTITIES_IN_CLUSTER = {"host", "remote-node", "ingress", "health", "init", "kube-apiserver", "unmanaged"}
 LINGER_KEY = "envoy-http-upstream-linger-timeout"
+# Where on its node's subnet a pod's address is: coredns, then the workloads one by one; the Ingress IP
+# (ENI IPAM) below them all.
+COREDNS_OFFSET, FIRST_POD_OFFSET, INGRESS_IP_OFFSET = 30, 40, -5
+
+
+def _node_address(node: str, offset: int) -> str:
+    return str(ipaddress.ip_address(NODES[node]) + offset)
 
 
 @dataclass(frozen=True)
@@ -192,7 +227,7 @@ class Endpoint:
     workload: str | None = None
     namespace: str | None = None
     labels: tuple = ()
-    pre_stop_s: int = 0
+    pre_stop_s: int | None = 0  # None: a declared pod (rule "declared"), whose manifest is the user's
 
     def owned_by_eni(self, datapath: str) -> bool:
         """Whether the node's ENIs own the address (rule "vpc"): pod addresses are ENI secondary addresses
@@ -236,7 +271,32 @@ def workload_name(workload: dict) -> str:
 
 
 class Unmodelled(ValueError):
-    """A policy uses a field the model does not evaluate."""
+    """A policy or route uses a field the model does not evaluate."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What runs one kind of pod: a Deployment or Job of the documents, or a pod the declarations imply."""
+
+    name: str
+    namespace: str
+    labels: tuple
+    pre_stop_s: int | None  # None: declared (rule "declared")
+    probes: tuple = ()  # (probe, port, path) of a Deployment's containers
+
+
+def _labels_text(labels) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(dict(labels).items()))
+
+
+def _smoke(services: tuple[MeshService, ...], datapath: str, sample_app: bool) -> list[dict]:
+    """The smoke test's documents as the stack applies them, its network policy on.
+
+    Until smoke_documents takes the services (the smoke test in MESH_NAMESPACE, one check per service),
+    it is the sample's one: a Job in workshop, used with the sample only."""
+    if "services" in inspect.signature(smoke_documents).parameters:
+        return smoke_documents(services, datapath, True, sample_app)
+    return smoke_documents(services[0], datapath, True) if sample_app else []
 
 
 @dataclass(frozen=True)
@@ -247,7 +307,8 @@ class Deployed:
     documents: tuple
     policies: tuple
     values: dict
-    traffic: MeshService
+    services: tuple[MeshService, ...]
+    sample_app: bool = True
 
     def __post_init__(self) -> None:
         """Refuse a policy field the model does not evaluate, rather than judge it wrongly."""
@@ -263,44 +324,87 @@ class Deployed:
                 raise Unmodelled(f"policy {policy['metadata']['name']} uses {sorted(extra)}, which the model does not evaluate")
 
     @classmethod
-    def of(cls, datapath: str, traffic: MeshService, cilium_version: str = "1.19.6",
+    def of(cls, datapath: str, services: Sequence[MeshService], sample_app: bool = True, cilium_version: str = "1.19.6",
            documents: list[dict] | None = None, policies: list[dict] | None = None,
            values: dict | None = None) -> Deployed:  # fmt: skip
-        smoke = smoke_documents(traffic, datapath, True) if documents is None or policies is None else []
+        """What the stack applies for these services: the sample's manifests (with sample_app), each service's
+        version Services and policies, the smoke test's objects and the Cilium values; any of them replaced."""
+        if isinstance(services, MeshService):
+            raise TypeError("Deployed.of: services must be a sequence of MeshService, e.g. (service,)")
+        services = tuple(services)
+        smoke = _smoke(services, datapath, sample_app) if documents is None or policies is None else []
         if documents is None:
-            documents = load_documents(*WORKLOAD_FILES, INGRESS_FILE) + [d for d in smoke if d["kind"] == "Job"]
+            documents = load_documents(*WORKLOAD_FILES, INGRESS_FILE) if sample_app else []
+            documents += [d for s in services for d in s.version_services()]
+            documents += [d for d in smoke if d["kind"] in ("Deployment", "Job")]
         if policies is None:
             policies = replaced_by_name(
                 load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[datapath])
-            ) + [d for d in smoke if d["kind"] == "CiliumNetworkPolicy"]
+            ) if sample_app else []  # fmt: skip
+            policies += [p for s in services for p in service_policies(s, datapath)]
+            policies += [d for d in smoke if d["kind"] == "CiliumNetworkPolicy"]
         if values is None:
             values = cilium_values("api.example", datapath, "cilium-mesh", cilium_version)
-        return cls(datapath, tuple(documents), tuple(policies), values, traffic)
+        return cls(datapath, tuple(documents), tuple(policies), values, services, sample_app)
 
     def kind(self, kind: str) -> list[dict]:
         return [d for d in self.documents if d.get("kind") == kind]
 
-    def service(self, namespace: str, name: str) -> dict | None:
+    def service_document(self, namespace: str, name: str) -> dict | None:
         return next((s for s in self.kind("Service")
                      if (s["metadata"].get("namespace"), s["metadata"]["name"]) == (namespace, name)), None)  # fmt: skip
 
-    def pods(self, node: str) -> list[Endpoint]:
-        """One pod of every Deployment on ``node`` (and coredns, which EKS runs), with distinct addresses."""
-        prefix = NODES[node].rsplit(".", 1)[0]
-        pods = [Endpoint("pod", f"{prefix}.40", node, "coredns", "kube-system", (("k8s-app", "kube-dns"),))]
-        for index, deployment in enumerate(self.workloads()):
-            template = deployment["spec"]["template"]
-            sleeps = [c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-                      for c in template["spec"]["containers"]]  # fmt: skip
-            pods.append(Endpoint("pod", f"{prefix}.{50 + index}", node, workload_name(deployment),
-                                 deployment["metadata"]["namespace"], tuple(sorted(template["metadata"]["labels"].items())),
-                                 min(sleeps)))  # fmt: skip
-        return pods
+    def mesh_service(self, key: str) -> MeshService:
+        """A declared service by ``namespace/name``."""
+        found = next((s for s in self.services if s.key == key), None)
+        if found is None:
+            raise KeyError(f"service {key} is not among the model's services ({', '.join(s.key for s in self.services)})")
+        return found
 
     def workloads(self) -> list[dict]:
-        """What runs pods: the Deployments, and the smoke test's Job."""
+        """What runs pods in the documents: the Deployments, and the smoke test's Job."""
         return [d for d in self.documents if d.get("kind") in ("Deployment", "Job")]
 
+    @cached_property
+    def pod_kinds(self) -> tuple[Workload, ...]:
+        """The documents' workloads, then a pod for each version, caller, rollout load, and the smoke test and its
+        outsider, where no workload's pods carry their labels in their namespace (rule "declared")."""
+        found = []
+        for workload in self.workloads():
+            template = workload["spec"]["template"]
+            containers = template["spec"]["containers"]
+            sleeps = [c.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0) for c in containers]
+            probes = tuple((probe, int(c[probe]["httpGet"]["port"]), c[probe]["httpGet"]["path"]) for c in containers
+                           for probe in ("readinessProbe", "livenessProbe") if "httpGet" in c.get(probe, {}))  # fmt: skip
+            found.append(Workload(workload_name(workload), workload["metadata"]["namespace"],
+                                  tuple(sorted(template["metadata"]["labels"].items())), min(sleeps), probes))  # fmt: skip
+
+        def declare(name: str, namespace: str, labels) -> None:
+            if not any(w.namespace == namespace and dict(labels).items() <= dict(w.labels).items() for w in found):
+                found.append(Workload(f"{namespace}/{name}", namespace, tuple(sorted(dict(labels).items())), None))
+
+        for s in self.services:
+            for version, labels in s.versions.items():
+                declare(f"{s.name}-{version}", s.namespace, labels)
+        for s in self.services:
+            for caller in s.callers or ():
+                declare(_labels_text(caller.labels), caller.namespace or s.namespace, caller.labels)
+            if s.rollout is not None and s.rollout.load is not None:
+                declare(f"load-{s.name}", MESH_NAMESPACE, load_labels(s))
+        declare("smoke-test", MESH_NAMESPACE, SMOKE_TEST_LABELS)
+        declare("smoke-test-outsider", MESH_NAMESPACE, OUTSIDER_LABELS)
+        return tuple(found)
+
+    def find(self, namespace: str, labels) -> str:
+        """The workload whose pods carry ``labels`` in ``namespace``."""
+        return next(w.name for w in self.pod_kinds if w.namespace == namespace and dict(labels).items() <= dict(w.labels).items())
+
+    def pods(self, node: str) -> list[Endpoint]:
+        """One pod of every workload on ``node`` (and coredns, which EKS runs), with distinct addresses."""
+        pods = [Endpoint("pod", _node_address(node, COREDNS_OFFSET), node, "coredns", "kube-system", (("k8s-app", "kube-dns"),))]
+        for index, w in enumerate(self.pod_kinds):
+            pods.append(Endpoint("pod", _node_address(node, FIRST_POD_OFFSET + index), node, w.name, w.namespace, w.labels, w.pre_stop_s))
+        return pods
 
     def pod(self, workload: str, node: str) -> Endpoint:
         return next(p for p in self.pods(node) if p.workload == workload)
@@ -309,30 +413,31 @@ class Deployed:
         """The ready pods a Service selects, placed on ``node``."""
         if (namespace, name) == ("kube-system", "kube-dns"):
             return [p for p in self.pods(node) if p.workload == "coredns"]
-        service = self.name(namespace, name)
+        service = self.service_document(namespace, name)
         selector = (service or {}).get("spec", {}).get("selector") or {}
         return [p for p in self.pods(node) if service and selector and p.namespace == namespace
                 and selector.items() <= dict(p.labels).items()]  # fmt: skip
 
     def resolve(self, host: str, node: str, cluster_dns: bool) -> list[Endpoint]:
         """What a resolver answers for a Service's DNS name (rule "dns")."""
-        if not cluster_dns or not host.endswith(".svc.cluster.local"):
+        if not cluster_dns or not host.endswith(f".{CLUSTER_DOMAIN}"):
             return []
         name, namespace = host.split(".")[:2]
-        service = self.name(namespace, name)
+        service = self.service_document(namespace, name)
         if service is None:
             return []
         if service["spec"].get("clusterIP") == "None":
             return self.backends(namespace, name, node)
         return [Endpoint("cluster-ip", CLUSTER_IP, None, name, namespace)]
 
-    def with_cluster_ip_version_services(self) -> Deployed:
-        """The same, with the traffic policy's version Services given ClusterIPs again (main before
-        headless Services): the defect this model was first built to catch."""
-        names = {self.traffic.version_service(v) for v in self.traffic.versions}
+    def with_cluster_ip_version_services(self, service: MeshService | None = None) -> Deployed:
+        """The same, with the version Services of ``service`` (default: every service) given ClusterIPs again
+        (main before headless Services): the defect this model was first built to catch."""
+        chosen = [service] if service is not None else self.services
+        names = {(s.namespace, s.version_service(v)) for s in chosen for v in s.versions}
         documents = copy.deepcopy(list(self.documents))
         for document in documents:
-            if document["kind"] == "Service" and document["metadata"]["name"] in names:
+            if document["kind"] == "Service" and (document["metadata"].get("namespace"), document["metadata"]["name"]) in names:
                 document["spec"].pop("clusterIP", None)
         return replace(self, documents=tuple(documents))
 
@@ -355,6 +460,7 @@ class Request:
     method: str = "GET"
     path: str = "/"
     dns_name: str | None = None
+    headers: tuple = ()  # (name, value): what Envoy's routes match besides the method and path
 
 
 def _selects(selector: dict, labels: dict, namespace: str) -> bool:
@@ -419,11 +525,13 @@ class Hop:
 
     name: str
     client: str  # a workload, "ingress" (Cilium's Ingress Envoy), "kubelet", "cilium-envoy", "world"
-    via: str  # direct | ingress | cec-eds | cec-dns | envoy-dns | probe
-    target: str  # "namespace/service", or a DNS name for cec-dns
+    via: str  # direct | nlb | ingress | cec-eds | cec-dns | envoy-dns | probe | health-check
+    target: str  # "namespace/service" (an EDS cluster's name too), a DNS name (cec-dns, envoy-dns), a workload (probe)
     request: Request
     retry_after_timeout: bool = False
-    datapaths: tuple = ("chaining", "eni")
+    datapaths: tuple = DATAPATHS
+    service: str | None = None  # the declared service (namespace/name) the path belongs to
+    mirror: bool = False  # Envoy's copy of a request (request_mirror_policies), whose answer it drops
 
 
 @dataclass
@@ -450,9 +558,15 @@ class Outcome:
         return f"{self.hop.name} [{self.datapath}, {self.placement}]: {self.status}{reason}"
 
 
+def _service_of_host(host: str) -> tuple[str | None, str]:
+    """(namespace, name) of a Service's DNS name."""
+    name, _, rest = host.partition(".")
+    return rest.split(".")[0] or None, name
+
+
 def _url_calls(deployed: Deployed) -> list[tuple[str, str, int, str]]:
     """(workload, service host, port, path) of every http:// URL in a container's environment, but those the
-    smoke test expects refused (DENIED_*, in MUST_DENY)."""
+    smoke test expects refused (DENIED_*, in must_deny)."""
     calls = []
     for deployment in deployed.workloads():
         for container in deployment["spec"]["template"]["spec"]["containers"]:
@@ -465,42 +579,157 @@ def _url_calls(deployed: Deployed) -> list[tuple[str, str, int, str]]:
     return calls
 
 
-def _cec_hops(deployed: Deployed, client: str, path: str) -> list[Hop]:
-    """Every route, cluster and priority of the traffic policy's CiliumEnvoyConfig, as the client's request
-    takes them, and each again as a retry after a per-try timeout."""
-    policy = deployed.traffic
-    resources = policy.envoy_resources()
-    clusters = {r["name"]: r for r in resources if r["@type"].endswith(".Cluster")}
-    (route_config,) = [r for r in resources if r["@type"].endswith(".RouteConfiguration")]
+@dataclass(frozen=True)
+class Client:
+    """A workload that calls a declared service through its CiliumEnvoyConfig, and the requests it makes."""
+
+    workload: str
+    requests: tuple[Request, ...]
+    any_headers: bool = True  # it may send any header (a pin, a route's): every route its requests can match
+
+
+def _example_path(pattern: str, service: MeshService, where: str) -> str:
+    """A path an L7 rule's ``pattern`` (a regular expression) admits: the service's check_path, the pattern
+    itself, or the pattern with its wildcards filled."""
+    filled = re.sub(r"\.\*|\.\+", lambda m: "" if m.group() == ".*" else "x", pattern).replace("\\", "")
+    for candidate in (service.check_path, pattern, filled):
+        if re.fullmatch(pattern, candidate):
+            return candidate
+    raise Unmodelled(f"{where}: the model finds no path that the http rule {pattern!r} admits; give it a literal path")
+
+
+def _caller_requests(service: MeshService, caller: Caller, datapath: str) -> tuple[Request, ...]:
+    """Under eni each of the caller's http rules (its L7 rules) as a request, else GET check_path."""
+    if datapath == "eni" and caller.http:
+        return tuple(Request(service.pod_port, method=rule.method, path=_example_path(rule.path, service, f"{service.key} caller {_labels_text(caller.labels)}"))
+                     for rule in caller.http)  # fmt: skip
+    return (Request(service.pod_port, path=service.check_path),)
+
+
+def _clients(deployed: Deployed, service: MeshService) -> list[Client]:
+    """Who calls the service: its callers, the smoke test (GET check_path), any other workload whose URL names it
+    (GET its path), and the rollout's load (its one request, with the load header)."""
+    requests: dict[str, list[Request]] = {}
+    for caller in service.callers or ():
+        requests.setdefault(deployed.find(caller.namespace or service.namespace, caller.labels), []).extend(
+            _caller_requests(service, caller, deployed.datapath))
+    requests.setdefault(deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS), []).append(Request(service.pod_port, path=service.check_path))
+    declared = set(requests)
+    for workload, host, _, path in _url_calls(deployed):
+        if _service_of_host(host) == (service.namespace, service.name) and workload not in declared:
+            requests.setdefault(workload, []).append(Request(service.pod_port, path=path))
+    clients = [Client(workload, tuple(dict.fromkeys(asked))) for workload, asked in requests.items()]
+    load = service.rollout.load if service.rollout is not None else None
+    if load is not None:
+        headers = tuple(sorted({**load.headers, LOAD_HEADER: "1"}.items()))
+        asked = Request(service.pod_port, method=load.method, path=load.path or service.check_path, headers=headers)
+        clients.append(Client(deployed.find(MESH_NAMESPACE, load_labels(service)), (asked,), any_headers=False))
+    return clients
+
+
+MODELLED_MATCH_KEYS = {"prefix", "path", "headers"}
+
+
+def _route_matches(match: dict, request: Request) -> bool:
+    """Envoy's route match, for what the services' routes use: a prefix or path, exact or present headers."""
+    extra = match.keys() - MODELLED_MATCH_KEYS
+    if extra:
+        raise Unmodelled(f"a route matches on {sorted(extra)}, which the model does not evaluate")
+    if ("path" in match and request.path != match["path"]) or not request.path.startswith(match.get("prefix", "")):
+        return False
+    sent = {":method": request.method, **dict(request.headers)}
+    for header in match.get("headers", []):
+        value = sent.get(header["name"])
+        if "present_match" in header:
+            ok = (value is not None) == header["present_match"]
+        elif header.get("string_match", {}).keys() == {"exact"}:
+            ok = value == header["string_match"]["exact"]
+        else:
+            raise Unmodelled(f"a route matches header {header['name']} by {sorted(header)}, which the model does not evaluate")
+        if not ok:
+            return False
+    return True
+
+
+def _routes_taken(routes: list[dict], request: Request, any_headers: bool) -> list[tuple[dict, Request]]:
+    """Each route Envoy picks (the first that matches) for the request; for a client that may send any header,
+    each route its method and path can reach, with the headers that lead there."""
+    def first(sent: Request) -> dict | None:
+        return next((r for r in routes if _route_matches(r["match"], sent)), None)
+
+    if not any_headers:
+        route = first(request)
+        return [(route, request)] if route is not None else []
+    taken = []
+    for route in routes:
+        wanted = {h["name"]: h["string_match"]["exact"] if "string_match" in h else "1"
+                  for h in route["match"].get("headers", []) if not h["name"].startswith(":") and h.get("present_match", True)}  # fmt: skip
+        sent = replace(request, headers=tuple(sorted({**dict(request.headers), **wanted}.items())))
+        if first(sent) is route:
+            taken.append((route, sent))
+    return taken
+
+
+def _cluster_hops(service: MeshService, cluster: dict, prefix: str, client: str, request: Request) -> list[Hop]:
+    """A request to one cluster: an EDS cluster's pods, or each priority of a failover cluster by DNS."""
+    if cluster["type"] == "EDS":
+        return [Hop(f"{prefix}, cluster {cluster['name']}", client, "cec-eds", cluster["name"], request, service=service.key)]
     hops = []
-    for route in route_config["virtual_hosts"][0]["routes"]:
-        action = route["route"]
-        names = [action["cluster"]] if "cluster" in action else [c["name"] for c in action["weighted_clusters"]["clusters"]]
-        for name in names:
-            cluster = clusters[name]
-            if cluster["type"] == "EDS":
-                hops.append(Hop(f"{client} -> {policy.name}: route {route['name']}, cluster {name}", client, "cec-eds",
-                                name, Request(policy.port, path=path)))  # fmt: skip
-                continue
-            for locality in cluster["load_assignment"]["endpoints"]:
-                host = locality["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
-                kind = "failover" if locality.get("priority", 0) else route["name"]
-                hops.append(Hop(f"{client} -> {policy.name}: route {route['name']}, cluster {name} priority "
-                                f"{locality.get('priority', 0)} ({kind}, {host.split('.')[0]})", client, "cec-dns",
-                                host, Request(policy.port, path=path)))  # fmt: skip
-            if cluster.get("health_checks"):
-                hops.append(Hop(f"cilium-envoy -> {policy.name}: active health check of cluster {name}",
-                                "cilium-envoy", "health-check", name, Request(policy.port, path=path)))  # fmt: skip
-    hops += [replace(h, name=f"{h.name}, retry after a per-try timeout", retry_after_timeout=True)
-             for h in hops if h.via.startswith("cec-")]  # fmt: skip
+    for locality in cluster["load_assignment"]["endpoints"]:
+        host = locality["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"]
+        priority = locality.get("priority", 0)
+        hops.append(Hop(f"{prefix}, cluster {cluster['name']} priority {priority} ({'failover' if priority else 'split'}, "
+                        f"{host.split('.')[0]})", client, "cec-dns", host, request, service=service.key))  # fmt: skip
     return hops
 
 
+def _cec_hops(service: MeshService, client: str, request: Request, any_headers: bool = True) -> list[Hop]:
+    """Every route of the service's CiliumEnvoyConfig the client's request can take, to every cluster and
+    priority, and the route's mirror; a retried route's again as a retry after a per-try timeout."""
+    resources = service.envoy_resources()
+    clusters = {r["name"]: r for r in resources if r["@type"].endswith(".Cluster")}
+    (route_config,) = [r for r in resources if r["@type"].endswith(".RouteConfiguration")]
+    (virtual_host,) = route_config["virtual_hosts"]
+    hops = []
+    for route, sent in _routes_taken(virtual_host["routes"], request, any_headers):
+        action = route["route"]
+        prefix = f"{client} -> {service.name} ({request.method} {request.path}): route {route['name']}"
+        names = [action["cluster"]] if "cluster" in action else [c["name"] for c in action["weighted_clusters"]["clusters"]]
+        tries = [h for name in names for h in _cluster_hops(service, clusters[name], prefix, client, sent)]
+        hops += tries
+        if "retry_policy" in action:
+            hops += [replace(h, name=f"{h.name}, retry after a per-try timeout", retry_after_timeout=True) for h in tries]
+        for mirror in action.get("request_mirror_policies", []):
+            hops += [replace(h, mirror=True) for h in _cluster_hops(service, clusters[mirror["cluster"]], f"{prefix}, mirror", client, sent)]
+    return hops
+
+
+def _health_check_hops(service: MeshService) -> list[Hop]:
+    """Envoy's active health checks, if a cluster had any: from the node, to each of its hosts."""
+    hops = []
+    for cluster in (r for r in service.envoy_resources() if r["@type"].endswith(".Cluster") and r.get("health_checks")):
+        path = cluster["health_checks"][0].get("http_health_check", {}).get("path", "/")
+        targets = [cluster["name"]] if cluster["type"] == "EDS" else [
+            e["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"] for e in cluster["load_assignment"]["endpoints"]]  # fmt: skip
+        hops += [Hop(f"cilium-envoy -> {service.name}: active health check of cluster {cluster['name']} ({target.split('.')[0]})",
+                     "cilium-envoy", "health-check", target, Request(service.pod_port, path=path), service=service.key)
+                 for target in targets]  # fmt: skip
+    return hops
+
+
+def _version_of(deployed: Deployed, workload: Workload) -> str | None:
+    """The declared service whose version ``workload``'s pods are, if any."""
+    return next((s.key for s in deployed.services for labels in s.versions.values()
+                 if s.namespace == workload.namespace and dict(labels).items() <= dict(workload.labels).items()), None)  # fmt: skip
+
+
 def paths(deployed: Deployed) -> list[Hop]:
-    """Every path the stack ships: Ingress, the app's calls (through the traffic policy where it applies),
-    DNS from the pods and from cilium-envoy, and the kubelet's probes."""
-    hops = [Hop("the internet -> NLB -> a node's NodePort -> Cilium's Ingress Envoy", "world", "nlb",
-                "kube-system/cilium-ingress", Request(80))]  # fmt: skip
+    """Every path the stack ships: Ingress, the sample's own calls, every declared service's clients through its
+    CiliumEnvoyConfig, DNS from the pods and from cilium-envoy, and the kubelet's probes."""
+    hops = []
+    if deployed.kind("Ingress"):
+        hops.append(Hop("the internet -> NLB -> a node's NodePort -> Cilium's Ingress Envoy", "world", "nlb",
+                        "kube-system/cilium-ingress", Request(80)))  # fmt: skip
     for ingress in deployed.kind("Ingress"):
         namespace = ingress["metadata"]["namespace"]
         for rule in ingress["spec"]["rules"]:
@@ -508,48 +737,87 @@ def paths(deployed: Deployed) -> list[Hop]:
                 service = http_path["backend"]["service"]
                 hops.append(Hop(f"Ingress -> {service['name']}:{service['port']['number']}", "ingress", "ingress",
                                 f"{namespace}/{service['name']}", Request(service["port"]["number"], path=http_path["path"])))  # fmt: skip
-    policy = deployed.traffic
+    declared = {(s.namespace, s.name) for s in deployed.services}
     for workload, host, port, path in _url_calls(deployed):
-        name, namespace = host.split(".")[:2]
-        hops.append(Hop(f"{workload} -> DNS ({host})", workload, "direct", "kube-system/kube-dns",
-                        Request(53, "UDP", dns_name=host)))  # fmt: skip
-        hops.append(Hop(f"{workload} -> DNS over TCP ({host})", workload, "direct", "kube-system/kube-dns",
-                        Request(53, "TCP", dns_name=host)))  # fmt: skip
-        if (namespace, name) == (policy.namespace, policy.name):
-            hops += _cec_hops(deployed, workload, path)
-        else:
-            hops.append(Hop(f"{workload} -> {name}:{port}", workload, "direct", f"{namespace}/{name}", Request(port, path=path)))
+        namespace, name = _service_of_host(host)
+        if (namespace, name) in declared:
+            continue  # through the service's CiliumEnvoyConfig, below
+        hops.append(Hop(f"{workload} -> DNS ({host})", workload, "direct", "kube-system/kube-dns", Request(53, "UDP", dns_name=host)))
+        hops.append(Hop(f"{workload} -> DNS over TCP ({host})", workload, "direct", "kube-system/kube-dns", Request(53, "TCP", dns_name=host)))
+        hops.append(Hop(f"{workload} -> {name}:{port}", workload, "direct", f"{namespace}/{name}", Request(port, path=path)))
     for workload in deployed.workloads():
         for container in workload["spec"]["template"]["spec"]["containers"]:
             if any(env["name"] == "INGRESS_SERVICE" for env in container.get("env", [])):
                 name = workload_name(workload)
                 hops.append(Hop(f"{name} -> the NLB's addresses:80 (through a NAT gateway)", name, "direct", "world", Request(80)))
-    hosts = sorted({h.target for h in hops if h.via == "cec-dns"})
+    for s in deployed.services:
+        host = f"{s.name}.{s.namespace}.{CLUSTER_DOMAIN}"
+        for client in _clients(deployed, s):
+            hops += [Hop(f"{client.workload} -> DNS{over} ({host})", client.workload, "direct", "kube-system/kube-dns",
+                         Request(53, protocol, dns_name=host), service=s.key) for over, protocol in (("", "UDP"), (" over TCP", "TCP"))]  # fmt: skip
+            for request in client.requests:
+                hops += _cec_hops(s, client.workload, request, client.any_headers)
+        hops += _health_check_hops(s)
+    hosts = {h.target: h.service for h in hops if h.via == "cec-dns"}
     hops += [Hop(f"cilium-envoy -> DNS ({host})", "cilium-envoy", "envoy-dns", "kube-system/kube-dns",
-                 Request(53, "UDP", dns_name=host)) for host in hosts]  # fmt: skip
-    for deployment in deployed.kind("Deployment"):
-        for container in deployment["spec"]["template"]["spec"]["containers"]:
-            for probe in ("readinessProbe", "livenessProbe"):
-                get = container.get(probe, {}).get("httpGet")
-                if get:
-                    hops.append(Hop(f"kubelet -> {deployment['metadata']['name']} {probe} {get['path']}", "kubelet",
-                                    "probe", deployment["metadata"]["name"], Request(int(get["port"]), path=get["path"])))  # fmt: skip
+                 Request(53, "UDP", dns_name=host), service=key) for host, key in sorted(hosts.items())]  # fmt: skip
+    for workload in deployed.pod_kinds:
+        key = _version_of(deployed, workload)
+        for probe, port, path in workload.probes:
+            hops.append(Hop(f"kubelet -> {workload.name} {probe} {path}", "kubelet", "probe", workload.name,
+                            Request(port, path=path), service=key))  # fmt: skip
+        if key is not None and workload.pre_stop_s is None:  # a declared version: the kubelet probes its port
+            s = deployed.mesh_service(key)
+            hops.append(Hop(f"kubelet -> {workload.name} probe on {s.pod_port}", "kubelet", "probe", workload.name,
+                            Request(s.pod_port, path=s.check_path), service=key))  # fmt: skip
     return hops
 
 
-# Requests the policy must refuse, in both datapaths unless stated.
-MUST_DENY = (
-    Hop("frontend -> catalogdetailv1:3000, skipping productcatalog", "frontend", "direct", "workshop/catalogdetailv1",
-        Request(3000, path="/catalogDetail")),
-    Hop("productcatalog -> frontend:9000, against the call graph", "productcatalog", "direct", "workshop/frontend", Request(9000)),
-    Hop("catalogdetail -> the internet:443", "catalogdetail", "direct", "world", Request(443)),
-    Hop("the internet -> frontend:9000, around the Ingress", "world", "direct", "workshop/frontend", Request(9000)),
-    Hop("productcatalog -> catalogdetail: DELETE /catalogDetail", "productcatalog", "direct", "workshop/catalogdetailv1",
-        Request(3000, method="DELETE", path="/catalogDetail"), datapaths=("eni",)),
-    Hop("smoke test -> frontend:9000 (its deny check)", "smoke-test", "direct", "workshop/frontend", Request(9000)),
-    Hop("smoke test -> catalogdetail: DELETE /catalogDetail", "smoke-test", "direct", "workshop/catalogdetailv1",
-        Request(3000, method="DELETE", path="/catalogDetail"), datapaths=("eni",)),
-)
+def _refused_method(rules: Sequence[HttpRule], path: str) -> str | None:
+    """A method none of the L7 rules admits on ``path`` (DELETE, if none does)."""
+    return next((m for m in ("DELETE", *HTTP_METHODS)
+                 if not any(re.fullmatch(r.method, m) and re.fullmatch(r.path, path) for r in rules)), None)  # fmt: skip
+
+
+def _sample_must_deny(deployed: Deployed) -> list[Hop]:
+    """The sample app's call graph: what its own policies refuse."""
+    smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
+    return [
+        Hop("frontend -> catalogdetailv1:3000, skipping productcatalog", "frontend", "direct", "workshop/catalogdetailv1",
+            Request(3000, path="/catalogDetail")),
+        Hop("productcatalog -> frontend:9000, against the call graph", "productcatalog", "direct", "workshop/frontend", Request(9000)),
+        Hop("catalogdetail -> the internet:443", "catalogdetail", "direct", "world", Request(443)),
+        Hop("the internet -> frontend:9000, around the Ingress", "world", "direct", "workshop/frontend", Request(9000)),
+        Hop("smoke test -> frontend:9000 (its deny check)", smoke, "direct", "workshop/frontend", Request(9000)),
+    ]  # fmt: skip
+
+
+def must_deny(deployed: Deployed) -> list[Hop]:
+    """Requests the policy must refuse, in both datapaths unless stated: for every service with callers, the
+    smoke test's outsider (to each version directly, and through the Service), and under eni a method outside
+    a caller's or the smoke test's L7 rules; with the sample app, requests against its call graph."""
+    hops = _sample_must_deny(deployed) if deployed.sample_app else []
+    outsider = deployed.find(MESH_NAMESPACE, OUTSIDER_LABELS)
+    smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
+    for s in deployed.services:
+        if s.callers is None:
+            continue  # no policy: nothing refuses anyone
+        check = Request(s.pod_port, path=s.check_path)
+        hops += [Hop(f"{outsider} -> {s.version_service(v)}:{s.pod_port} directly, no caller", outsider, "direct",
+                     f"{s.namespace}/{s.version_service(v)}", check, service=s.key) for v in s.versions]  # fmt: skip
+        hops += [h for h in _cec_hops(s, outsider, check) if not h.retry_after_timeout]
+        limited = [(deployed.find(c.namespace or s.namespace, c.labels), c.http, _caller_requests(s, c, "eni")[0].path)
+                   for c in s.callers if c.http]  # fmt: skip
+        limited.append((smoke, (HttpRule("GET", s.check_path),), s.check_path))
+        for workload, rules, path in limited:
+            method = _refused_method(rules, path)
+            if method is None:
+                continue
+            asked = Request(s.pod_port, method=method, path=path)
+            hops += [Hop(f"{workload} -> {s.version_service(v)}: {method} {path}, outside its L7 rules", workload, "direct",
+                         f"{s.namespace}/{s.version_service(v)}", asked, datapaths=("eni",), service=s.key) for v in s.versions]  # fmt: skip
+            hops += [replace(h, datapaths=("eni",)) for h in _cec_hops(s, workload, asked) if not h.retry_after_timeout]
+    return hops
 
 
 def _source_for_envoy(deployed: Deployed, hop: Hop, client: Endpoint | None, target: Endpoint) -> tuple[Endpoint, Identity, str]:
@@ -568,7 +836,7 @@ def _source_for_envoy(deployed: Deployed, hop: Hop, client: Endpoint | None, tar
 def _ingress_ip(datapath: str, node: str) -> str:
     """The node's Ingress IP (rule "ingress-ip"): an ENI secondary address, or one of Cilium's pool."""
     if datapath == "eni":
-        return f"{NODES[node].rsplit('.', 1)[0]}.200"
+        return _node_address(node, INGRESS_IP_OFFSET)
     return str(POOL_RANGES[node][5])
 
 
@@ -597,13 +865,14 @@ def _carried(outcome: Outcome, deployed: Deployed, source: Endpoint, target: End
 def _targets(deployed: Deployed, hop: Hop, node: str, outcome: Outcome) -> list[Endpoint]:
     if hop.target == "world":
         return [Endpoint("world", "203.0.113.10")]
-    if hop.via == "cec-dns":
+    if hop.via in ("cec-dns", "health-check") and hop.target.endswith(f".{CLUSTER_DOMAIN}"):
         found = deployed.resolve(hop.target, node, deployed.envoy_uses_cluster_dns)
         outcome.check("dns", bool(found), f"{hop.target} -> {', '.join(map(str, found)) or 'nothing'}", "no address")
         return found
     if hop.via == "cec-eds":
         namespace, name = hop.target.split("/", 1)
-        listed = {(s["namespace"], s["name"]) for s in deployed.traffic.cilium_envoy_config()["spec"]["backendServices"]}
+        config = deployed.mesh_service(hop.service).cilium_envoy_config()
+        listed = {(s["namespace"], s["name"]) for s in config["spec"]["backendServices"]}
         found = deployed.backends(namespace, name, node) if (namespace, name) in listed else []
         outcome.check("eds", bool(found), f"{hop.target} -> {', '.join(map(str, found)) or 'nothing'}", "no address")
         return found
@@ -616,13 +885,21 @@ def _targets(deployed: Deployed, hop: Hop, node: str, outcome: Outcome) -> list[
     return found
 
 
+def _redirected(outcome: Outcome, deployed: Deployed, service: MeshService) -> None:
+    """The client's connection to the Service goes to its node's Envoy (rule "l7lb-redirect")."""
+    listed = {(s["namespace"], s["name"]) for s in service.cilium_envoy_config()["spec"]["services"]}
+    outcome.check("l7lb-redirect", (service.namespace, service.name) in listed,
+                  f"{service.name} is in the CiliumEnvoyConfig's spec.services")  # fmt: skip
+    if deployed.service_document(service.namespace, service.name) is None:
+        outcome.check("declared", True, f"Service {service.key} is the user's (not in the stack's manifests)")
+
+
 def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
     """One path in one placement: the client on node a, its backend on node a or b."""
     outcome = Outcome(hop, deployed.datapath, placement)
     backend_node = CLIENT_NODE if placement == "same node" or hop.via == "probe" else "b"
     if hop.via == "health-check":  # rule "host-source": from the node, no downstream connection
-        policy = deployed.traffic
-        for target in deployed.backends(policy.namespace, policy.name, backend_node):
+        for target in _targets(deployed, hop, backend_node, outcome):
             node = Endpoint("node", NODES[CLIENT_NODE], CLIENT_NODE)
             ok, saw = verdict(deployed, target, "ingress", ipcache(node, target.node), hop.request)
             outcome.check("host-source", ok, saw, "denied")
@@ -643,9 +920,10 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
     if hop.via == "envoy-dns":
         outcome.check("dns", deployed.envoy_uses_cluster_dns,
                       f"cilium-envoy's dnsPolicy: {deployed.values.get('envoy', {}).get('dnsPolicy')}", "no address")  # fmt: skip
+    if hop.via in ("cec-eds", "cec-dns"):
+        _redirected(outcome, deployed, deployed.mesh_service(hop.service))
     for target in _targets(deployed, hop, backend_node, outcome):
         if hop.via in ("cec-eds", "cec-dns"):
-            outcome.check("l7lb-redirect", True, f"{deployed.traffic.name} is in the CiliumEnvoyConfig's spec.services")
             dialled = ipcache(target, CLIENT_NODE)
             ok, saw = verdict(deployed, client, "egress", dialled, hop.request)
             if not outcome.check("dial-identity", ok, f"Envoy dials {target}, identity {dialled}: {saw}", "denied"):
@@ -653,10 +931,13 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
             source, seen_as, rule = _source_for_envoy(deployed, hop, client, target)
             outcome.check(rule, True, f"source {source}, seen as {seen_as}")
             if hop.via == "cec-dns":
-                window = COREDNS_TTL_S + deployed.traffic.dns_refresh_ms / 1000
-                outcome.check("dns-staleness", target.pre_stop_s > window,
-                              f"{target.workload} serves {target.pre_stop_s} s after deletion; Envoy may dial it "
-                              f"for {window:g} s", "denied")  # fmt: skip
+                window = COREDNS_TTL_S + deployed.mesh_service(hop.service).dns_refresh_ms / 1000
+                if target.pre_stop_s is None:
+                    outcome.check("declared", True, f"{target.workload} must serve past {window:g} s after deletion (its preStop is the user's)")
+                else:
+                    outcome.check("dns-staleness", target.pre_stop_s > window,
+                                  f"{target.workload} serves {target.pre_stop_s} s after deletion; Envoy may dial it "
+                                  f"for {window:g} s", "denied")  # fmt: skip
             if hop.retry_after_timeout and source is client:
                 outcome.check("linger", deployed.linger_reset,
                               f"{LINGER_KEY}={deployed.values.get('extraConfig', {}).get(LINGER_KEY)}", "connect fails")  # fmt: skip
@@ -683,48 +964,54 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
     return outcome
 
 
-def evaluate_all(deployed: Deployed, hops: list[Hop] | tuple = ()) -> list[Outcome]:
-    """Each path in each placement (a probe is always on its pod's node; the NLB reaches every node)."""
-    hops = hops or paths(deployed)
+def evaluate_all(deployed: Deployed, hops: Sequence[Hop] | None = None) -> list[Outcome]:
+    """Each path (default: every one the stack ships) in each placement (a probe is always on its pod's node;
+    the NLB reaches every node)."""
+    hops = paths(deployed) if hops is None else hops
     return [evaluate(deployed, hop, placement) for hop in hops if deployed.datapath in hop.datapaths
             for placement in (PLACEMENTS[:1] if hop.via in ("probe", "nlb") else PLACEMENTS)]  # fmt: skip
 
 
-def cec_statuses(deployed: Deployed) -> dict[tuple[str, str], str]:
-    """For the loopback harness: per (cluster kind, version), what a request's first try meets in the cluster,
-    the worst of both placements and of every client (productcatalog, the smoke test): "delivered", "denied"
-    (403 before connect), "dropped" or "no address"."""
-    policy = deployed.traffic
-    clients = sorted({workload for workload, host, _, _ in _url_calls(deployed) if host.split(".")[0] == policy.name})
+def cec_statuses(deployed: Deployed, service: MeshService) -> dict[tuple[str, str], str]:
+    """For the loopback harness: per (cluster kind, version) of ``service``, what a request's first try meets in
+    the cluster, the worst of both placements and of every client (its callers, the smoke test, the load):
+    "delivered", "denied" (403 before connect), "dropped" or "no address"."""
+    service = deployed.mesh_service(service.key)
     statuses: dict[tuple[str, str], str] = {}
-    for hop in (h for client in clients for h in _cec_hops(deployed, client, "/catalogDetail")):
-        if hop.retry_after_timeout or not hop.via.startswith("cec-"):
-            continue
-        version = next(v for v in policy.versions if hop.target in (policy.eds_cluster(v), policy.version_host(v)))
-        key = ("eds" if hop.via == "cec-eds" else "dns", version)
-        for placement in PLACEMENTS:
-            status = evaluate(deployed, hop, placement).status
-            if statuses.get(key, "delivered") == "delivered":
-                statuses[key] = status
+    for client in _clients(deployed, service):
+        for hop in (h for request in client.requests for h in _cec_hops(service, client.workload, request, client.any_headers)):
+            if hop.retry_after_timeout or hop.mirror:
+                continue
+            version = next(v for v in service.versions if hop.target in (service.eds_cluster(v), service.version_host(v)))
+            key = ("eds" if hop.via == "cec-eds" else "dns", version)
+            for placement in PLACEMENTS:
+                status = evaluate(deployed, hop, placement).status
+                if statuses.get(key, "delivered") == "delivered":
+                    statuses[key] = status
     return statuses
 
 
 def main(argv: list[str]) -> int:
+    """Every path of every service in cdk.json's configuration, both datapaths; exit 1 if one fails."""
     from stacks import cdk_json_context
     from stacks.config import load_config
 
     config = load_config(cdk_json_context())
     failures = 0
-    for datapath in ("chaining", "eni"):
-        deployed = Deployed.of(datapath, config.traffic_policy, config.cilium_version)
+    for datapath in DATAPATHS:
+        deployed = Deployed.of(datapath, config.services, config.sample_app, config.cilium_version)
         outcomes = evaluate_all(deployed)
-        denied = evaluate_all(deployed, MUST_DENY)
+        denied = evaluate_all(deployed, must_deny(deployed))
         failures += sum(not o.delivered for o in outcomes) + sum(o.delivered for o in denied)
         print(f"== {datapath}: {sum(o.delivered for o in outcomes)}/{len(outcomes)} paths deliver, "
               f"{sum(not o.delivered for o in denied)}/{len(denied)} must-deny requests denied")  # fmt: skip
-        for outcome in outcomes + denied:
-            if "-v" in argv or outcome.delivered == (outcome in denied):
-                print("  " + outcome.line())
+        for key in (None, *(s.key for s in deployed.services)):
+            mine = [o for o in outcomes if o.hop.service == key]
+            refused = [o for o in denied if o.hop.service == key]
+            print(f"-- {key or 'the sample app, the Ingress and the smoke test'}: {len(mine)} paths, {len(refused)} must-deny")
+            for outcome in mine + refused:
+                mark = "must deny, " if outcome in refused else ""
+                print(f"  {mark}{outcome.line()}")
     unconfirmed = [name for name, rule in RULES.items() if not rule.confirmed]
     print(f"taken on trust until a cluster shows it: {', '.join(unconfirmed)}")
     return 1 if failures else 0

@@ -1,17 +1,22 @@
-"""Run a traffic policy's exact Envoy resources in cilium-envoy's Envoy, on loopback, against stand-in versions.
+"""Run a service's exact Envoy resources in cilium-envoy's Envoy, on loopback, against stand-in versions.
 
 The Envoy is the upstream release of cilium-envoy's minor version with every
 extension cilium-envoy leaves out disabled (checks/cilium_envoy.py). It gets
-the resources as Cilium hands them over: names qualified as Cilium qualifies
-them, the listener, the EDS clusters and the failover clusters unchanged, the
-route configuration over RDS and each version's endpoints over EDS. What
-differs from the cluster:
+the resources of a MeshService's CiliumEnvoyConfig as Cilium hands them over:
+names qualified as Cilium qualifies them, the listener, the EDS clusters and
+the failover clusters unchanged, the route configuration over RDS and each
+version's endpoints over EDS. What differs from the cluster:
 
 * RDS and EDS come from files (Envoy's filesystem subscription, which
   cilium-envoy builds), not from Cilium's gRPC xDS server;
 * the listener has a loopback address, not a Cilium proxy port, and lacks the
   filters Cilium injects (listener filter cilium.bpf_metadata, network filter
   cilium.network, HTTP filter cilium.l7policy; those exist only in cilium-envoy);
+* each version's pods are one stand-in on its own loopback address and the
+  service's pod port, answering every method and path 200 with its version in
+  the response header STAND_IN_HEADER (so the harness knows which version
+  answered whatever the service's own bodies are; Envoy's DESTINATION_HEADER
+  says where the route sent the request);
 * the version Services' cluster DNS names resolve through a loopback DNS
   stand-in to the stand-ins' addresses (in the cluster: coredns, to the pods of
   the headless version Services; a version without endpoints has no answer);
@@ -23,12 +28,16 @@ differs from the cluster:
   SYNs go unanswered (a connect timeout), and one with no address gets no
   endpoint or DNS answer.
 
+check_services_in_envoy runs a list of services this way, each through its
+declared pin header, routes and split.
+
 Everything here is bounded: fixed request counts, socket timeouts, and
 processes and servers that are always stopped.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import math
@@ -43,26 +52,35 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from cilium_mesh.traffic import MeshService, qualify_like_cilium
+from cilium_mesh.traffic import (
+    DESTINATION_HEADER,
+    HTTP_METHODS,
+    MeshService,
+    OutlierDetection,
+    Retries,
+    qualify_like_cilium,
+)
 from checks.cilium_envoy import envoy_command
 from checks.datapath import Deployed, cec_statuses
 
 LOOPBACK = "127.0.0.1"
 REQUEST_TIMEOUT_S = 10
 START_TIMEOUT_S = 20
-VENDORS = ["ABC.com"]
+# The harness's own response header: the version whose stand-in answered (a real pod's answer has none).
+STAND_IN_HEADER = "x-stand-in-version"
 
 DIFFERENCES = (
     "Run in cilium-envoy's extension set, resources as Cilium delivers them; differs from the cluster in: "
     "RDS/EDS from files (not Cilium's gRPC xDS), loopback listener without Cilium's injected filters "
     "(cilium.bpf_metadata, cilium.network, cilium.l7policy: their verdicts come from checks/datapath.py and "
-    "are reproduced by stand-ins), version DNS names resolved by a loopback stand-in."
+    "are reproduced by stand-ins), version DNS names resolved by a loopback stand-in, each version one "
+    "stand-in answering every request 200 with its version in a header."
 )
 ACCESS_DENIED = b"Access denied\r\n"  # cilium/proxy: the router's local reply when policy denies the upstream
 
@@ -102,28 +120,52 @@ class LoopbackHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
 
-    def reply(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+    def reply(self, status: int, body: bytes, content_type: str = "application/json",
+              headers: dict[str, str] | None = None) -> None:  # fmt: skip
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def read_body(self) -> None:
+        """A request's body is read, so that the keep-alive connection's next request starts where it should."""
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
     def log_message(self, *args):
         pass
 
 
-class StandIn(LoopbackServer):
-    """A catalogdetail version that answers like the real one: {"version":"1","vendors":["ABC.com"]}."""
+def _every_method(handler: type[LoopbackHandler]) -> type[LoopbackHandler]:
+    """http.server calls do_<METHOD>: the handler's ``answer`` for every method routes can match but CONNECT."""
+    for method in HTTP_METHODS:
+        if method != "CONNECT":
+            setattr(handler, f"do_{method}", handler.answer)
+    return handler
 
-    def __init__(self, version: str, fault: Fault, seed: int, address: tuple[str, int]):
-        self.version_number = version.lstrip("v")
+
+class StandIn(LoopbackServer):
+    """One version's pods: every request answered 200 (or as its fault says) with a JSON body naming the
+    service, version, method and path, and the version in STAND_IN_HEADER. ``asked`` counts the requests
+    by method, ``mirrored`` the copies Envoy's mirror policy sends (their host has "-shadow" before the port)."""
+
+    def __init__(self, service: MeshService, version: str, fault: Fault, seed: int, address: tuple[str, int]):
+        self.service_key = service.key
+        self.version = version
         self.fault = fault
         self.random = random.Random(seed)
         self.lock = threading.Lock()
-        self.served = 0
+        self.asked: Counter = Counter()
+        self.mirrored = 0
         super().__init__(address, _StandInHandler)
 
+    @property
+    def served(self) -> int:
+        """Requests answered, mirrored copies included."""
+        return sum(self.asked.values()) + self.mirrored
 
     def fail(self, fault: Fault) -> None:
         """From now on answer as ``fault`` says; "down" also stops accepting and ends open connections."""
@@ -136,22 +178,29 @@ class StandIn(LoopbackServer):
             self.server_close()
 
 
+@_every_method
 class _StandInHandler(LoopbackHandler):
-    def do_GET(self):  # noqa: N802 (http.server API)
+    def answer(self):
         server: StandIn = self.server
+        self.read_body()
         with server.lock:
             down = server.fault.kind == "down"
-            server.served += not down
+            if not down:
+                if self.headers.get("Host", "").rpartition(":")[0].endswith("-shadow"):
+                    server.mirrored += 1
+                else:
+                    server.asked[self.command] += 1
             failing = server.fault.kind == "errors" and server.random.random() < server.fault.error_ratio
         if down:  # a pod that went away: the connection ends without an answer
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
-        elif failing:
-            self.reply(503, b'{"error":"injected"}')
-        elif self.path.startswith("/catalogDetail") or self.path == "/ping":
-            self.reply(200, json.dumps({"version": server.version_number, "vendors": VENDORS}).encode())
+            return
+        named = {STAND_IN_HEADER: server.version}
+        if failing:
+            self.reply(503, b'{"error":"injected"}', headers=named)
         else:
-            self.reply(404, b"{}")
+            body = {"service": server.service_key, "version": server.version, "method": self.command, "path": self.path}
+            self.reply(200, json.dumps(body).encode(), headers=named)
 
 
 class DnsStandIn(socketserver.ThreadingUDPServer):
@@ -196,8 +245,10 @@ class DeniedStandIn(LoopbackServer):
         super().__init__(address, _DeniedHandler)
 
 
+@_every_method
 class _DeniedHandler(LoopbackHandler):
-    def do_GET(self):  # noqa: N802 (http.server API)
+    def answer(self):
+        self.read_body()
         self.server.served += 1
         self.reply(403, ACCESS_DENIED, "text/plain")
 
@@ -244,12 +295,12 @@ def _socket_address(address: str, port: int) -> dict:
 NODE = {"id": "host~127.0.0.1~harness~cluster.local", "cluster": "cilium-envoy"}
 
 
-def _as_delivered(policy: MeshService, rds_source: Callable[[dict], dict],
+def _as_delivered(service: MeshService, rds_source: Callable[[dict], dict],
                   eds_source: Callable[[dict], dict]) -> tuple[list[dict], list[dict]]:  # fmt: skip
     """Listeners and clusters as Cilium hands them to Envoy: names qualified as Cilium qualifies them,
     the route configuration over RDS and endpoints over EDS from the given config sources (each made
     from the qualified route or EDS cluster); only the listener address (loopback) is made up."""
-    resources = qualify_like_cilium(policy.envoy_resources(), policy.namespace, policy.cec_name)
+    resources = qualify_like_cilium(service.envoy_resources(), service.namespace, service.cec_name)
     (route,) = [r for r in resources if r["@type"].endswith(".RouteConfiguration")]
     route_source = rds_source(route)
     listeners, clusters = [], []
@@ -268,9 +319,9 @@ def _as_delivered(policy: MeshService, rds_source: Callable[[dict], dict],
     return listeners, clusters
 
 
-def stand_in_bootstrap(policy: MeshService, addresses: dict[str, str | None], dns_port: int,
+def stand_in_bootstrap(service: MeshService, addresses: dict[str, str | None], dns_port: int,
                        directory: Path, dynamic_clusters: bool = False, route_later: list | None = None) -> dict:  # fmt: skip
-    """The policy's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
+    """The service's resources as Cilium delivers them, with RDS/EDS from files and DNS from a stand-in.
 
     addresses:        version -> the loopback address its EDS cluster lists (None: no endpoints).
     dynamic_clusters: clusters over CDS from a file too, as Cilium's xDS delivers them, so that a
@@ -279,14 +330,14 @@ def stand_in_bootstrap(policy: MeshService, addresses: dict[str, str | None], dn
     route_later:      the route configuration's write is appended here instead of done, so that a change
                       can bring its clusters first and its routes after them (xDS's make-before-break order).
     """
-    eds_versions = {policy.eds_cluster(v): v for v in policy.versions}
+    eds_versions = {service.eds_cluster(v): v for v in service.versions}
 
     def rds_source(route: dict) -> dict:
         return _write_discovery(directory / "rds.json", route["@type"], [route], route_later)
 
     def eds_source(cluster: dict) -> dict:
         version = eds_versions[cluster["name"]]
-        lb_endpoints = [{"endpoint": {"address": _socket_address(addresses[version], policy.port)}}]
+        lb_endpoints = [{"endpoint": {"address": _socket_address(addresses[version], service.pod_port)}}]
         assignment = {
             "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
             "cluster_name": cluster["name"],
@@ -294,7 +345,7 @@ def stand_in_bootstrap(policy: MeshService, addresses: dict[str, str | None], dn
         }
         return _write_discovery(directory / f"eds-{version}.json", assignment["@type"], [assignment])
 
-    listeners, clusters = _as_delivered(policy, rds_source, eds_source)
+    listeners, clusters = _as_delivered(service, rds_source, eds_source)
     resources = {"static_resources": {"listeners": listeners, "clusters": clusters}}
     if dynamic_clusters:
         cluster_type = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -331,10 +382,10 @@ CILIUM_CONFIG_SOURCE = {
 }
 
 
-def cilium_xds_bootstrap(policy: MeshService) -> dict:
-    """The policy's resources exactly as Cilium hands them to Envoy: names qualified, RDS and EDS
+def cilium_xds_bootstrap(service: MeshService) -> dict:
+    """The service's resources exactly as Cilium hands them to Envoy: names qualified, RDS and EDS
     from Cilium's xDS server; only the listener address (a Cilium proxy port) is made up."""
-    listeners, clusters = _as_delivered(policy, lambda _: CILIUM_CONFIG_SOURCE, lambda _: CILIUM_CONFIG_SOURCE)
+    listeners, clusters = _as_delivered(service, lambda _: CILIUM_CONFIG_SOURCE, lambda _: CILIUM_CONFIG_SOURCE)
     clusters.append(
         {
             "name": CILIUM_XDS_CLUSTER,
@@ -374,6 +425,8 @@ class RunResult:
     ejections: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    # The answered requests by (where the route sent them: DESTINATION_HEADER, the version that answered).
+    routed: Counter = field(default_factory=Counter)
 
     @property
     def answered(self) -> int:
@@ -430,29 +483,29 @@ class EnvoyProcess:
         self.dns_clusters = [c["name"] for c in clusters if c.get("type") == "STRICT_DNS"]
         self.eds_clusters = [c["name"] for c in clusters if c.get("type") == "EDS"]
 
-    def apply_policy(self, policy: MeshService) -> None:
-        """Hand the running Envoy the policy's resources as Cilium does when a CiliumEnvoyConfig changes:
+    def apply_policy(self, service: MeshService) -> None:
+        """Hand the running Envoy the service's resources as Cilium does when a CiliumEnvoyConfig changes:
         the clusters first, and once Envoy has them (DNS resolved), the routes that may name them."""
         route_later: list = []
         before = self.counters()
-        self._expect(self.render(policy, route_later))
-        self._wait_for_update(("cluster_manager.cds.update_success",), before, policy)
+        self._expect(self.render(service, route_later))
+        self._wait_for_update(("cluster_manager.cds.update_success",), before, service)
         self.wait_for_config()
         before = self.counters()
         for write in route_later:
             write()
-        self._wait_for_update(tuple(k for k in before if ".rds." in k and k.endswith(".update_success")), before, policy)
+        self._wait_for_update(tuple(k for k in before if ".rds." in k and k.endswith(".update_success")), before, service)
 
-    def _wait_for_update(self, updates: tuple[str, ...], before: dict[str, int], policy: MeshService) -> None:
+    def _wait_for_update(self, updates: tuple[str, ...], before: dict[str, int], service: MeshService) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             counters = self.counters()
             if any(counters.get(k.replace("update_success", "update_rejected"), 0) > before.get(k.replace("update_success", "update_rejected"), 0) for k in updates):
-                raise RuntimeError(f"envoy rejected the configuration of {policy.weights}")
+                raise RuntimeError(f"envoy rejected the configuration of {service.weights}")
             if all(counters.get(k, 0) > before.get(k, 0) for k in updates):
                 return
             time.sleep(0.02)
-        raise RuntimeError(f"envoy did not load the configuration of {policy.weights} in time")
+        raise RuntimeError(f"envoy did not load the configuration of {service.weights} in time")
 
     def _wait_ready(self) -> tuple[str, int]:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -523,28 +576,30 @@ class EnvoyProcess:
 
 
 def _loopback_addresses(names: list[str], rng: random.Random) -> dict[str, str]:
-    """A distinct 127/8 address per name: the port is the policy's, as on a pod."""
+    """A distinct 127/8 address per name: the port is the service's pod port, as on a pod."""
     base = f"127.{rng.randrange(1, 255)}.{rng.randrange(0, 256)}"
     return {name: f"{base}.{index + 1}" for index, name in enumerate(names)}
 
 
-def model_statuses(policy: MeshService, datapath: str) -> dict[tuple[str, str], str]:
-    """What Cilium and the VPC do to each cluster kind and version, by the datapath model."""
-    return cec_statuses(Deployed.of(datapath, policy))
+def model_statuses(service: MeshService, datapath: str, deployed: Deployed | None = None) -> dict[tuple[str, str], str]:
+    """What Cilium and the VPC do to each cluster kind and version of the service, by the datapath model of
+    ``deployed`` (default: the stack with this service alone, beside the sample app)."""
+    return cec_statuses(deployed or Deployed.of(datapath, (service,)), service)
 
 
-def verdicts_line(label: str, policy: MeshService, datapath: str) -> str:
+def verdicts_line(label: str, service: MeshService, datapath: str, deployed: Deployed | None = None) -> str:
     """The model's verdict per cluster kind and version, as preview and measure print it."""
-    statuses = model_statuses(policy, datapath)
+    statuses = model_statuses(service, datapath, deployed)
     verdicts = ", ".join(f"{kind} {version} {status}" for (kind, version), status in sorted(statuses.items()))
     return f"Cilium's verdicts for {label}, datapath {datapath} (checks/datapath.py): {verdicts}"
 
 
 @contextmanager
-def running(policy: MeshService, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7,
+def running(service: MeshService, tag: str, faults: dict[str, Fault] | None = None, seed: int = 7,
             datapath: str = "eni", statuses: dict[tuple[str, str], str] | None = None,
             dynamic_clusters: bool = False):  # fmt: skip
-    """Stand-in versions, their DNS names and an Envoy with the policy in front; everything stops on exit.
+    """Stand-in versions, their DNS names and an Envoy with the service in front; everything stops on exit.
+    Yields (envoy, faults per version, the running stand-ins by version).
 
     statuses:         per (cluster kind "eds"/"dns", version), what Cilium and the VPC do to a request
                       there ("delivered", "denied", "dropped", "no address"); by default the datapath
@@ -552,12 +607,13 @@ def running(policy: MeshService, tag: str, faults: dict[str, Fault] | None = Non
     dynamic_clusters: clusters over CDS, so that ``envoy.apply_policy`` can change the weights (and the
                       clusters they bring) of the running Envoy.
     """
-    faults = {v: (faults or {}).get(v, Fault()) for v in policy.versions}
-    statuses = statuses if statuses is not None else model_statuses(policy, datapath)
-    addresses = _loopback_addresses([*policy.versions, "denied", "dropped"], random.Random())
+    faults = {v: (faults or {}).get(v, Fault()) for v in service.versions}
+    statuses = statuses if statuses is not None else model_statuses(service, datapath)
+    addresses = _loopback_addresses([*service.versions, "denied", "dropped"], random.Random())
+    port = service.pod_port
     with ExitStack() as stack:
         directory = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        stand_ins = {}
+        stand_ins: dict[str, StandIn] = {}
 
         def serve(server):
             threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
@@ -565,16 +621,15 @@ def running(policy: MeshService, tag: str, faults: dict[str, Fault] | None = Non
             stack.callback(server.shutdown)
             return server
 
-        for index, version in enumerate(policy.versions):
+        for index, version in enumerate(service.versions):
             if faults[version].kind in ("down", "empty"):
                 continue
             try:
-                server = StandIn(version, faults[version], seed + index, (addresses[version], policy.port))
+                stand_ins[version] = serve(StandIn(service, version, faults[version], seed + index, (addresses[version], port)))
             except OSError as error:
-                raise RuntimeError(f"cannot listen on {addresses[version]}:{policy.port}: {error}") from None
-            stand_ins[server.version_number] = serve(server)
-        serve(DeniedStandIn((addresses["denied"], policy.port)))
-        stack.callback(Blackhole((addresses["dropped"], policy.port)).stop)
+                raise RuntimeError(f"cannot listen on {addresses[version]}:{port}: {error}") from None
+        serve(DeniedStandIn((addresses["denied"], port)))
+        stack.callback(Blackhole((addresses["dropped"], port)).stop)
 
         def address(kind: str, version: str) -> str | None:
             """Where a cluster of that kind reaches the version: the pod, or Cilium's verdict's stand-in."""
@@ -583,74 +638,243 @@ def running(policy: MeshService, tag: str, faults: dict[str, Fault] | None = Non
                 return None  # no endpoints: EDS lists none, and a headless Service's name has no answer
             return addresses[version] if status == "delivered" else addresses[status]
 
-        dns = DnsStandIn({policy.version_host(v): a for v in policy.versions if (a := address("dns", v))})
+        dns = DnsStandIn({service.version_host(v): a for v in service.versions if (a := address("dns", v))})
         serve(dns)
-        eds = {v: address("eds", v) for v in policy.versions}
+        eds = {v: address("eds", v) for v in service.versions}
+
         def render(changed: MeshService, route_later: list | None = None) -> dict:
             return stand_in_bootstrap(changed, eds, dns.server_address[1], directory, dynamic_clusters, route_later)
 
-        envoy = EnvoyProcess(render(policy), tag, directory, render if dynamic_clusters else None)
+        envoy = EnvoyProcess(render(service), tag, directory, render if dynamic_clusters else None)
         stack.callback(envoy.stop)
         envoy.wait_for_config()
         yield envoy, faults, stand_ins
 
 
-class CatalogClient:
-    """GETs of /catalogDetail over one keep-alive connection, opened again after a request gets no answer."""
+@dataclass(frozen=True)
+class Answer:
+    """One request's outcome: its status (0: no answer), the version whose stand-in answered (None: Envoy
+    answered itself, or Cilium's 403), and the version its route sent it to (DESTINATION_HEADER)."""
 
-    def __init__(self, address: tuple[str, int]):
+    status: int
+    version: str | None = None
+    destination: str | None = None
+
+
+class ServiceClient:
+    """Requests over one keep-alive connection, opened again after a request gets no answer."""
+
+    def __init__(self, address: tuple[str, int], path: str = "/"):
         self.address = address
+        self.path = path
         self.connection = http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S)
 
-    def get(self, headers: dict[str, str] | None = None) -> tuple[int, str | None]:
-        """(status, 0 for no answer; the version "v<N>" that answered a 200, else None)."""
+    def ask(self, method: str = "GET", path: str | None = None, headers: dict[str, str] | None = None) -> Answer:
+        """One request (``path`` by default the client's)."""
         try:
-            self.connection.request("GET", "/catalogDetail", headers=headers or {})
+            self.connection.request(method, path or self.path, headers=headers or {})
             response = self.connection.getresponse()
-            body, status = response.read(), response.status
+            response.read()
         except (OSError, http.client.HTTPException):
             self.connection.close()
             self.connection = http.client.HTTPConnection(*self.address, timeout=REQUEST_TIMEOUT_S)
-            return 0, None
-        return status, "v" + json.loads(body)["version"] if status == 200 else None
+            return Answer(0)
+        return Answer(response.status, response.getheader(STAND_IN_HEADER), response.getheader(DESTINATION_HEADER))
 
     def close(self) -> None:
         self.connection.close()
 
 
-def send(address: tuple[str, int], requests: int,
-         headers: dict[str, str] | None = None) -> tuple[Counter, Counter, list[float], float]:  # fmt: skip
-    """`requests` sequential GETs of /catalogDetail over one keep-alive connection."""
-    versions, statuses, latencies = Counter(), Counter(), []
-    client = CatalogClient(address)
+def send(address: tuple[str, int], requests: int, headers: dict[str, str] | None = None, path: str = "/",
+         method: str = "GET") -> tuple[list[Answer], list[float], float]:  # fmt: skip
+    """``requests`` sequential requests over one keep-alive connection: their answers, latencies (ms) and
+    the seconds they took."""
+    answers, latencies = [], []
+    client = ServiceClient(address, path)
     started = time.perf_counter()
     try:
         for _ in range(requests):
             begin = time.perf_counter()
-            status, version = client.get(headers)
+            answers.append(client.ask(method, headers=headers))
             latencies.append((time.perf_counter() - begin) * 1000)
-            statuses[status] += 1
-            if version:
-                versions[version] += 1
     finally:
         client.close()
-    return versions, statuses, latencies, time.perf_counter() - started
+    return answers, latencies, time.perf_counter() - started
 
 
-def run(policy: MeshService, tag: str, requests: int, faults: dict[str, Fault] | None = None,
+def run(service: MeshService, tag: str, requests: int, faults: dict[str, Fault] | None = None,
         headers: dict[str, str] | None = None, seed: int = 7, datapath: str = "eni",
         statuses: dict[tuple[str, str], str] | None = None) -> RunResult:  # fmt: skip
-    """Send ``requests`` through the policy with the given faults and Cilium's verdicts, and collect what happened."""
-    with running(policy, tag, faults, seed, datapath, statuses) as (envoy, faults, _):
-        return send_and_collect(envoy, policy, faults, requests, headers)
+    """Send ``requests`` GETs of the service's check_path with the given faults and Cilium's verdicts, and
+    collect what happened."""
+    with running(service, tag, faults, seed, datapath, statuses) as (envoy, faults, _):
+        return send_and_collect(envoy, service, faults, requests, headers)
 
 
-def send_and_collect(envoy: EnvoyProcess, policy: MeshService, faults: dict[str, Fault], requests: int,
+def send_and_collect(envoy: EnvoyProcess, service: MeshService, faults: dict[str, Fault], requests: int,
                      headers: dict[str, str] | None = None) -> RunResult:  # fmt: skip
-    """Send ``requests`` through a running Envoy, then read its retries and ejections."""
-    versions, statuses, latencies, elapsed = send((LOOPBACK, envoy.port), requests, headers)
+    """Send ``requests`` GETs of the service's check_path through a running Envoy, then read its retries and
+    ejections."""
+    answers, latencies, elapsed = send((LOOPBACK, envoy.port), requests, headers, service.check_path)
     counters = envoy.counters()
     retries = sum(v for k, v in counters.items() if k.startswith("cluster.") and k.endswith(".upstream_rq_retry"))
     ejections = sum(v for k, v in counters.items() if k.endswith(".outlier_detection.ejections_enforced_total"))
-    return RunResult(policy, faults, requests, versions, statuses, retries, ejections, latencies, elapsed)
+    answered = [a for a in answers if a.status == 200]
+    return RunResult(service, faults, requests, Counter(a.version for a in answered), Counter(a.status for a in answers),
+                     retries, ejections, latencies, elapsed, Counter((a.destination, a.version) for a in answered))  # fmt: skip
 
+
+def walkthrough(service: MeshService) -> MeshService:
+    """The walkthrough's hand-written CiliumEnvoyConfig (its step 11) for this service's versions and
+    weights, kept to compare against: the version Services' EDS clusters by weight, no failover, pin
+    header, routes or mirror; every method retried on 5xx 3 times, 1 s per try, 15 s in all; a host
+    ejected after 5 errors or 2 connection failures in a row, checked every 10 s, at most 10% of them."""
+    return dataclasses.replace(
+        service,
+        pin_header=None,
+        routes=(),
+        mirror=None,
+        failover=False,
+        timeout_ms=15000,
+        retries=Retries(attempts=3, per_try_timeout_ms=1000, conditions=("5xx",), methods=HTTP_METHODS, non_idempotent=True),
+        outlier_detection=OutlierDetection(consecutive_5xx=5, consecutive_local_origin_failure=2, failure_percentage_threshold=None,
+                                           interval_ms=10000, base_ejection_time_ms=30000, max_ejection_percent=10),
+    )  # fmt: skip
+
+
+# --- Every declared route of a list of services -------------------------------------------------
+
+# |count - expected| within 4.5 standard deviations: a correct split or mirror fails this about once in 150,000.
+SIGMAS = 4.5
+# What check_services_in_envoy tries, in order, for a request the declaration sends to the split.
+_UNROUTED_PATH = "/cilium-mesh-harness-unrouted"
+_SPLIT_METHODS = ("GET", "HEAD", "OPTIONS", "PUT", "DELETE", "POST", "PATCH", "TRACE")
+
+
+def declared_destination(service: MeshService, method: str, path: str, headers: dict[str, str]) -> str:
+    """Where the declaration sends a request (traffic.py's module docstring): the version its pin header
+    names, else the first route that matches, else the split ("split")."""
+    if service.pin_header and headers.get(service.pin_header) in service.versions:
+        return headers[service.pin_header]
+    for route in service.routes:
+        if (route.path is None or path == route.path) and path.startswith(route.path_prefix or "/") and all(
+            headers.get(name) == value for name, value in route.headers.items()
+        ) and (not route.methods or method in route.methods):  # fmt: skip
+            return route.to
+    return "split"
+
+
+@dataclass
+class Delivery:
+    """What one kind of request met in Envoy: ``label`` names it (``pin v2``, ``routes[1] GET /api``,
+    ``split GET /``), ``expected`` is where the declaration sends it (a version, or "split")."""
+
+    label: str
+    expected: str
+    answers: list[Answer]
+    problem: str | None = None
+
+    @property
+    def versions(self) -> Counter:
+        """The answered requests by the version that answered."""
+        return Counter(a.version for a in self.answers if a.status == 200)
+
+    def line(self) -> str:
+        """``label -> expected: what answered; what failed; the problem``."""
+        answered = ", ".join(f"{v} {n}" for v, n in sorted(self.versions.items()))
+        failed = Counter(a.status for a in self.answers if a.status != 200)
+        parts = [answered, *(f"{n} x {status or 'no answer'}" for status, n in sorted(failed.items())), self.problem]
+        said = "; ".join(p for p in parts if p)
+        return f"{self.label} -> {self.expected}" + (f": {said}" if said else "")
+
+
+def _judge(service: MeshService, delivery: Delivery) -> Delivery:
+    """Every answer 200 from the version it was routed to, and that the declared one (for the split: a
+    weighted version, in the weights' proportions within SIGMAS)."""
+    declared = service.weighted_versions if delivery.expected == "split" else (delivery.expected,)
+    wrong = sum(a.status != 200 or a.version != a.destination or a.destination not in declared for a in delivery.answers)
+    if wrong:
+        delivery.problem = f"{wrong} of {len(delivery.answers)} not answered by the version declared"
+    elif delivery.expected == "split" and delivery.label.startswith("split"):
+        n, total = len(delivery.answers), sum(service.weights.values())
+        off = [v for v in service.weighted_versions if abs(delivery.versions[v] - n * service.weights[v] / total)
+               > SIGMAS * math.sqrt(n * service.weights[v] / total * (1 - service.weights[v] / total))]  # fmt: skip
+        if off:
+            delivery.problem = f"{', '.join(off)} off the weights {dict(service.weights)}"
+    return delivery
+
+
+def _unrouted_request(service: MeshService) -> tuple[str, str] | None:
+    """A (method, path) the declaration sends to the split, the check path's GET if it does."""
+    for path in (service.check_path, "/", _UNROUTED_PATH):
+        for method in _SPLIT_METHODS:
+            if declared_destination(service, method, path, {}) == "split":
+                return method, path
+    return None
+
+
+def _wait_for_mirror(envoy: EnvoyProcess, service: MeshService) -> None:
+    """Until the mirror's EDS cluster has no request in flight: mirrored copies are sent beside the requests
+    and may still be on their way when the answer is back."""
+    name = f"cluster.{service.eds_cluster(service.mirror.version)}.upstream_rq_active"
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S
+    while envoy.counters().get(name, 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def check_service_in_envoy(service: MeshService, tag: str, statuses: dict[tuple[str, str], str],
+                           requests: int = 20, split_requests: int = 200) -> list[Delivery]:  # fmt: skip
+    """The service's CiliumEnvoyConfig in Envoy: ``requests`` pinned to each version (with a pin header), the
+    same for each declared route (its path, headers and first method), and ``split_requests`` that no route
+    matches. Each Delivery says what answered and, if it is not what the declaration says, its problem; the
+    mirror (if any) is one more, its copies counted by the mirrored version's stand-in. ``statuses``: Cilium's
+    verdicts, as for ``running``."""
+    deliveries = []
+    with running(service, tag, statuses=statuses) as (envoy, _, stand_ins):
+        address = (LOOPBACK, envoy.port)
+        mirrored_requests = 0
+
+        def deliver(label: str, count: int, method: str, path: str, headers: dict[str, str]) -> None:
+            nonlocal mirrored_requests
+            answers, _, _ = send(address, count, headers, path, method)
+            expected = declared_destination(service, method, path, headers)
+            deliveries.append(_judge(service, Delivery(f"{label} {method} {path}", expected, answers)))
+            mirrored_requests += 0 if service.pin_header in headers else count
+
+        for version in service.versions if service.pin_header else ():
+            deliver(f"pin {version}", requests, "GET", service.check_path, {service.pin_header: version})
+        for i, route in enumerate(service.routes):
+            methods = [m for m in route.methods or ("GET",) if m != "CONNECT"]
+            if not methods:
+                deliveries.append(Delivery(f"routes[{i}] not checked (CONNECT only)", route.to, []))
+                continue
+            deliver(f"routes[{i}]", requests, methods[0], route.path or route.path_prefix or "/", dict(route.headers))
+        unrouted = _unrouted_request(service)
+        if unrouted is None:
+            deliveries.append(Delivery("split not checked (every request matches a route)", "split", []))
+        else:
+            deliver("split", split_requests, *unrouted, {})
+        if service.mirror is not None:
+            _wait_for_mirror(envoy, service)
+            copies = stand_ins[service.mirror.version].mirrored
+            p, n = service.mirror.percent / 100, mirrored_requests
+            mirror = Delivery(f"mirror {service.mirror.percent:g}% of {n} requests ({copies} copies)", service.mirror.version, [])
+            if abs(copies - n * p) > SIGMAS * math.sqrt(n * p * (1 - p)):
+                mirror.problem = f"{copies} copies reached {service.mirror.version}, expected about {n * p:.0f}"
+            deliveries.append(mirror)
+    return deliveries
+
+
+def check_services_in_envoy(services: Iterable[MeshService], tag: str, datapath: str = "eni", sample_app: bool = False,
+                            requests: int = 20, split_requests: int = 200) -> dict[str, list[Delivery]]:  # fmt: skip
+    """check_service_in_envoy for each service, one after another (one Envoy at a time), with Cilium's verdicts
+    from the datapath model of these services deployed together (and the sample app with ``sample_app``);
+    raises AssertionError naming every delivery with a problem, else returns them by ``namespace/name``."""
+    services = tuple(services)
+    deployed = Deployed.of(datapath, services, sample_app)
+    results = {s.key: check_service_in_envoy(s, tag, model_statuses(s, datapath, deployed), requests, split_requests)
+               for s in services}  # fmt: skip
+    problems = [f"{key} {d.line()}" for key, deliveries in results.items() for d in deliveries if d.problem]
+    if problems:
+        raise AssertionError("\n".join(problems))
+    return results

@@ -1,12 +1,13 @@
 """The rules AMP evaluates, in a real Prometheus scraping the real Envoy: what they record and which alerts fire.
 
 Each scenario is the traffic harness (checks/envoy_harness.py: cilium-envoy's
-Envoy with the policy's resources as Cilium delivers them, stand-in versions,
-the datapath model's verdicts) with its own Prometheus (checks/prometheus.py)
-scraping Envoy's ``/stats/prometheus`` (what cilium-envoy serves as ``/metrics``
-on 9964) and evaluating the very rule file the stack loads into AMP
-(constructs/cilium_mesh/metrics.py ``rule_file``). A paced client sends requests
-from the start; faults hold from the start too. What differs from AMP: scrape
+Envoy with one declared service's resources as Cilium delivers them, stand-in
+versions, the datapath model's verdicts) with its own Prometheus
+(checks/prometheus.py) scraping Envoy's ``/stats/prometheus`` (what cilium-envoy
+serves as ``/metrics`` on 9964) and evaluating the rule file the stack loads into
+AMP, rendered for that service (constructs/cilium_mesh/metrics_files.py
+``rule_file``; the command runs the sample's catalogdetail). A paced client sends
+requests from the start; faults hold from the start too. What differs from AMP: scrape
 and evaluation every second here, every 30 s (collector) and 60 s (AMP's
 default rule-group interval) there; so an alert's ``for: 30s`` is the same, while
 the time to notice a change is shorter here.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -29,11 +31,12 @@ from pathlib import Path
 from stacks import cdk_json_context
 from stacks.config import load_config
 
+from cilium_mesh.declaration import sample_service
 from cilium_mesh.metrics_files import DASHBOARD_FILE, rule_file
 from cilium_mesh.traffic import MeshService
 from checks import prometheus
 from checks.cilium_envoy import build_for
-from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, CatalogClient, Fault, RunResult, running, send_and_collect
+from checks.envoy_harness import LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, ServiceClient, running, send_and_collect
 
 SCRAPE_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 0.5
@@ -44,44 +47,46 @@ RATE_PER_S = 40.0
 # Fault to firing: `for: 30s`, two scrapes before rate() has a value, an evaluation, and the poll.
 ALERT_BOUND_S = 40.0
 
-# What each fault must set off, and nothing beyond it (WorkshopPolicyDrops needs Hubble, absent here).
+# What each fault must set off, and nothing beyond it (MeshNamespacePolicyDrops needs Hubble, absent here).
 SCENARIOS: dict[str, tuple[dict[str, Fault], frozenset[str]]] = {
     "healthy": ({}, frozenset()),
-    "v2 answers 503 on 30%": ({"v2": Fault("errors", 0.3)}, frozenset({"CatalogdetailErrorBudgetExceeded"})),
+    "v2 answers 503 on 30%": ({"v2": Fault("errors", 0.3)}, frozenset({"MeshServiceErrorBudgetExceeded"})),
     "v2 pods down": (
         {"v2": Fault("down")},
-        frozenset({"CatalogdetailErrorBudgetExceeded", "CatalogdetailFailoverActive", "CatalogdetailWeightedVersionWithoutTraffic"}),
+        frozenset({"MeshServiceErrorBudgetExceeded", "MeshServiceFailoverActive", "MeshServiceWeightedVersionWithoutTraffic"}),
     ),
     "v2 without endpoints": (
         {"v2": Fault("empty")},
-        frozenset({"CatalogdetailFailoverActive", "CatalogdetailWeightedVersionWithoutTraffic"}),
+        frozenset({"MeshServiceFailoverActive", "MeshServiceWeightedVersionWithoutTraffic"}),
     ),
 }
 # Alerts that a fault may also set off: a version answering 30% errors is ejected, so its share fails over.
-ALSO_ALLOWED = {"v2 answers 503 on 30%": frozenset({"CatalogdetailFailoverActive"})}
+ALSO_ALLOWED = {"v2 answers 503 on 30%": frozenset({"MeshServiceFailoverActive"})}
 
 
 class PacedClient(threading.Thread):
-    """GET /catalogDetail at a fixed rate over one keep-alive connection, counting what came back, until stopped."""
+    """GETs of the service's check_path at a fixed rate over one keep-alive connection, counting what came
+    back, until stopped."""
 
-    def __init__(self, address: tuple[str, int], rate_per_s: float, policy: MeshService, faults: dict[str, Fault]):
+    def __init__(self, address: tuple[str, int], rate_per_s: float, service: MeshService, faults: dict[str, Fault]):
         super().__init__(daemon=True)
         self.address, self.period, self.stopping = address, 1.0 / rate_per_s, threading.Event()
-        self.result = RunResult(policy, faults, 0)
-        # Every request as it came back: (time.monotonic() when answered, status, the version that answered).
+        self.result = RunResult(service, faults, 0)
+        # Every request as it came back: (time.monotonic() when answered, status, the version that answered a 200).
         self.samples: list[tuple[float, int, str | None]] = []
         self.lock = threading.Lock()
 
     def run(self) -> None:
-        client = CatalogClient(self.address)
+        client = ServiceClient(self.address, self.result.policy.check_path)
         next_at = time.monotonic()
         try:
             while not self.stopping.is_set():
-                status, version = client.get()
+                answer = client.ask()
+                version = answer.version if answer.status == 200 else None
                 with self.lock:
-                    self.samples.append((time.monotonic(), status, version))
+                    self.samples.append((time.monotonic(), answer.status, version))
                     self.result.requests += 1
-                    self.result.statuses[status] += 1
+                    self.result.statuses[answer.status] += 1
                     if version:
                         self.result.versions[version] += 1
                 next_at += self.period
@@ -113,23 +118,24 @@ class Observation:
 
 
 @contextmanager
-def scraped(policy: MeshService, tag: str, faults: dict[str, Fault], datapath: str = "eni", seed: int = 7,
+def scraped(service: MeshService, tag: str, faults: dict[str, Fault], datapath: str = "eni", seed: int = 7,
             statuses: dict[tuple[str, str], str] | None = None):  # fmt: skip
-    """The traffic harness with a Prometheus scraping its Envoy and evaluating the stack's rule file."""
-    with running(policy, tag, faults, seed, datapath, statuses) as (envoy, faults, stand_ins):
+    """The traffic harness with a Prometheus scraping its Envoy and evaluating the rule file the stack
+    renders for this service."""
+    with running(service, tag, faults, seed, datapath, statuses) as (envoy, faults, stand_ins):
         job = prometheus.scrape_job("cilium-envoy", [envoy.admin], "/stats/prometheus", SCRAPE_INTERVAL_S)
-        with prometheus.running([job], rule_file(policy), SCRAPE_INTERVAL_S) as server:
+        with prometheus.running([job], rule_file((service,)), SCRAPE_INTERVAL_S) as server:
             server.wait_for_scrape()  # counters seen at 0 first, as a long-running Prometheus sees them
             yield envoy, server, faults, stand_ins
 
 
-# What preview prints from Prometheus after a run: label, recorded series, format.
+# What preview prints from Prometheus after a run (one service per Prometheus): label, recorded series, format.
 RECORDED = (
-    ("share", "catalogdetail:share:ratio2m", "{:.1%}"),
-    ("failed attempts", "catalogdetail:errors:ratio2m", "{:.1%}"),
-    ("answered", "catalogdetail:answered:ratio2m", "{:.2%}"),
-    ("failover req/s", "catalogdetail:failover:rate2m", "{:.1f}"),
-    ("ejected hosts", "catalogdetail:ejections_active", "{:.0f}"),
+    ("share", "mesh_service:share:ratio2m", "{:.1%}"),
+    ("failed attempts", "mesh_service:errors:ratio2m", "{:.1%}"),
+    ("answered", "mesh_service:answered:ratio2m", "{:.2%}"),
+    ("failover req/s", "mesh_service:failover:rate2m", "{:.1f}"),
+    ("ejected hosts", "mesh_service:ejections_active", "{:.0f}"),
 )
 
 
@@ -150,11 +156,11 @@ def recorded_line(server: prometheus.PrometheusServer) -> str:
     return "; ".join(fields) + f"; alerts: {', '.join(alerts) or 'none'}"
 
 
-def run_recorded(policy: MeshService, tag: str, requests: int, faults: dict[str, Fault] | None = None,
+def run_recorded(service: MeshService, tag: str, requests: int, faults: dict[str, Fault] | None = None,
                  headers: dict[str, str] | None = None, datapath: str = "eni") -> tuple[RunResult, str]:  # fmt: skip
     """Like envoy_harness.run, scraped by Prometheus; also returns what the rules recorded at the end."""
-    with scraped(policy, tag, faults or {}, datapath) as (envoy, server, faults, _):
-        result = send_and_collect(envoy, policy, faults, requests, headers)
+    with scraped(service, tag, faults or {}, datapath) as (envoy, server, faults, _):
+        result = send_and_collect(envoy, service, faults, requests, headers)
         server.wait_for_evaluation_after(time.time())
         return result, recorded_line(server)
 
@@ -191,22 +197,22 @@ class Timeline:
         return middles, shares, [a / t if t else math.nan for a, t in zip(answered, total)]
 
 
-# The rules' series the plot draws beside what the requests saw (the weights come from the policy itself).
-PLOTTED = ("catalogdetail:share:ratio2m", "catalogdetail:answered:ratio2m", "catalogdetail:ejections_active")
+# The rules' series the plot draws beside what the requests saw (the weights come from the declaration itself).
+PLOTTED = ("mesh_service:share:ratio2m", "mesh_service:answered:ratio2m", "mesh_service:ejections_active")
 
 
-def timeline(policy: MeshService, tag: str, faults: dict[str, Fault], fault_after_s: float, duration_s: float,
+def timeline(service: MeshService, tag: str, faults: dict[str, Fault], fault_after_s: float, duration_s: float,
              rate_per_s: float, datapath: str = "eni") -> Timeline:  # fmt: skip
     """Healthy for ``fault_after_s``, then ``faults`` (5xx or down) until ``duration_s``."""
-    with scraped(policy, tag, {}, datapath) as (envoy, server, healthy, stand_ins):
-        client = PacedClient((LOOPBACK, envoy.port), rate_per_s, policy, healthy)
+    with scraped(service, tag, {}, datapath) as (envoy, server, healthy, stand_ins):
+        client = PacedClient((LOOPBACK, envoy.port), rate_per_s, service, healthy)
         started, wall_started, first_fired, faulted = time.monotonic(), time.time(), {}, False
         client.start()
         try:
             while (elapsed := time.monotonic() - started) < duration_s:
                 if not faulted and elapsed >= fault_after_s:
                     for version, fault in faults.items():
-                        stand_ins[version.lstrip("v")].fail(fault)
+                        stand_ins[version].fail(fault)
                     faulted = True
                 for alert in server.firing():
                     first_fired.setdefault(alert, round(elapsed - fault_after_s, 1))
@@ -218,7 +224,7 @@ def timeline(policy: MeshService, tag: str, faults: dict[str, Fault], fault_afte
         return Timeline(wall_started, fault_after_s, series, first_fired, measured, samples)
 
 
-def observe(policy: MeshService, tag: str, scenarios: dict[str, tuple[dict[str, Fault], frozenset[str]]],
+def observe(service: MeshService, tag: str, scenarios: dict[str, tuple[dict[str, Fault], frozenset[str]]],
             duration_s: float, rate_per_s: float, datapath: str = "eni",
             queries: tuple[str, ...] = ()) -> dict[str, Observation]:  # fmt: skip
     """Run every scenario at once for ``duration_s``; ``queries`` are evaluated at the end."""
@@ -226,9 +232,9 @@ def observe(policy: MeshService, tag: str, scenarios: dict[str, tuple[dict[str, 
     with ExitStack() as stack:
         servers, clients = {}, {}
         for name, observation in observations.items():
-            envoy, server, faults, _ = stack.enter_context(scraped(policy, tag, observation.faults, datapath))
+            envoy, server, faults, _ = stack.enter_context(scraped(service, tag, observation.faults, datapath))
             servers[name] = server
-            clients[name] = PacedClient((LOOPBACK, envoy.port), rate_per_s, policy, faults)
+            clients[name] = PacedClient((LOOPBACK, envoy.port), rate_per_s, service, faults)
         started = time.monotonic()
         for client in clients.values():
             client.start()
@@ -247,10 +253,32 @@ def observe(policy: MeshService, tag: str, scenarios: dict[str, tuple[dict[str, 
     return observations
 
 
-def dashboard_queries() -> list[str]:
-    """Every panel query of the traffic dashboard (manifests/metrics/dashboards/)."""
+def dashboard_variables(service: MeshService) -> dict[str, str]:
+    """The dashboard's template variables (manifests/metrics/dashboards/) as Grafana sets them to show ``service``."""
+    return {"namespace": service.namespace, "service": service.name}
+
+
+def _with_variables(expr: str, service: MeshService) -> str:
+    """A query as Grafana sends it: each ``$variable`` replaced by its value (an unknown one is a mistake)."""
+    values = dashboard_variables(service)
+    return re.sub(r"\$(\w+)", lambda m: values[m.group(1)], expr)
+
+
+def dashboard_queries(service: MeshService) -> list[str]:
+    """Every panel query of the dashboard, as Grafana sends it to show ``service``."""
     dashboard = json.loads(DASHBOARD_FILE.read_text())
-    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return [_with_variables(target["expr"], service) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def variable_queries(service: MeshService) -> dict[str, tuple[str, str]]:
+    """Each template variable's ``label_values(selector, label)`` as Grafana sends it while showing
+    ``service``: variable -> (selector, label); the selector's series carry the choices."""
+    dashboard = json.loads(DASHBOARD_FILE.read_text())
+    queries = {}
+    for variable in dashboard["templating"]["list"]:
+        selector, label = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"]).groups()
+        queries[variable["name"]] = (_with_variables(selector, service), label)
+    return queries
 
 
 def as_json(observations: dict[str, Observation]) -> dict:
@@ -280,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (10 <= args.duration <= 600 and 1 <= args.rate <= 500):
         print("metrics_harness: --duration must be 10-600 and --rate 1-500", file=sys.stderr)
         return 2
-    config = load_config(cdk_json_context())
-    queries = ("catalogdetail:share:ratio2m", *dashboard_queries())
-    observations = observe(config.traffic_policy, build_for(config.cilium_version).tag, SCENARIOS,
+    config, service = load_config(cdk_json_context()), sample_service()
+    selectors = [selector for selector, _ in variable_queries(service).values()]
+    queries = ("mesh_service:share:ratio2m", *dashboard_queries(service), *selectors)
+    observations = observe(service, build_for(config.cilium_version).tag, SCENARIOS,
                            args.duration, args.rate, config.datapath, tuple(dict.fromkeys(queries)))  # fmt: skip
     args.json.write_text(json.dumps(as_json(observations), indent=1))
     return 0

@@ -52,6 +52,7 @@ from botocore.response import StreamingBody
 from cilium_mesh.metrics_files import rule_file
 from cilium_mesh.rollout import LAMBDA_FILES, PACKAGE_DIR
 from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutSettings, resource_properties, with_state
+from cilium_mesh.declaration import sample_service
 from cilium_mesh.traffic import MeshService
 from checks import prometheus
 from checks.cilium_envoy import build_for
@@ -75,7 +76,7 @@ WORKSPACE_PATH = "/workspaces/ws-0123abcd-4567-89ef-0123-456789abcdef"
 LAMBDA_MODULES = ("rollout_lambda", "rollout_plan", "traffic")
 CLUSTER = Cluster(logical_id="Cluster", name="cilium-mesh", kubernetes_version="1.35")
 # The canary the scenarios roll out: from v1 alone to v2 alone.
-PREVIOUS = MeshService(weights={"v1": 100, "v2": 0})
+PREVIOUS = sample_service(weights={"v1": 100, "v2": 0})
 TARGET = PREVIOUS.with_weights({"v1": 0, "v2": 100})
 # Seconds instead of minutes, and the minimum rate scaled to a step of seconds in a 2-minute window:
 # 0.375/s in rate2m is 45 requests, enough to tell 30% failures from the 5% budget (at most 2 of 45
@@ -133,7 +134,7 @@ class LiveCluster:
 
     @property
     def key(self) -> tuple[str, str]:
-        return ("ciliumenvoyconfig", self.base.name)
+        return ("ciliumenvoyconfig", self.base.cec_name)
 
     def apply(self, document: dict) -> None:
         validate_object(document, CLUSTER.kubernetes_version)
@@ -178,10 +179,10 @@ class _LiveRecorder(Recorder):
 def policy_of(document: dict, base: MeshService) -> MeshService:
     """The policy an applied CiliumEnvoyConfig renders: its split's weights on ``base``'s settings. Raises
     unless the document is exactly that policy's rendering (nothing but the weights may differ)."""
-    versions = [s["name"].removeprefix(base.service) for s in document["spec"]["backendServices"]]
+    versions = [s["name"].removeprefix(base.name) for s in document["spec"]["backendServices"]]
     (route,) = [r for r in document["spec"]["resources"] if r["@type"].endswith("RouteConfiguration")]
     split = route["virtual_hosts"][0]["routes"][-1]["route"]["weighted_clusters"]["clusters"]
-    weighted = {c["name"].removeprefix(f"{base.service}-"): c["weight"] for c in split}
+    weighted = {c["name"].removeprefix(f"{base.name}-"): c["weight"] for c in split}
     policy = base.with_weights({v: weighted.get(v, 0) for v in versions})
     if policy.cilium_envoy_config()["spec"] != document["spec"]:
         raise AssertionError(f"the applied CiliumEnvoyConfig is not the rendering of weights {dict(policy.weights)}")
@@ -409,7 +410,7 @@ def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per
                 stand_ins["2"].fail(fault)
                 fault_at.append(time.monotonic())
 
-        previous = {("ciliumenvoyconfig", PREVIOUS.name): with_state(PREVIOUS.cilium_envoy_config(), {"request": "previous-deploy", "step": 0, "since": 0})}
+        previous = {("ciliumenvoyconfig", PREVIOUS.cec_name): with_state(PREVIOUS.cilium_envoy_config(), {"request": "previous-deploy", "step": 0, "since": 0})}
         cluster = LiveCluster(stack.enter_context(handler_modules()), previous, PREVIOUS, on_apply)
         status = {"value": "UPDATE_IN_PROGRESS"}
         answer_aws(module, cluster, lambda: status["value"])

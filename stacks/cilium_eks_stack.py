@@ -15,7 +15,7 @@ from cilium_mesh import CiliumMesh, CiliumMeshProps, MeshService
 from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
 from cilium_mesh.metrics import MeshMetrics, MeshMetricsProps
-from cilium_mesh.rollout import TrafficRollout, TrafficRolloutProps
+from cilium_mesh.rollout import RolloutGate
 from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 from cilium_mesh.smoke import SmokeTest, SmokeTestProps
 from constructs import Construct
@@ -53,6 +53,13 @@ class CiliumEksStack(Stack):
             self.cluster = self._cluster()
             self.nodes = self._nodes()
             self.load_balancer_controller = self._load_balancer_controller()
+        if config.metrics:
+            self.metrics = MeshMetrics(
+                self,
+                "Metrics",
+                MeshMetricsProps(cluster=self.cluster, private_subnets=self.private_subnets,
+                                 services=config.services, alert_email=config.alert_email),
+            )  # fmt: skip
         self.mesh = CiliumMesh(
             self,
             "CiliumMesh",
@@ -61,38 +68,34 @@ class CiliumEksStack(Stack):
                 nodes=self.nodes,
                 load_balancer_controller=self.load_balancer_controller,
                 cilium_version=config.cilium_version,
-                traffic_policy=config.traffic_policy,
                 cluster_name=config.cluster_name,
+                services=config.services,
+                sample_app=config.sample_app,
+                rollout_gate=self._rollout_gate(),
                 network_policy=config.network_policy,
                 datapath=config.datapath,
                 existing_cluster=self.existing is not None,
             ),
         )
+        self.traffic = self.mesh.traffic
         if self.eni:
             self.eni_cleanup = EniCleanup(self, "CiliumEniCleanup", cluster_name=config.cluster_name)
             self.eni_cleanup.node.add_dependency(self.vpc)
             self.nodes.node.add_dependency(self.eni_cleanup)
         if not self.existing:
             self.coredns = self._cluster_dns()
-        if config.metrics:
-            self.metrics = MeshMetrics(
-                self,
-                "Metrics",
-                MeshMetricsProps(cluster=self.cluster, private_subnets=self.private_subnets,
-                                 traffic_policy=config.traffic_policy, alert_email=config.alert_email),
-            )  # fmt: skip
-        self.traffic = self._traffic_rollout()
         if config.smoke_test:
             self.smoke_test = SmokeTest(
                 self,
                 "SmokeTest",
                 SmokeTestProps(
                     cluster=self.cluster,
-                    traffic_policy=config.traffic_policy,
+                    services=config.services,
                     datapath=config.datapath,
                     network_policy=config.network_policy,
-                    # Every manifest it checks: the app, the Ingress, the network policies, the traffic policy.
-                    after=(*self.mesh.manifests_after, *self.mesh.manifests.values(), self.traffic.resource),
+                    sample_app=config.sample_app,
+                    # Every manifest it checks: the services', the sample's, and every CiliumEnvoyConfig.
+                    after=(*self.mesh.manifests_after, *self.mesh.manifests.values(), *self.traffic.resources.values()),
                 ),
             )
         if self.existing:
@@ -100,27 +103,13 @@ class CiliumEksStack(Stack):
         self._outputs()
         self._acknowledge_findings()
 
-    def _traffic_rollout(self) -> TrafficRollout:
-        """The CiliumEnvoyConfig, after the app it routes to; with a rollout also after the rules its gate reads."""
-        config = self.config
-        after = (*self.mesh.manifests_after, self.mesh.manifests["App"])
-        query_url = workspace_arn = None
-        if config.rollout is not None:
-            after += (self.metrics.rules,)
-            query_url = Fn.join("", [self.metrics.workspace.attr_prometheus_endpoint, "api/v1/query"])
-            workspace_arn = self.metrics.workspace.attr_arn
-        return TrafficRollout(
-            self,
-            "TrafficRollout",
-            TrafficRolloutProps(
-                cluster=self.cluster,
-                traffic_policy=config.traffic_policy,
-                rollout=config.rollout,
-                query_url=query_url,
-                workspace_arn=workspace_arn,
-                after=after,
-            ),
-        )
+    def _rollout_gate(self) -> RolloutGate | None:
+        """AMP for the services' gated rollouts: the workspace's query API, after the rules the gate reads."""
+        if not self.config.metrics:
+            return None
+        workspace = self.metrics.workspace
+        return RolloutGate(query_url=Fn.join("", [workspace.attr_prometheus_endpoint, "api/v1/query"]),
+                           workspace_arn=workspace.attr_arn, rules=self.metrics.rules)  # fmt: skip
 
     def _network(self) -> ec2.Vpc:
         flow_log_group = logs.LogGroup(
@@ -334,7 +323,8 @@ class CiliumEksStack(Stack):
 
     def _outputs(self) -> None:
         config = self.config
-        CfnOutput(self, "AppUrl", value=f"http://{self.mesh.ingress_hostname.value}")
+        if config.sample_app:
+            CfnOutput(self, "AppUrl", value=f"http://{self.mesh.ingress_hostname.value}")
         CfnOutput(
             self,
             "UpdateKubeconfig",
@@ -345,7 +335,8 @@ class CiliumEksStack(Stack):
             "HubbleUi",
             value="kubectl -n kube-system port-forward svc/hubble-ui 12000:80  # then open http://localhost:12000",
         )
-        CfnOutput(self, "CheckTrafficSplit", value=_traffic_check_command(config.traffic_policy))
+        if config.sample_app:
+            CfnOutput(self, "CheckTrafficSplit", value=_traffic_check_command(config.service("workshop/catalogdetail")))
         if config.metrics:
             CfnOutput(self, "PrometheusEndpoint", value=self.metrics.workspace.attr_prometheus_endpoint)
             CfnOutput(self, "AlertsTopic", value=self.metrics.alerts_topic.topic_arn)

@@ -25,6 +25,9 @@ THROUGH_APP = [
     ("cluster_name", "cilium-mesh\n", "must start with a letter"),  # '$' would match before the newline
     ("kube_proxy", True, "removed: Cilium's Ingress needs kube-proxy replacement"),
     ("node_cout", 3, "not a configuration key"),
+    ("services", [{"name": "payments", "namespace": "shop", "port": 80, "versions": {"v1": {"app": "payments"}},
+                   "routes": [{"path_prefix": "/a", "to": "v1"}, {"path_prefix": "/b", "to": "v3"}]}],
+     "services[payments].routes[1].to: version v3 is not declared"),
 ]
 
 BAD = THROUGH_APP + [
@@ -78,8 +81,8 @@ BAD = THROUGH_APP + [
     ("endpoint_public_cidrs", "[" + "1" * 5000 + "]", "must be a list"),  # JSON too long to read as a number
     ("traffic_weights", {"v1": -10, "v2": 110}, "non-negative integer"),
     ("traffic_weights", {"v1": 0, "v2": 0}, "positive sum"),
-    ("traffic_weights", {"v1": 50, "v3": 50}, "no Service catalogdetailv3"),
-    ("traffic_weights", {"V_1": 100}, "DNS-1123"),
+    ("traffic_weights", {"v1": 50, "v3": 50}, "version v3 is not declared"),
+    ("traffic_weights", {"V_1": 100}, "version V_1 is not declared"),
     ("traffic_weights", {"v1": 50.5, "v2": 49.5}, "non-negative integer"),
     ("traffic_weights", '{"v1": 90, "v2": 10', "must map versions to weights"),
     ("traffic_weights", [50, 50], "must map versions to weights"),
@@ -112,6 +115,10 @@ BAD = THROUGH_APP + [
     ("rollout", {"max_p99_ms": 0}, "whole milliseconds"),
     ("rollout", {"min_request_rate": 0}, "above 0"),
     ("existing_cluster", "walkthrough", "must be null or an object"),
+    ("sample_app", "no", "true or false"),
+    ("services", {"name": "payments"}, "must be a list of services"),
+    ("services", [{"name": "catalogdetail", "namespace": "workshop", "port": 3000, "versions": {"x": {"app": "x"}}}],
+     "workshop/catalogdetail is also declared by services[catalogdetail]"),
 ]
 
 
@@ -126,8 +133,8 @@ def test_alert_email_needs_metrics():
 def test_rollout_needs_metrics_and_fills_in_defaults():
     with pytest.raises(ConfigError, match=r"^rollout: needs metrics true"):
         load_config({**CONTEXT, "metrics": False, "rollout": {}})
-    assert load_config(CONTEXT).rollout is None
-    rollout = load_config({**CONTEXT, "rollout": '{"steps": [25, 100], "pause_s": 600}'}).rollout
+    assert load_config(CONTEXT).service("workshop/catalogdetail").rollout is None
+    rollout = load_config({**CONTEXT, "rollout": '{"steps": [25, 100], "pause_s": 600}'}).service("workshop/catalogdetail").rollout
     assert rollout == RolloutSettings(steps=(25, 100), pause_s=600, max_error_ratio=0.05, max_p99_ms=500, min_request_rate=0.5)
 
 
@@ -142,7 +149,7 @@ def test_bad_value_is_one_line_naming_the_key(key, value, expected):
     with pytest.raises(ConfigError) as raised:
         load_config({**CONTEXT, key: value})
     message = str(raised.value)
-    assert message.startswith(f"{key}: "), message
+    assert message.startswith((f"{key}: ", f"{key}[")), message
     assert expected in message, message
     assert "\n" not in message
 
@@ -174,7 +181,7 @@ def test_bad_value_stops_app_py_with_one_line_and_writes_nothing(app_runs, index
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip() and "!!" not in line]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"Configuration error: {key}: "), lines[0]
+    assert lines[0].startswith((f"Configuration error: {key}: ", f"Configuration error: {key}[")), lines[0]
     assert expected in lines[0]
     assert "Traceback" not in result.stderr
     assert list(outdir.iterdir()) == []
@@ -202,7 +209,7 @@ def test_command_line_strings_are_read_like_cdk_json():
     }
     config = load_config(context)
     assert config.node_count == 3 and config.network_policy is False
-    assert dict(config.traffic_policy.weights) == {"v1": 90, "v2": 10}
+    assert dict(config.service("workshop/catalogdetail").weights) == {"v1": 90, "v2": 10}
     assert config.endpoint_public_cidrs == ("203.0.113.0/24",)
 
 
@@ -243,7 +250,7 @@ def test_defaults_in_cdk_json_are_valid_and_complete():
     assert {key for key in CONTEXT if ":" not in key and "/" not in key} == set(KEYS)
     config = load_config(CONTEXT)
     assert config.kubernetes_version == "1.35" and config.region == "us-west-2"
-    assert dict(config.traffic_policy.weights) == {"v1": 50, "v2": 50}
+    assert dict(config.service("workshop/catalogdetail").weights) == {"v1": 50, "v2": 50}
     # eni by default: the datapath in which every shipped path delivers without masquerading (checks/datapath.py).
     assert config.datapath == "eni"
 

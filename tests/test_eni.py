@@ -284,7 +284,7 @@ def test_every_object_passes_admission(world, synth_eni):
 def test_the_traffic_policy_is_the_same_in_both_datapaths(synth, synth_eni):
     """So the Envoy figures (tests/test_traffic.py, tools.measure) hold for eni too."""
     def traffic(s):
-        return s.resource(s.stack.traffic.resource)["Properties"]["Policy"]
+        return s.resource(s.stack.traffic.resources["workshop/catalogdetail"])["Properties"]["Policy"]
 
     assert traffic(synth_eni) == traffic(synth)
 

@@ -5,10 +5,13 @@ import json
 import re
 
 import pytest
+from cilium_mesh.declaration import sample_service
 from cilium_mesh.manifests import (
     INGRESS_FILE,
     MANIFESTS_DIR,
+    MESH_NAMESPACE_FILE,
     NAMESPACE_FILE,
+    SAMPLE_DECLARATION_FILE,
     NETWORK_POLICY_FILE,
     NETWORK_POLICY_DATAPATH_FILES,
     TRAFFIC_POLICY_FILE,
@@ -18,14 +21,18 @@ from cilium_mesh.manifests import (
 )
 from cilium_mesh.metrics_files import SCRAPER_RBAC_FILE
 from cilium_mesh.rollout_plan import STATE_ANNOTATION
-from cilium_mesh.smoke_files import SMOKE_POLICY_DATAPATH_FILES, SMOKE_POLICY_FILE, SMOKE_TEST_FILE
+from cilium_mesh.policy import service_policies
+from cilium_mesh.rollout_load import LOAD_FILE
+from cilium_mesh.smoke_files import SMOKE_POLICY_FILE, SMOKE_SAMPLE_POLICY_FILE, SMOKE_TEST_FILE
 from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
 from checks.provider_dry_run import find_step
 from checks.schemas import InvalidObject, validate_object
 
-FILES = [NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(), TRAFFIC_POLICY_FILE,
-         SCRAPER_RBAC_FILE, SMOKE_TEST_FILE, SMOKE_POLICY_FILE, *filter(None, SMOKE_POLICY_DATAPATH_FILES.values())]
+FILES = [NAMESPACE_FILE, MESH_NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(),
+         TRAFFIC_POLICY_FILE, SCRAPER_RBAC_FILE, SMOKE_TEST_FILE, SMOKE_POLICY_FILE, SMOKE_SAMPLE_POLICY_FILE, LOAD_FILE]
+# Not objects: a declaration, in cdk.json's form.
+DECLARATIONS = [SAMPLE_DECLARATION_FILE]
 
 
 def validate(document: dict) -> None:
@@ -42,7 +49,7 @@ def applied_documents(synth) -> list[dict]:
 
 def test_every_manifest_file_is_listed():
     on_disk = {p for p in MANIFESTS_DIR.rglob("*.yaml") if p.parent.name not in ("cilium", "prometheus")}
-    assert on_disk == set(FILES)
+    assert on_disk == set(FILES) | set(DECLARATIONS)
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(MANIFESTS_DIR)))
@@ -138,7 +145,7 @@ def test_rendered_traffic_policy_file_is_current():
 def test_the_stack_applies_the_same_traffic_policy_as_the_file(synth_eni, provider_steps_eni):
     """The rollout's apply (through aws-cdk-lib's handler) is the file plus the rollout's progress annotation."""
     assert not [d for d in applied_documents(synth_eni) if d["kind"] == "CiliumEnvoyConfig"], "one owner: the rollout"
-    (cec,) = find_step(provider_steps_eni, synth_eni.logical_id(synth_eni.stack.traffic.resource)).manifests
+    (cec,) = find_step(provider_steps_eni, synth_eni.logical_id(synth_eni.stack.traffic.resources["workshop/catalogdetail"])).manifests
     annotations = cec["metadata"].pop("annotations")
     assert set(annotations) == {STATE_ANNOTATION}
     assert cec == load_documents(TRAFFIC_POLICY_FILE)[0]
@@ -164,6 +171,7 @@ def test_app_objects_match_the_walkthrough():
            for c in d["spec"]["template"]["spec"]["containers"] if "env" in c}
     assert env["frontend"]["value"] == "http://productcatalog.workshop.svc.cluster.local:5000/products/"
     assert env["productcatalog"]["value"] == "http://catalogdetail.workshop.svc.cluster.local:3000/catalogDetail"
+    documents |= {("Service", d["metadata"]["name"]): d for d in sample_service().version_services()}
     selectors = {n: documents[("Service", n)]["spec"]["selector"] for n in ("catalogdetail", "catalogdetailv1", "catalogdetailv2")}
     assert selectors == {
         "catalogdetail": {"app": "catalogdetail"},
@@ -221,11 +229,17 @@ def test_network_policy_denies_by_default_and_allows_only_the_call_graph():
     assert allowed(policies["frontend"], "ingress") == {('["ingress", "host"]', "9000")}
     assert allowed(policies["frontend"], "egress") == {('[{"matchLabels": {"app": "productcatalog"}}]', "5000")}
     assert allowed(policies["productcatalog"], "egress") == {('[{"matchLabels": {"app": "catalogdetail"}}]', "3000")}
-    assert allowed(policies["catalogdetail"], "ingress") == {
-        ('[{"matchLabels": {"app": "productcatalog"}}]', "3000"),
-        ('["host"]', "3000"),
-    }
-    assert "egress" not in policies["catalogdetail"]
+    generated = {p["metadata"]["name"]: p["spec"] for p in service_policies(sample_service(), "chaining")}
+    assert generated.keys() == {"mesh-catalogdetail-v1", "mesh-catalogdetail-v2"}
+    for version in ("v1", "v2"):
+        spec = generated[f"mesh-catalogdetail-{version}"]
+        assert spec["endpointSelector"] == {"matchLabels": {"app": "catalogdetail", "version": version}}
+        assert allowed(spec, "ingress") == {
+            ('[{"matchLabels": {"app": "productcatalog"}}]', "3000"),
+            ('[{"matchLabels": {"app": "smoke-test", "k8s:io.kubernetes.pod.namespace": "cilium-mesh"}}]', "3000"),
+            ('["host"]', "3000"),
+        }
+        assert "egress" not in spec
 
 
 def applied_policies(synth) -> dict[str, dict]:
@@ -253,18 +267,19 @@ def test_network_policy_has_no_l7_rules_while_cilium_chains_onto_the_vpc_cni(syn
 
 
 def test_eni_adds_l7_rules_on_the_same_peers_and_ports(synth, synth_eni):
-    """catalogdetail answers only GET /catalogDetail and /ping; DNS is visible. Besides, only chaining's
-    frontend differs: it also admits the nodes (its masqueraded Ingress)."""
+    """catalogdetail answers productcatalog only GET /catalogDetail and /ping and the smoke test only
+    GET /catalogDetail (its callers' http rules); the probes stay L4; DNS is visible. Besides, only
+    chaining's frontend differs: it also admits the nodes (its masqueraded Ingress)."""
     chaining, eni = applied_policies(synth), applied_policies(synth_eni)
     assert chaining.keys() == eni.keys()
     differ = {name for name in eni if without_l7(eni[name]) != without_l7(chaining[name])}
     assert differ == {"frontend"}
     assert chaining["frontend"]["ingress"][0]["fromEntities"] == ["ingress", "host", "remote-node"]
     assert eni["frontend"]["ingress"][0]["fromEntities"] == ["ingress", "host"]
-    assert {name for name, spec in eni.items() if l7_rules(spec)} == {"allow-dns", "catalogdetail", "smoke-test-to-catalogdetail"}
-    assert l7_rules(eni["smoke-test-to-catalogdetail"]) == [{"http": [{"method": "GET", "path": "/catalogDetail"}]}]
+    assert {name for name, spec in eni.items() if l7_rules(spec)} == {"allow-dns", "mesh-catalogdetail-v1", "mesh-catalogdetail-v2"}
     http = [{"method": "GET", "path": "/catalogDetail"}, {"method": "GET", "path": "/ping"}]
-    assert l7_rules(eni["catalogdetail"]) == [{"http": http}, {"http": http}]
+    for version in ("v1", "v2"):
+        assert l7_rules(eni[f"mesh-catalogdetail-{version}"]) == [{"http": http}, {"http": [{"method": "GET", "path": "/catalogDetail"}]}]
     assert l7_rules(eni["allow-dns"]) == [{"dns": [{"matchPattern": "*"}]}]
 
 

@@ -31,7 +31,7 @@ def ids(synth):
         "namespace": synth.logical_id(mesh.namespace),
         "cilium": synth.logical_id(mesh.cilium),
         "ingress": synth.logical_id(mesh.manifests["Ingress"]),
-        "traffic": synth.logical_id(stack.traffic.resource),
+        "traffic": synth.logical_id(stack.traffic.resources["workshop/catalogdetail"]),
         "policy": synth.logical_id(mesh.manifests["NetworkPolicy"]),
         "app": synth.logical_id(mesh.manifests["App"]),
         "hostname": synth.logical_id(mesh.ingress_hostname),
@@ -74,7 +74,7 @@ def test_the_smoke_test_comes_after_every_manifest_it_checks(request, datapath):
     synth = synth_of(request, datapath)
     graph = Graph(synth.template)
     job = synth.logical_id(synth.stack.smoke_test.job)
-    checked = [*synth.stack.mesh.manifests.values(), synth.stack.traffic.resource]
+    checked = [*synth.stack.mesh.manifests.values(), synth.stack.traffic.resources["workshop/catalogdetail"]]
     assert "NetworkPolicy" in synth.stack.mesh.manifests and "Ingress" in synth.stack.mesh.manifests
     for construct in checked:
         assert synth.logical_id(construct) in graph.after(job), construct.node.path

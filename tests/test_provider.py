@@ -48,7 +48,7 @@ def ids(synth):
         "namespace": synth.logical_id(mesh.namespace),
         "hostname": synth.logical_id(mesh.ingress_hostname),
         **{name: synth.logical_id(manifest) for name, manifest in mesh.manifests.items()},
-        "MeshService": synth.logical_id(synth.stack.traffic.resource),
+        "MeshService": synth.logical_id(synth.stack.traffic.resources["workshop/catalogdetail"]),
     }
 
 
@@ -71,7 +71,7 @@ def test_creation_order_puts_every_resource_after_its_dependencies(synth):
 def test_every_provider_resource_is_created_then_deleted(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     resources = {k for k, r in synth.template["Resources"].items() if kubectl_step(r["Type"])}
-    assert synth.logical_id(synth.stack.traffic.resource) in resources
+    assert synth.logical_id(synth.stack.traffic.resources["workshop/catalogdetail"]) in resources
     created = [s.logical_id for s in steps if s.request_type == "Create"]
     deleted = [s.logical_id for s in steps if s.request_type == "Delete"]
     assert resources and sorted(created) == sorted(deleted) == sorted(resources)

@@ -159,11 +159,11 @@ def test_the_rollout_may_invoke_only_the_kubectl_handler_read_only_its_stack_and
 
 
 def test_the_gate_properties_and_its_rules_come_only_with_a_rollout_setting(synth, synth_eni):
-    with_rollout = synth.resource(synth.stack.traffic.resource)
+    with_rollout = synth.resource(synth.stack.traffic.resources["workshop/catalogdetail"])
     assert json.loads(with_rollout["Properties"]["Rollout"]) == ROLLOUT
     assert with_rollout["Properties"]["QueryUrl"]["Fn::Join"][1][1] == "api/v1/query"
     assert synth.logical_id(synth.stack.metrics.rules) in with_rollout["DependsOn"]
-    at_once = synth_eni.resource(synth_eni.stack.traffic.resource)
+    at_once = synth_eni.resource(synth_eni.stack.traffic.resources["workshop/catalogdetail"])
     assert {"Rollout", "QueryUrl"}.isdisjoint(at_once["Properties"]) and at_once["Type"] == RESOURCE_TYPE
 
 
@@ -326,7 +326,7 @@ def test_a_next_step_that_cannot_be_applied_waits_only_until_the_end_of_the_step
 
 def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, provider_steps):
     """Create (even with a rollout setting) applies the policy at once: nothing deployed to step from."""
-    rollout = synth.logical_id(synth.stack.traffic.resource)
+    rollout = synth.logical_id(synth.stack.traffic.resources["workshop/catalogdetail"])
     created = next(s for s in provider_steps if s.logical_id == rollout and s.request_type == "Create")
     verbs = [c[1] if c[0] == "kubectl" and c[1] != "--kubeconfig" else c[3] if c[0] == "kubectl" else c[0] for c in created.commands]
     assert verbs == ["aws", "apply", "aws", "get"] and created.result.polls == 1

@@ -10,7 +10,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import celpy
 import pytest
+import dataclasses
+
 from cilium_mesh import MeshService
+from cilium_mesh.declaration import sample_service
 from cilium_mesh.mesh import PROVIDER_LAMBDA_TIMEOUT
 from cilium_mesh.manifests import load_documents
 from cilium_mesh.smoke_files import (
@@ -19,6 +22,7 @@ from cilium_mesh.smoke_files import (
     SMOKE_TEST_FILE,
     VERDICT_WAIT_S,
     result_document,
+    service_checks,
     smoke_documents,
 )
 from conftest import CONTEXT, manifest_documents, synth_of
@@ -28,7 +32,7 @@ from checks.envoy_harness import LOOPBACK, Blackhole, Fault, running
 from checks.provider_dry_run import VirtualClock, find_step, refused_apply, smoke_verdict_object, wait_step
 
 TAG = build_for(CONTEXT["cilium_version"]).tag
-POLICY = MeshService(weights={"v1": 50, "v2": 50})
+POLICY = sample_service(weights={"v1": 50, "v2": 50})
 
 
 def load_script():
@@ -41,9 +45,13 @@ def load_script():
 SMOKE = load_script()
 
 
-def job_of(documents):
-    (job,) = [d for d in documents if d["kind"] == "Job"]
+def job_of(documents, app="smoke-test"):
+    (job,) = [d for d in documents if d["kind"] == "Job" and d["metadata"]["labels"]["app"] == app]
     return job
+
+
+def env_of(job) -> dict:
+    return {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
 
 
 # --- the stack -------------------------------------------------------------------------------------
@@ -65,14 +73,21 @@ def test_the_job_follows_the_manifests_and_its_verdict_decides_the_deploy(reques
     assert result["metadata"]["name"] == "smoke-test-result" and result["data"]["verdict"] == "<TOKEN>"
     assert synth.logical_id(smoke.verdict) in synth.resource(smoke.result)["DependsOn"]
     assert {"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} <= {d["kind"] for d in manifest_documents(job_resource)}
-    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert json.loads(env["WEIGHTS"]) == dict(synth.stack.config.traffic_policy.weights)
+    env = env_of(job)
+    (checks,) = json.loads(env["SERVICES"])
+    assert checks == service_checks(synth.stack.config.service("workshop/catalogdetail"), True)
+    assert checks["weights"] == dict(synth.stack.config.service("workshop/catalogdetail").weights)
     assert env["INGRESS_SERVICE"] == "kube-system/cilium-ingress" and env["VERDICT_KEY"] == job["metadata"]["name"]
+    outsider = env_of(job_of(manifest_documents(job_resource), "smoke-test-outsider"))
+    assert outsider["ROLE"] == "outsider" and env["OUTSIDER_KEY"] == outsider["VERDICT_KEY"] != env["VERDICT_KEY"]
     script = next(d for d in manifest_documents(job_resource) if d["metadata"]["name"] == "smoke-test-script")
     assert script["data"]["smoke_test.py"] == SMOKE_SCRIPT_FILE.read_text()
     policies = {d["metadata"]["name"]: d for d in manifest_documents(job_resource) if d["kind"] == "CiliumNetworkPolicy"}
-    catalogdetail_rule = policies["smoke-test-to-catalogdetail"]["spec"]["ingress"][0]["toPorts"][0]
-    assert ("rules" in catalogdetail_rule) == (datapath == "eni"), "eni: L7 only, or it widens catalogdetail's L7 rules"
+    assert policies.keys() == {"smoke-test", "smoke-test-outsider", "smoke-test-sample", "smoke-test-to-productcatalog",
+                               "smoke-test-to-services", "smoke-test-outsider-to-services"}  # fmt: skip
+    # The smoke test's egress reaches each version's pods; whether they answer is their own policy's decision.
+    (to_catalogdetail,) = policies["smoke-test-outsider-to-services"]["spec"]["egress"]
+    assert [s["matchLabels"]["version"] for s in to_catalogdetail["toEndpoints"]] == ["v1", "v2"]
 
 
 def test_deadlines_nest_inside_the_provider_lambda(synth_eni):
@@ -81,18 +96,18 @@ def test_deadlines_nest_inside_the_provider_lambda(synth_eni):
     wait = int(synth_eni.resource(smoke.verdict)["Properties"]["TimeoutSeconds"])
     assert job["spec"]["activeDeadlineSeconds"] < wait == VERDICT_WAIT_S < PROVIDER_LAMBDA_TIMEOUT.to_seconds() - 240
     assert job["spec"]["backoffLimit"] == 0
-    settings = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert float(settings["DEADLINE_S"]) + 60 < job["spec"]["activeDeadlineSeconds"]
+    assert float(env_of(job)["DEADLINE_S"]) + 60 < job["spec"]["activeDeadlineSeconds"]
+    assert job_of(smoke.documents, "smoke-test-outsider")["spec"]["activeDeadlineSeconds"] == job["spec"]["activeDeadlineSeconds"]
 
 
 def test_a_changed_configuration_names_a_new_job():
     """A Job's pod template cannot change; a new name makes an update run the smoke test again."""
-    def name(policy, datapath="eni", network_policy=True):
-        return job_of(smoke_documents(policy, datapath, network_policy))["metadata"]["name"]
+    def name(policy, network_policy=True, sample_app=True):
+        return job_of(smoke_documents([policy], "eni", network_policy, sample_app))["metadata"]["name"]
 
-    canary = MeshService(weights={"v1": 90, "v2": 10})
-    assert len({name(POLICY), name(canary), name(POLICY, "chaining"), name(POLICY, network_policy=False)}) == 4
-    assert name(POLICY) == name(MeshService(weights={"v1": 50, "v2": 50}))
+    canary = POLICY.with_weights({"v1": 90, "v2": 10})
+    assert len({name(POLICY), name(canary), name(POLICY, network_policy=False), name(POLICY, sample_app=False)}) == 4
+    assert name(POLICY) == name(sample_service(weights={"v1": 50, "v2": 50}))
 
 
 def test_smoke_test_off_leaves_it_out(synth_variant):
@@ -109,8 +124,8 @@ def test_the_wait_returns_the_verdict_once_written_and_keeps_polling_while_the_j
     passed = wait_step(template, stack, verdict_id, smoke_verdict_object(stack, "pass"))
     assert passed.result == {"Data": {"Value": "pass"}}
     command = passed.commands[-1]
-    assert command[command.index("get") :][:5] == ["get", "-n", "workshop", "configmap", "smoke-test-verdict"]
-    failure = "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
+    assert command[command.index("get") :][:5] == ["get", "-n", "cilium-mesh", "configmap", "smoke-test-verdict"]
+    failure = "workshop/catalogdetail split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
     failed = wait_step(template, stack, verdict_id, smoke_verdict_object(stack, failure))
     assert failed.result == {"Data": {"Value": failure}}
     # While the Job runs the ConfigMap has no verdict: the handler asks every 10 s; here with the
@@ -148,7 +163,7 @@ def admits(verdict_object: dict) -> tuple[bool, str]:
 def test_the_admission_policy_admits_only_a_pass_and_says_what_failed():
     line = "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
     assert admits(result_document("workshop", "pass")) == (True, "smoke test failed: pass")
-    assert admits(result_document("workshop", line)) == (False, f"smoke test failed: {line}")
+    assert admits(result_document("cilium-mesh", line)) == (False, f"smoke test failed: {line}")
     assert admits({"metadata": {"name": "smoke-test-result"}}) == (False, "smoke test failed: no verdict")
     rule = admission_policy()["spec"]["matchConstraints"]["resourceRules"][0]
     assert rule["resourceNames"] == [RESULT_CONFIGMAP] and set(rule["operations"]) == {"CREATE", "UPDATE"}
@@ -159,10 +174,10 @@ def test_a_refused_verdict_fails_the_stack_with_its_line(synth_eni):
     the line. kubectl's output as the API server words a ValidatingAdmissionPolicy denial (Kubernetes docs,
     "Validating Admission Policy": 'The deployments "nginx" is invalid: : ValidatingAdmissionPolicy ...')."""
     stack, template = synth_eni.stack, synth_eni.template
-    line = "pin v2: v1 20/20 (expected only v2)"
+    line = "workshop/catalogdetail pin v2: v1 20/20 (expected only v2)"
     result_id = synth_eni.logical_id(stack.smoke_test.result)
-    properties = {**template["Resources"][result_id]["Properties"], "Manifest": json.dumps([result_document("workshop", line)])}
-    _, message = admits(result_document("workshop", line))
+    properties = {**template["Resources"][result_id]["Properties"], "Manifest": json.dumps([result_document("cilium-mesh", line)])}
+    _, message = admits(result_document("cilium-mesh", line))
     kubectl_says = (f'The configmaps "{RESULT_CONFIGMAP}" is invalid: : ValidatingAdmissionPolicy \'smoke-test-verdict\' '
                     f"with binding 'smoke-test-verdict' denied request: {message}\n")  # fmt: skip
     error = refused_apply(template, stack, result_id, properties, kubectl_says)
@@ -195,17 +210,19 @@ def serve(stack: ExitStack, address: str, body: bytes, port: int = 0) -> str:
 
 
 def settings_for(envoy_port: int, ingress: str, products: str, denied: str, policy=POLICY, split: int = 100) -> dict:
+    checks = service_checks(policy, True)
+    checks["base_url"] = f"http://{LOOPBACK}:{envoy_port}"
     return {
+        "role": "main",
+        "ingress_service": "kube-system/cilium-ingress",
         "ingress_host": "nlb.example",
         "ingress_port": int(ingress.rsplit(":", 1)[1]),
         "deadline_s": 0.0,
         "retry_s": 0.0,
         "products_url": f"http://{products}/products/",
-        "catalogdetail_url": f"http://{LOOPBACK}:{envoy_port}/catalogDetail",
         "denied_url": f"http://{denied}/",
         "deny_timeout_s": 0.5,
-        "weights": dict(policy.weights),
-        "pin_header": policy.pin_header,
+        "services": [checks],
         "split_requests": split,
         "pin_requests": 5,
         "timeout_s": 0.5,
@@ -257,7 +274,7 @@ def test_script_fails_when_cilium_denies_the_split(app_stand_ins):
     with running(POLICY, TAG, statuses=statuses) as (envoy, _, _):
         line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"], split=200),
                           apps["addresses"])  # fmt: skip
-    assert line == "split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
+    assert line == "workshop/catalogdetail split: v1 0/200, v2 0/200, 200 x 403 (weights v1 50%, v2 50%)"
 
 
 @pytest.mark.envoy
@@ -268,8 +285,8 @@ def test_script_fails_when_a_version_is_down(app_stand_ins):
     split, pin = line.split("; ")
     # v1 answers what v2 cannot (failover); on a loaded machine a request may also run out of retries
     # before v2's host is ejected, and the line then says so after the counts.
-    assert re.fullmatch(r"split: v1 (9[5-9]|100)/100, v2 0/100(, \d+ x (\d{3}|no answer))* \(weights v1 50%, v2 50%\)", split), split
-    assert pin.startswith("pin v2: no answer from any version, 5 x ") and pin.endswith("(expected only v2)")
+    assert re.fullmatch(r"workshop/catalogdetail split: v1 (9[5-9]|100)/100, v2 0/100(, \d+ x (\d{3}|no answer))* \(weights v1 50%, v2 50%\)", split), split
+    assert pin.startswith("workshop/catalogdetail pin v2: no answer from any version, 5 x ") and pin.endswith("(expected only v2)")
 
 
 @pytest.mark.envoy
@@ -281,20 +298,47 @@ def test_script_fails_when_a_pin_reaches_the_wrong_version(app_stand_ins, monkey
     def crossed(self):
         config = original(self)
         for route in config["virtual_hosts"][0]["routes"]:
-            if route["name"] == "pin-v1":
+            if route["name"].startswith("pin-v1"):
                 route["route"]["cluster"] = self.eds_cluster("v2")
         return config
 
     monkeypatch.setattr(MeshService, "route_configuration", crossed)
     with running(POLICY, TAG) as (envoy, _, _):
         line = run_script(settings_for(envoy.port, apps["ingress"], apps["products"], apps["dropped_at"]), apps["addresses"])
-    assert line == "pin v1: v2 5/5 (expected only v1)"
+    assert line == "workshop/catalogdetail pin v1: v2 5/5 (expected only v1)"
 
 
 def test_split_check_tells_the_weights_apart_from_a_plain_round_robin():
     """200 requests: a 90/10 policy's band (4.5 standard deviations) excludes the 100/100 a plain Service gives."""
-    policy = MeshService(weights={"v1": 90, "v2": 10})
+    policy = POLICY.with_weights({"v1": 90, "v2": 10})
     n, p = 200, 0.9
     band = SMOKE.SIGMAS * (n * p * (1 - p)) ** 0.5
     assert abs(100 - n * p) > band
     assert abs(n * policy.weights["v1"] / sum(policy.weights.values()) - n * p) == 0
+
+
+def test_the_outsider_passes_only_when_no_version_answers_it(app_stand_ins):
+    """The non-caller's check: each version's pods, asked directly, must not answer (a dropped SYN)."""
+    apps = app_stand_ins
+    checks = service_checks(POLICY, True)
+    settings = {**settings_for(0, apps["ingress"], apps["products"], apps["dropped_at"]), "role": "outsider"}
+    settings["services"] = [{**checks, "refused_urls": {"v1": f"http://{apps['dropped_at']}/", "v2": f"http://{apps['dropped_at']}/"}}]
+    assert run_script(settings, apps["addresses"]) == "pass"
+    settings["services"][0]["refused_urls"]["v2"] = f"http://{apps['answering']}/"
+    assert run_script(settings, apps["addresses"]) == (
+        f"workshop/catalogdetail deny v2: http://{apps['answering']}/ answered 200 to a non-caller (its policy must refuse it)")
+
+
+def test_the_main_job_reports_the_outsiders_failures_with_its_own():
+    settings = {**SMOKE.settings_from({}), "deadline_s": 0.0, "retry_s": 0.0}
+    line = SMOKE.verdict(SMOKE.run_checks(settings, outsider=lambda: ["a/b deny v1: http://x/ answered 200 to a non-caller"]))
+    assert line == "a/b deny v1: http://x/ answered 200 to a non-caller"
+    assert SMOKE.verdict(SMOKE.run_checks(settings, outsider=lambda: [])) == "pass"
+
+
+def test_without_callers_nothing_is_refused_and_without_the_sample_no_sample_check():
+    open_service = dataclasses.replace(POLICY, callers=None)
+    assert service_checks(open_service, True)["refused_urls"] == {}
+    assert service_checks(POLICY, False)["refused_urls"] == {}
+    env = env_of(job_of(smoke_documents([POLICY], "eni", True, sample_app=False)))
+    assert (env["INGRESS_SERVICE"], env["PRODUCTS_URL"], env["DENIED_URL"]) == ("", "", "")

@@ -186,7 +186,7 @@ def test_network_policy_switch_and_weights_from_configuration(synth_variant):
     documents = [d for r in mesh.manifests.values() for d in manifest_documents(synth_variant.resource(r))]
     assert not [d for d in documents if d["kind"] == "CiliumNetworkPolicy"]
     assert not [d for d in documents if d["kind"] == "CiliumEnvoyConfig"]
-    policy = MeshService.from_json(synth_variant.resource(synth_variant.stack.traffic.resource)["Properties"]["Policy"])
+    policy = MeshService.from_json(synth_variant.resource(synth_variant.stack.traffic.resources["workshop/catalogdetail"])["Properties"]["Policy"])
     cec = policy.cilium_envoy_config()
     route = next(r for r in cec["spec"]["resources"] if r["@type"].endswith("RouteConfiguration"))
     split = route["virtual_hosts"][0]["routes"][-1]["route"]["weighted_clusters"]["clusters"]

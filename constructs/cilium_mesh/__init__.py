@@ -1,12 +1,14 @@
-"""CiliumMesh: Cilium, the sample app, its Ingress, traffic and network policy on an EKS cluster.
+"""CiliumMesh: Cilium and the declared services (MeshService) on an EKS cluster, and optionally the sample app.
 
 The construct is loaded on first use (PEP 562), so that the configuration and the traffic policy,
 which need no aws-cdk-lib, import without the CDK's runtime: a bad setting stops app.py at once.
 """
 
-from .traffic import CircuitBreakers, OutlierDetection, Retries, MeshService, DeclarationError
+from .rollout_plan import RolloutLoad, RolloutSettings
+from .traffic import Caller, CircuitBreakers, DeclarationError, HttpRule, MeshService, Mirror, OutlierDetection, Retries, Route
 
-__all__ = ["CircuitBreakers", "CiliumMesh", "CiliumMeshProps", "OutlierDetection", "Retries", "MeshService", "DeclarationError"]
+__all__ = ["Caller", "CircuitBreakers", "CiliumMesh", "CiliumMeshProps", "DeclarationError", "HttpRule", "MeshService",
+           "Mirror", "OutlierDetection", "Retries", "RolloutLoad", "RolloutSettings", "Route"]
 
 
 def __getattr__(name: str):

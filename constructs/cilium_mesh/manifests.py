@@ -4,8 +4,12 @@ from pathlib import Path
 
 import yaml
 
-MANIFESTS_DIR = Path(__file__).resolve().parents[2] / "manifests"
+# In this repository manifests/ is at its root; an installed wheel carries it inside the package (pyproject.toml).
+_PACKAGED = Path(__file__).resolve().parent / "manifests"
+MANIFESTS_DIR = _PACKAGED if _PACKAGED.is_dir() else Path(__file__).resolve().parents[2] / "manifests"
 NAMESPACE_FILE = MANIFESTS_DIR / "app" / "00-namespace.yaml"
+# The mesh's own namespace (its smoke test and rollout loads).
+MESH_NAMESPACE_FILE = MANIFESTS_DIR / "mesh" / "namespace.yaml"
 WORKLOAD_FILES = tuple(MANIFESTS_DIR / "app" / name for name in ("frontend.yaml", "productcatalog.yaml", "catalogdetail.yaml"))
 INGRESS_FILE = MANIFESTS_DIR / "app" / "ingress.yaml"
 NETWORK_POLICY_FILE = MANIFESTS_DIR / "policy" / "network-policy.yaml"

@@ -1,7 +1,9 @@
-"""CiliumMesh: installs Cilium and applies the app, Ingress and network policy in order.
+"""CiliumMesh: installs Cilium, then meshes each declared service (and, with the sample app, applies it).
 
-The traffic policy's CiliumEnvoyConfig has its own owner, TrafficRollout (rollout.py), which the
-stack places after these manifests.
+For each declared service: one manifest of its version Services and network policies, and its
+CiliumEnvoyConfig, whose one owner is its rollout (rollout.py, TrafficRollouts), after that manifest
+(and the sample's workloads). All services' steps run beside each other: the chain of steps after
+Cilium does not grow with their number.
 
 Deploy order for datapath chaining (destroy runs it backwards):
 
@@ -42,9 +44,11 @@ from aws_cdk import Duration, Fn
 from aws_cdk import aws_eks_v2 as eks
 from constructs import Construct, IConstruct
 
+from .declaration import check_unique
 from .eni import CiliumOperatorIdentity
 from .manifests import (
     INGRESS_FILE,
+    MESH_NAMESPACE_FILE,
     NAMESPACE_FILE,
     NETWORK_POLICY_DATAPATH_FILES,
     NETWORK_POLICY_FILE,
@@ -52,6 +56,8 @@ from .manifests import (
     load_documents,
     replaced_by_name,
 )
+from .policy import service_policies
+from .rollout import RolloutGate, TrafficRollouts, TrafficRolloutsProps
 from .traffic import MeshService
 from .values import cilium_values
 from .versions import CILIUM_HELM_REPOSITORY
@@ -76,8 +82,11 @@ class CiliumMeshProps:
     load_balancer_controller: must outlive the ``cilium-ingress`` Service on destroy; None where the
                               cluster already runs one (it outlives the stack).
     cilium_version:           Cilium chart version, one of versions.CILIUM_RELEASES.
-    traffic_policy:           L7 traffic management for catalogdetail.
-    network_policy:           apply manifests/policy/ (default True: default-deny plus the app's call graph).
+    services:                 the services to mesh (MeshService); default none.
+    sample_app:               apply the Product Catalog sample (manifests/app/; its catalogdetail must be among
+                              ``services``, declaration.sample_service()); default False.
+    rollout_gate:             AMP, for services with rollout settings (MeshMetrics); default None.
+    network_policy:           apply the services' policies and the sample's manifests/policy/ (default True).
     datapath:                 "eni" (Cilium as the only CNI) or "chaining" (onto the VPC CNI, the walkthrough's).
     cluster_name:             the EKS cluster's name; with eni also Cilium's cluster.name (ENI tags).
     existing_cluster:         the cluster runs without the stack (default False): Cilium's uninstall must
@@ -88,24 +97,27 @@ class CiliumMeshProps:
     nodes: IConstruct | None
     load_balancer_controller: IConstruct | None
     cilium_version: str
-    traffic_policy: MeshService
     cluster_name: str
+    services: tuple[MeshService, ...] = ()
+    sample_app: bool = False
+    rollout_gate: RolloutGate | None = None
     network_policy: bool = True
     datapath: str = "eni"
     existing_cluster: bool = False
 
 
 class CiliumMesh(Construct):
-    """Cilium (Helm) and the Product Catalog app with its Ingress and policies (kubectl)."""
+    """Cilium (Helm), each declared service's version Services, policies and CiliumEnvoyConfig, and the
+    Product Catalog sample with its Ingress and policies (kubectl)."""
 
     def __init__(self, scope: Construct, id: str, props: CiliumMeshProps) -> None:
         super().__init__(scope, id)
+        check_unique(props.services)
         cluster = props.cluster
         api_server_host = Fn.select(1, Fn.split("//", cluster.cluster_endpoint))
 
-        self.namespace = eks.KubernetesManifest(
-            self, "Namespace", cluster=cluster, manifest=load_documents(NAMESPACE_FILE)
-        )
+        namespaces = load_documents(MESH_NAMESPACE_FILE, *([NAMESPACE_FILE] if props.sample_app else []))
+        self.namespace = eks.KubernetesManifest(self, "Namespace", cluster=cluster, manifest=namespaces)
 
         eni = props.datapath == "eni"
         if eni:
@@ -139,11 +151,16 @@ class CiliumMesh(Construct):
             self.cilium.node.add_dependency(*(c for c in (props.nodes, props.load_balancer_controller) if c is not None))
             ready = [self.cilium]
 
-        manifests = {"App": load_documents(*WORKLOAD_FILES), "Ingress": load_documents(INGRESS_FILE)}
-        if props.network_policy:
-            manifests["NetworkPolicy"] = replaced_by_name(
-                load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[props.datapath])
-            )
+        manifests = {}
+        if props.sample_app:
+            manifests = {"App": load_documents(*WORKLOAD_FILES), "Ingress": load_documents(INGRESS_FILE)}
+            if props.network_policy:
+                manifests["NetworkPolicy"] = replaced_by_name(
+                    load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[props.datapath])
+                )
+        for service in props.services:
+            policies = service_policies(service, props.datapath) if props.network_policy else []
+            manifests[f"Service-{service.namespace}-{service.name}"] = [*service.version_services(), *policies]
         self.manifests = {
             name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents)
             for name, documents in manifests.items()
@@ -152,17 +169,31 @@ class CiliumMesh(Construct):
         for manifest in self.manifests.values():
             manifest.node.add_dependency(*self.manifests_after)
 
-        self.ingress_hostname = eks.KubernetesObjectValue(
+        self.traffic = TrafficRollouts(
             self,
-            "IngressHostname",
-            cluster=cluster,
-            object_type="service",
-            object_name="cilium-ingress",
-            object_namespace="kube-system",
-            json_path=".status.loadBalancer.ingress[0].hostname",
-            timeout=STEP_TIMEOUT,
-        )
-        self.ingress_hostname.node.add_dependency(*(c for c in (self.cilium, props.load_balancer_controller) if c is not None))
+            "Traffic",
+            TrafficRolloutsProps(cluster=cluster, services=props.services, gate=props.rollout_gate,
+                                 network_policy=props.network_policy),
+        )  # fmt: skip
+        for service in props.services:
+            # After its version Services (the CiliumEnvoyConfig's backends) and, with the sample, the app.
+            before = [self.manifests[f"Service-{service.namespace}-{service.name}"], *self.manifests_after]
+            if "App" in self.manifests:
+                before.append(self.manifests["App"])
+            self.traffic.resources[service.key].node.add_dependency(*before)
+
+        if props.sample_app:
+            self.ingress_hostname = eks.KubernetesObjectValue(
+                self,
+                "IngressHostname",
+                cluster=cluster,
+                object_type="service",
+                object_name="cilium-ingress",
+                object_namespace="kube-system",
+                json_path=".status.loadBalancer.ingress[0].hostname",
+                timeout=STEP_TIMEOUT,
+            )
+            self.ingress_hostname.node.add_dependency(*(c for c in (self.cilium, props.load_balancer_controller) if c is not None))
 
     def _eni_readiness(self, props: CiliumMeshProps) -> list[eks.KubernetesObjectValue]:
         """Steps after the nodes that return once Cilium is Ready: its operator (ENI IPAM running with

@@ -2,9 +2,10 @@
 
 AMP's managed collector (AWS::APS::Scraper) scrapes Cilium's agent, operator,
 cilium-envoy and Hubble from inside the VPC with manifests/metrics/prometheus/scrape-config.yaml,
-so no Prometheus runs in the cluster. The workspace evaluates manifests/metrics/prometheus/rules.yaml
-plus the configured weights (one rule groups namespace), and its alert manager
-sends alerts to an encrypted SNS topic.
+so no Prometheus runs in the cluster. The workspace evaluates the rule file rendered from the declared
+services (metrics_files.rule_file: one group per service from service-rules.yaml, one over their
+namespaces from namespace-rules.yaml; one rule groups namespace), and its alert manager sends alerts
+to an encrypted SNS topic.
 
 Every AMP document goes into its property as its own text, not base64: ConfigurationBlob,
 AlertManagerDefinition and the rule groups' Data are all blobs in the AMP API, and the SDK
@@ -41,11 +42,11 @@ from .traffic import MeshService
 
 
 def alert_manager_definition(topic_arn: str, region: str) -> str:
-    """AMP's alert manager: every alert to the SNS topic, grouped per alert and version."""
+    """AMP's alert manager: every alert to the SNS topic, grouped per alert, service and version."""
     config = {
         "route": {
             "receiver": "sns",
-            "group_by": ["alertname", "destination", "version"],
+            "group_by": ["alertname", "namespace", "service", "destination", "version"],
             "group_wait": "30s",
             "repeat_interval": "4h",
         },
@@ -73,13 +74,13 @@ class MeshMetricsProps:
 
     cluster:         the cluster whose Cilium pods are scraped (its VPC and cluster security group).
     private_subnets: the nodes' private subnets, where the collector runs.
-    traffic_policy:  the split the rules compare the served traffic with.
+    services:        the declared services: one rule group each (their split, failover, errors, alerts).
     alert_email:     an address subscribed to the alerts topic; None (default): no subscription.
     """
 
     cluster: eks.ICluster
     private_subnets: Sequence[ec2.ISubnet]
-    traffic_policy: MeshService
+    services: tuple[MeshService, ...]
     alert_email: str | None = None
 
 
@@ -137,7 +138,7 @@ class MeshMetrics(Construct):
             )
         )
         self.rules = aps.CfnRuleGroupsNamespace(
-            self, "Rules", name=RULES_NAMESPACE, workspace=self.workspace.attr_arn, data=rule_file(props.traffic_policy)
+            self, "Rules", name=RULES_NAMESPACE, workspace=self.workspace.attr_arn, data=rule_file(props.services)
         )
 
         self.scraper_security_group = ec2.SecurityGroup(

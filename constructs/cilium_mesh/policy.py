@@ -18,6 +18,9 @@ Standard library only (checks/datapath.py loads it without the CDK).
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, field
+
 from .rollout_plan import RolloutLoad
 from .traffic import MANAGED_BY, MESH_NAMESPACE, SMOKE_TEST_LABELS, HttpRule, MeshService
 
@@ -55,14 +58,59 @@ def ingress_rules(service: MeshService, datapath: str) -> list[dict]:
         {"fromEndpoints": [_peer(c.labels, c.namespace or service.namespace, service)], "toPorts": _port(service, c.http, datapath)}
         for c in service.callers
     ]
+    asked = sorted({(probe.method, probe.path) for probe in smoke_probes(service)})
     rules.append({"fromEndpoints": [_peer(SMOKE_TEST_LABELS, MESH_NAMESPACE, service)],
-                  "toPorts": _port(service, [HttpRule("GET", service.check_path)], datapath)})  # fmt: skip
+                  "toPorts": _port(service, [HttpRule(m, re.escape(p)) for m, p in asked], datapath)})  # fmt: skip
     load = service.rollout.load if service.rollout else None
     if load is not None:
         rules.append({"fromEndpoints": [_peer(load_labels(service), MESH_NAMESPACE, service)],
                       "toPorts": _port(service, [HttpRule(load.method, _load_path(service, load))], datapath)})  # fmt: skip
     rules.append({"fromEntities": ["host"], "toPorts": _port(service, (), datapath)})
     return rules
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One request of the smoke test to a service, and where the mesh must route it: a version, or "split"."""
+
+    check: str
+    path: str
+    expect: str
+    method: str = "GET"
+    headers: dict = field(default_factory=dict)
+
+
+def routed_to(service: MeshService, path: str, method: str, headers: dict) -> str:
+    """Where the service's routes send a request: the pinned version, the first declared route that
+    matches, else the split (as route_configuration orders them)."""
+    if service.pin_header and headers.get(service.pin_header) in service.versions:
+        return headers[service.pin_header]
+    for route in service.routes:
+        if route.path is not None and path != route.path:
+            continue
+        if route.path_prefix is not None and not path.startswith(route.path_prefix):
+            continue
+        if route.methods and method not in route.methods:
+            continue
+        if all(headers.get(k) == v for k, v in route.headers.items()):
+            return route.to
+    return "split"
+
+
+def smoke_probes(service: MeshService) -> list[Probe]:
+    """What the smoke test asks a service: the split (GET check_path), each version by its pin header,
+    and each declared route that a GET or HEAD reaches (no other method: the smoke test changes nothing)."""
+    probes = [Probe("split", service.check_path, routed_to(service, service.check_path, "GET", {}))]
+    if service.pin_header:
+        probes += [Probe(f"pin {v}", service.check_path, v, headers={service.pin_header: v}) for v in service.versions]
+    for i, route in enumerate(service.routes):
+        method = next((m for m in ("GET", "HEAD") if not route.methods or m in route.methods), None)
+        if method is None:
+            continue
+        path = route.path or route.path_prefix or service.check_path
+        headers = dict(route.headers)
+        probes.append(Probe(f"routes[{i}]", path, routed_to(service, path, method, headers), method, headers))
+    return probes
 
 
 def _load_path(service: MeshService, load: RolloutLoad) -> str:

@@ -1,6 +1,8 @@
-"""TrafficRollout: the one owner of the CiliumEnvoyConfig, which it applies at once or as a gated canary.
+"""TrafficRollouts: the one owner of each declared service's CiliumEnvoyConfig, which it applies at once
+or as a gated canary, each service apart (its own custom resource, judged on its own series).
 
-A custom resource of aws-cdk-lib's Provider framework: on_event applies the first step, and the
+One custom resource per service, all on one aws-cdk-lib Provider framework (one pair of Lambdas
+however many services): on_event applies the first step, and the
 framework's waiter (a Step Functions state machine) calls is_complete every QUERY_INTERVAL_S until
 the last step is applied, the gate stops the rollout, or the hour CloudFormation gives a custom
 resource is over. Its Lambda (rollout_lambda.py) reaches the cluster only through the kubectl
@@ -21,7 +23,8 @@ from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import custom_resources as cr
 from constructs import Construct, IConstruct
 
-from .rollout_plan import QUERY_INTERVAL_S, RESOURCE_TYPE, SERVICE_TIMEOUT_S, RolloutSettings, resource_properties
+from .rollout_load import load_documents_of
+from .rollout_plan import QUERY_INTERVAL_S, RESOURCE_TYPE, SERVICE_TIMEOUT_S, resource_properties
 from .traffic import MeshService
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -33,31 +36,40 @@ HANDLER_TIMEOUT = Duration.minutes(10)
 
 
 @dataclass(frozen=True)
-class TrafficRolloutProps:
-    """What TrafficRollout needs.
+class RolloutGate:
+    """What a gated rollout reads: the AMP workspace's ``api/v1/query`` URL, the workspace (for
+    aps:QueryMetrics), and the rules it must come after (MeshMetrics.rules)."""
 
-    cluster:        the cluster, whose kubectl provider handler applies the CiliumEnvoyConfig.
-    traffic_policy: the weights and everything else the CiliumEnvoyConfig renders from.
-    rollout:        how changed weights are rolled out; None: at once.
-    query_url:      the AMP workspace's ``api/v1/query`` URL (needed with ``rollout``).
-    workspace_arn:  the AMP workspace, for aps:QueryMetrics (needed with ``rollout``).
-    after:          what must exist first: Cilium ready (the CRD), the namespace, the app.
+    query_url: str
+    workspace_arn: str
+    rules: IConstruct
+
+
+@dataclass(frozen=True)
+class TrafficRolloutsProps:
+    """What TrafficRollouts needs.
+
+    cluster:        the cluster, whose kubectl provider handler applies the CiliumEnvoyConfigs.
+    services:       the declared services; each one's rollout settings say how its weights change.
+    gate:           AMP, for the services with rollout settings (None: none may have them).
+    network_policy: whether a rollout's load gets its own egress policy.
     """
 
     cluster: eks.ICluster
-    traffic_policy: MeshService
-    rollout: RolloutSettings | None
-    query_url: str | None
-    workspace_arn: str | None
-    after: tuple[IConstruct, ...]
+    services: tuple[MeshService, ...]
+    gate: RolloutGate | None
+    network_policy: bool = True
 
 
-class TrafficRollout(Construct):
-    """The CiliumEnvoyConfig's weights, stepped and gated on AMP when ``rollout`` is set."""
+class TrafficRollouts(Construct):
+    """Each service's CiliumEnvoyConfig, its weights stepped and gated on AMP when it has rollout settings."""
 
-    def __init__(self, scope: Construct, id: str, props: TrafficRolloutProps) -> None:
+    def __init__(self, scope: Construct, id: str, props: TrafficRolloutsProps) -> None:
         super().__init__(scope, id)
         stack = Stack.of(self)
+        gated = [s for s in props.services if s.rollout is not None]
+        if gated and props.gate is None:
+            raise ValueError(f"services[{gated[0].name}].rollout: needs the metrics (a RolloutGate on AMP) to judge its steps")
         kubectl_handler = props.cluster.kubectl_provider.node.find_child("Handler")
         code = lambda_.Code.from_asset(str(PACKAGE_DIR), exclude=["*", *(f"!{name}" for name in LAMBDA_FILES)])
         self.functions = {
@@ -68,7 +80,7 @@ class TrafficRollout(Construct):
                 handler=f"rollout_lambda.{handler}",
                 code=code,
                 timeout=HANDLER_TIMEOUT,
-                description=f"{description} of the {props.traffic_policy.cec_name} CiliumEnvoyConfig's rollout",
+                description=f"{description} of the mesh's CiliumEnvoyConfigs' rollouts",
                 log_group=logs.LogGroup(
                     self, f"{name}Logs", retention=logs.RetentionDays.ONE_MONTH, removal_policy=RemovalPolicy.DESTROY
                 ),
@@ -85,17 +97,10 @@ class TrafficRollout(Construct):
         self.functions["OnEvent"].add_to_role_policy(
             iam.PolicyStatement(actions=["cloudformation:DescribeStacks"], resources=[stack.stack_id])
         )
-        if props.rollout is not None:
+        if gated:
             self.functions["IsComplete"].add_to_role_policy(
-                iam.PolicyStatement(actions=["aps:QueryMetrics"], resources=[props.workspace_arn])
+                iam.PolicyStatement(actions=["aps:QueryMetrics"], resources=[props.gate.workspace_arn])
             )
-        properties = resource_properties(
-            props.cluster.cluster_name,
-            kubectl_handler.function_arn,
-            props.traffic_policy.to_json(),
-            props.rollout,
-            props.query_url,
-        )
         self.provider = cr.Provider(
             self,
             "Provider",
@@ -111,12 +116,24 @@ class TrafficRollout(Construct):
                 level=sfn.LogLevel.ALL,
             ),
         )
-        self.resource = CustomResource(
-            self,
-            "Resource",
-            service_token=self.provider.service_token,
-            resource_type=RESOURCE_TYPE,
-            properties=properties,
-            service_timeout=Duration.seconds(SERVICE_TIMEOUT_S),
-        )
-        self.resource.node.add_dependency(*props.after)
+        self.resources = {}
+        for service in props.services:
+            properties = resource_properties(
+                props.cluster.cluster_name,
+                kubectl_handler.function_arn,
+                service.to_json(),
+                service.rollout,
+                props.gate.query_url if service.rollout else None,
+                load_documents_of(service, props.network_policy),
+            )
+            resource = CustomResource(
+                self,
+                f"{service.namespace}-{service.name}",
+                service_token=self.provider.service_token,
+                resource_type=RESOURCE_TYPE,
+                properties=properties,
+                service_timeout=Duration.seconds(SERVICE_TIMEOUT_S),
+            )
+            if service.rollout:
+                resource.node.add_dependency(props.gate.rules)
+            self.resources[service.key] = resource

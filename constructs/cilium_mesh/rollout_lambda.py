@@ -6,7 +6,9 @@ as top-level modules. It owns the CiliumEnvoyConfig: it is the only thing in the
 on_event    Create, Update: plans the steps (rollout_plan.plan) and applies the first. No steps on a
             Create, without rollout settings, when the split stays the same, or in CloudFormation's
             rollback (the stack's status says so): then the new weights are applied at once.
-            Delete: deletes the CiliumEnvoyConfig.
+            A gated rollout of a service with rollout.load also applies its load Deployment
+            (rollout_load.py), which runs until the last step is applied or the rollout stops.
+            Delete: deletes the CiliumEnvoyConfig (and any load).
 is_complete reads the step and its start from the CiliumEnvoyConfig's annotation, asks AMP (SigV4)
             for the gate, and applies the next step, waits, or stops: it applies the previous
             policy again and raises, which fails the stack update with that line.
@@ -119,11 +121,11 @@ class Kubectl:
             raise KubectlFailed(f"kubectl provider: {_first_line((payload or {}).get('errorMessage'))}")
         return payload
 
-    def apply(self, document: dict) -> None:
-        self._call("Update", APPLY, {"Manifest": json.dumps([document])})
+    def apply(self, *documents: dict) -> None:
+        self._call("Update", APPLY, {"Manifest": json.dumps(list(documents))})
 
-    def delete(self, document: dict) -> None:
-        self._call("Delete", APPLY, {"Manifest": json.dumps([document])})
+    def delete(self, *documents: dict) -> None:
+        self._call("Delete", APPLY, {"Manifest": json.dumps(list(documents))})
 
     def annotation(self, document: dict, key: str) -> str:
         metadata = document["metadata"]
@@ -166,12 +168,27 @@ class Prometheus:
         values = [v for series in result["data"]["result"] if math.isfinite(v := float(series["value"][1]))]
         return max(values) if values else None
 
-    def reading(self, version: str) -> Reading:
-        return Reading(version, **{name: self.value(expr) for name, expr in gate_queries(version).items()})
+    def reading(self, service: MeshService, version: str) -> Reading:
+        queries = gate_queries(service.namespace, service.name, version)
+        return Reading(version, **{name: self.value(expr) for name, expr in queries.items()})
 
 
 def _policy(properties: dict) -> MeshService:
     return MeshService.from_json(properties["Policy"])
+
+
+def _load(properties: dict) -> list[dict]:
+    """The rollout's synthetic load (rollout_load.py), if its settings ask for one."""
+    return json.loads(properties.get("Load", "[]"))
+
+
+def _stop_load(kubectl: Kubectl, properties: dict) -> None:
+    """The load ends with its rollout; if the delete fails, the next deploy's apply or the stack's delete removes it."""
+    if _load(properties):
+        try:
+            kubectl.delete(*_load(properties))
+        except KubectlFailed as error:
+            _log(load_not_deleted=str(error))
 
 
 def _settings(properties: dict) -> RolloutSettings | None:
@@ -199,7 +216,7 @@ def on_event(event: dict, _context=None) -> dict:
     target = _policy(properties)
     kubectl = Kubectl(properties["KubectlHandler"], properties["ClusterName"])
     if event["RequestType"] == "Delete":
-        kubectl.delete(target.cilium_envoy_config())
+        kubectl.delete(target.cilium_envoy_config(), *_load(properties))
         return {"PhysicalResourceId": event["PhysicalResourceId"]}
     previous = None
     if event["RequestType"] == "Update" and not _rolling_back(event):
@@ -208,6 +225,8 @@ def on_event(event: dict, _context=None) -> dict:
     steps = plan(previous, target.weights, settings)
     started = time.time()
     kubectl.apply(_document(target.with_weights(steps[0]), {"request": event["RequestId"], "step": 0, "since": started}))
+    if len(steps) > 1 and _load(properties):
+        kubectl.apply(*_load(properties))  # a gated rollout: the load runs until its last step or its stop
     _log(event=event["RequestType"], steps=steps, applied=0)
     longest = settings.worst_case_s if len(steps) > 1 else 0
     return {
@@ -237,6 +256,7 @@ def is_complete(event: dict, _context=None) -> dict:
         raise RolloutStopped(f"rollout stopped: {state['stopped']}")
     step = state["step"]
     if step == len(steps) - 1:
+        _stop_load(kubectl, properties)
         return {"IsComplete": True}
     settings = _settings(properties)
     now = time.time()
@@ -249,7 +269,7 @@ def is_complete(event: dict, _context=None) -> dict:
     current = _document(target.with_weights(steps[step]), state)
     prometheus = Prometheus(properties["QueryUrl"], os.environ["AWS_REGION"])
     try:
-        readings = [prometheus.reading(version) for version in json.loads(event["Data"]["Gaining"])]
+        readings = [prometheus.reading(target, version) for version in json.loads(event["Data"]["Gaining"])]
     except AmpRefused as error:
         stop(str(error))
     except AmpUnavailable as error:
@@ -283,13 +303,17 @@ def is_complete(event: dict, _context=None) -> dict:
             stop(f"step {following + 1} was not applied by the end of the step's wait ({elapsed:.0f} s): {error}")
         return _wait_for_kubectl(event, error)
     _log(step=following, applied=steps[following])
-    return {"IsComplete": following == len(steps) - 1}
+    if following == len(steps) - 1:
+        _stop_load(kubectl, properties)
+        return {"IsComplete": True}
+    return {"IsComplete": False}
 
 
 def _stop(event: dict, kubectl: Kubectl, where: str, reason: str) -> NoReturn:
     """Restore the previous weights, then fail the update with the one line."""
     previous = _policy(event["OldResourceProperties"])
     stopped = {"request": event["RequestId"], "step": -1, "since": time.time(), "stopped": reason}
+    _stop_load(kubectl, event["ResourceProperties"])
     try:
         kubectl.apply(_document(previous, stopped))
     except KubectlFailed as error:

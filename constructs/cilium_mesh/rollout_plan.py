@@ -265,12 +265,15 @@ def with_state(document: dict, state: dict) -> dict:
 
 
 def resource_properties(cluster_name: str, kubectl_handler: str, policy_json: str,
-                        settings: RolloutSettings | None, query_url: str | None) -> dict:  # fmt: skip
-    """The rollout custom resource's properties (what its Lambda reads); the gate's only with settings."""
+                        settings: RolloutSettings | None, query_url: str | None, load: list[dict] = ()) -> dict:  # fmt: skip
+    """The rollout custom resource's properties (what its Lambda reads); the gate's only with settings,
+    the load's documents only when it has one (a property left out, never an empty one)."""
     properties = {"ClusterName": cluster_name, "KubectlHandler": kubectl_handler, "Policy": policy_json}
     if settings is not None:
         properties["Rollout"] = json.dumps(settings.as_mapping(), sort_keys=True)
         properties["QueryUrl"] = query_url
+    if load:
+        properties["Load"] = json.dumps(list(load), sort_keys=True)
     return properties
 
 

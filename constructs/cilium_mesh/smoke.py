@@ -1,9 +1,10 @@
 """SmokeTest: the last step of the deploy, a Job in the cluster that checks the mesh carries traffic.
 
-The Job (manifests/smoke/) is applied after every manifest it checks: the app, its network policies,
-the Ingress and the traffic policy (all of them one step after Cilium, so the chain of steps does not
-grow), and writes one line into a ConfigMap: "pass" or what failed; its script retries until the
-NLB and the app answer.
+The Jobs (manifests/smoke/) are applied after every manifest they check: each declared service's
+version Services, policies and CiliumEnvoyConfig, and with the sample app its workloads, policies and
+Ingress (all of them one step after Cilium, so the chain of steps does not grow). The main Job writes
+one line into a ConfigMap: "pass" or what failed, naming the service; its script retries until the
+NLB and the services answer.
 A KubernetesObjectValue waits for that line (the step the smoke test adds after the manifests), and
 one quick apply hands it back to the cluster as the ConfigMap smoke-test-result, which an admission
 policy (in manifests/smoke/smoke-test.yaml) refuses unless it is "pass", with the line as its message:
@@ -30,16 +31,18 @@ class SmokeTestProps:
     """What SmokeTest needs.
 
     cluster:        the cluster, with its kubectl provider.
-    traffic_policy: the weights and pin header the Job checks.
-    datapath:       picks the smoke test's network policy (eni: L7 rules).
-    network_policy: whether the app's policy is applied (without it the deny check is left out).
-    after:          every manifest the Job checks, and what they wait for (Cilium ready, the namespace).
+    services:       the declared services, whose splits, pins and routes the Job checks.
+    datapath:       the datapath (the services' policies carry its L7 rules).
+    network_policy: whether policies are applied (without them the deny checks are left out).
+    sample_app:     whether the sample app's Ingress and app are checked too.
+    after:          every manifest the Job checks, and what they wait for (Cilium ready, the namespaces).
     """
 
     cluster: eks.ICluster
-    traffic_policy: MeshService
+    services: tuple[MeshService, ...]
     datapath: str
     network_policy: bool
+    sample_app: bool
     after: tuple[IConstruct, ...]
 
 
@@ -49,7 +52,7 @@ class SmokeTest(Construct):
     def __init__(self, scope: Construct, id: str, props: SmokeTestProps) -> None:
         super().__init__(scope, id)
         cluster = props.cluster
-        documents = smoke_documents(props.traffic_policy, props.datapath, props.network_policy)
+        documents = smoke_documents(props.services, props.datapath, props.network_policy, props.sample_app)
         self.documents = copy.deepcopy(documents)
         self.job = eks.KubernetesManifest(self, "Job", cluster=cluster, manifest=documents)
         self.job.node.add_dependency(*props.after)

@@ -1,20 +1,25 @@
-"""The deploy's smoke test: the paths checks/datapath.py lists, hit as a user would, from inside the cluster.
+"""The deploy's smoke test: each declared service's routes, hit as its callers would, from inside the cluster.
 
-Runs as the Job in smoke-test.yaml (Python 3.9 of the productcatalog image, standard library only)
+Runs as the Jobs in smoke-test.yaml (Python 3.9 of the productcatalog image, standard library only)
 and writes one line to the ConfigMap the stack waits on: "pass", or each failed check and what it
-saw, e.g. "split: v1 0/200, v2 0/200, 200 x 403". The stack fails the deploy with that line.
+saw, naming the service, e.g. "workshop/catalogdetail split: v1 0/200, v2 0/200, 200 x 403". The
+stack fails the deploy with that line.
 
-It starts beside the app, so each check is retried every RETRY_S until it passes or DEADLINE_S
-runs out, in this order (settings from the environment):
-  ingress  GET / through each address of the NLB's hostname, read from the cilium-ingress Service
-           unless INGRESS_HOST is set (one address per zone with a node: cross-zone
-           load balancing is off, so each address reaches its zone's nodes and, from one of them,
-           frontend on another node); frontend answers only once productcatalog has.
-  app      GET productcatalog /products/: its "details" are catalogdetail's answer.
-  split    SPLIT_REQUESTS to catalogdetail through the traffic policy: each version's count within
-           SIGMAS binomial standard deviations of its weight.
-  pin      PIN_REQUESTS per version with the pin header: every answer from that version.
-  deny     frontend:9000 straight from this pod: no answer (the app's policy admits only the Ingress).
+The Jobs start after every manifest they check, but Cilium may still be bringing policies and the
+NLB up, so each check is retried every RETRY_S until it passes or DEADLINE_S runs out. The main Job
+(an identity every service admits), in this order (settings from the environment):
+  ingress  with the sample app: GET / through each address of the NLB's hostname, read from the
+           cilium-ingress Service unless INGRESS_HOST is set (one address per zone with a node:
+           cross-zone load balancing is off, so each address reaches its zone's nodes).
+  app      with the sample app: GET productcatalog /products/: its "details" are catalogdetail's answer.
+  deny     with the sample app: frontend:9000 straight from this pod: no answer.
+  services for each declared service (SERVICES), each probe: the split (SPLIT_REQUESTS, each version's
+           count of the x-cilium-mesh-destination answers within SIGMAS binomial standard deviations of
+           its weight), each pin (PIN_REQUESTS, every answer from that version), each route a GET or
+           HEAD reaches (every answer from its version). An answer counts with a status below 400.
+  outsider the outsider Job's line (OUTSIDER_KEY in the verdict ConfigMap).
+The outsider Job (ROLE=outsider, an identity no service admits) asks each version's pods of each
+service with callers directly: none may answer. It writes its own line under its VERDICT_KEY.
 """
 
 from __future__ import annotations
@@ -35,16 +40,20 @@ SIGMAS = 4.5
 TIMEOUT_S = 5.0
 
 
-def get(url: str, headers: dict | None = None, address: str | None = None, timeout: float = TIMEOUT_S):
-    """(status, body) of one GET on a new connection, or (0, the error) when there is no answer."""
+DESTINATION_HEADER = "x-cilium-mesh-destination"
+
+
+def get(url: str, headers: dict | None = None, address: str | None = None, timeout: float = TIMEOUT_S, method: str = "GET"):
+    """(status, body, the x-cilium-mesh-destination header) of one request on a new connection, or
+    (0, the error, "") when there is no answer."""
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(address or parts.hostname, parts.port or 80, timeout=timeout)
     try:
-        connection.request("GET", parts.path or "/", headers={"Host": parts.netloc, **(headers or {})})
+        connection.request(method, parts.path or "/", headers={"Host": parts.netloc, **(headers or {})})
         response = connection.getresponse()
-        return response.status, response.read()
+        return response.status, response.read(), response.getheader(DESTINATION_HEADER, "")
     except (OSError, http.client.HTTPException) as error:
-        return 0, type(error).__name__.encode()
+        return 0, type(error).__name__.encode(), ""
     finally:
         connection.close()
 
@@ -70,79 +79,108 @@ def check_ingress(settings: dict, resolve) -> str | None:
 
 
 def check_app(settings: dict) -> str | None:
-    status, body = get(settings["products_url"])
+    status, body, _ = get(settings["products_url"])
     try:
         details = json.loads(body)["details"] if status == 200 else None
     except (ValueError, KeyError, TypeError):
         details = None
     if not isinstance(details, dict) or "version" not in details:
-        return f"app: {settings['products_url']} answered {status or 'nothing'} without catalogdetail's details"
+        return f"app: {settings['products_url']} answered {status or 'nothing'} without the \"details\" it asks for"
     return None
 
 
-def versions_of(url: str, requests: int, headers: dict | None = None) -> tuple:
+def destinations(url: str, requests: int, method: str = "GET", headers: dict | None = None) -> tuple:
+    """(versions routed to, statuses) of ``requests`` requests; a version counts only with a status below 400."""
     versions, statuses = Counter(), Counter()
     for _ in range(requests):
-        status, body = get(url, headers)
+        status, _, destination = get(url, headers, method=method)
         statuses[status] += 1
-        if status == 200:
-            versions["v" + str(json.loads(body)["version"])] += 1
+        if 0 < status < 400 and destination:
+            versions[destination] += 1
     return versions, statuses
 
 
-def check_split(settings: dict) -> str | None:
-    weights, n = settings["weights"], settings["split_requests"]
-    versions, statuses = versions_of(settings["catalogdetail_url"], n)
+def check_split(service: dict, probe: dict, n: int) -> str | None:
+    weights = service["weights"]
+    versions, statuses = destinations(service["base_url"] + probe["path"], n, probe["method"], probe["headers"])
     total = sum(weights.values())
     off = []
     for version, weight in weights.items():
         p = weight / total
         if abs(versions[version] - n * p) > SIGMAS * math.sqrt(n * p * (1 - p)):
             off.append(version)
-    if off or statuses[200] < n:
+    if off or sum(versions.values()) < n:
         counts = ", ".join(f"{v} {versions[v]}/{n}" for v in weights)
         expected = ", ".join(f"{v} {w / total:.0%}" for v, w in weights.items())
         extra = statuses_text(statuses)
-        return f"split: {counts}{', ' + extra if extra else ''} (weights {expected})"
+        return f"{service['service']} split: {counts}{', ' + extra if extra else ''} (weights {expected})"
     return None
 
 
-def check_pins(settings: dict) -> list:
-    if not settings["pin_header"]:
-        return []  # the traffic policy pins nothing
+def check_one_version(service: dict, probe: dict, n: int) -> str | None:
+    """A pin or a route: every answer from the version it names."""
+    version = probe["expect"]
+    versions, statuses = destinations(service["base_url"] + probe["path"], n, probe["method"], probe["headers"])
+    if versions[version] != n:
+        got = ", ".join(f"{v} {c}/{n}" for v, c in sorted(versions.items())) or "no answer from any version"
+        extra = statuses_text(statuses)
+        return f"{service['service']} {probe['check']}: {got}{', ' + extra if extra else ''} (expected only {version})"
+    return None
+
+
+def probe_checks(settings: dict) -> list:
+    """Each probe of each declared service, as a check that returns its failures."""
+    checks = []
+    for service in settings["services"]:
+        for probe in service["probes"]:
+            if probe["expect"] == "split":
+                checks.append(lambda s=service, p=probe: [check_split(s, p, settings["split_requests"])])
+            else:
+                checks.append(lambda s=service, p=probe: [check_one_version(s, p, settings["pin_requests"])])
+    return checks
+
+
+def check_refused(settings: dict) -> list:
+    """The outsider's check: no version's pods of a service with callers answer it."""
     failures = []
-    for version in settings["weights"]:
-        n = settings["pin_requests"]
-        versions, statuses = versions_of(settings["catalogdetail_url"], n, {settings["pin_header"]: version})
-        if versions[version] != n:
-            got = ", ".join(f"{v} {c}/{n}" for v, c in sorted(versions.items())) or "no answer from any version"
-            extra = statuses_text(statuses)
-            failures.append(f"pin {version}: {got}{', ' + extra if extra else ''} (expected only {version})")
+    for service in settings["services"]:
+        for version, url in service["refused_urls"].items():
+            status = get(url, timeout=settings["deny_timeout_s"])[0]
+            if status:
+                failures.append(f"{service['service']} deny {version}: {url} answered {status} to a non-caller (its policy must refuse it)")
     return failures
 
 
 def check_deny(settings: dict) -> str | None:
     if not settings["denied_url"]:
-        return None  # no network policy applied: nothing refuses it
-    status, _ = get(settings["denied_url"], timeout=settings["deny_timeout_s"])
+        return None  # no sample app, or no network policy applied: nothing refuses it
+    status = get(settings["denied_url"], timeout=settings["deny_timeout_s"])[0]
     if status and status != 403:
         return f"deny: {settings['denied_url']} answered {status} to the smoke test (its policy must refuse it)"
     return None
 
 
-def run_checks(settings: dict, resolve=None, ingress_host=None) -> list:
-    """Every check, each retried every RETRY_S until it passes or DEADLINE_S runs out (the Job starts
-    beside the app, so pods, policies and the NLB may still be on their way); the failures' lines."""
+def run_checks(settings: dict, resolve=None, ingress_host=None, outsider=None) -> list:
+    """Every check, each retried every RETRY_S until it passes or DEADLINE_S runs out (policies and the
+    NLB may still be on their way); the failures' lines. ``outsider`` reads the outsider Job's line."""
     resolve = resolve or (lambda host: {info[4][0] for info in socket.getaddrinfo(host, 80, socket.AF_INET, socket.SOCK_STREAM)})
     deadline = time.monotonic() + settings["deadline_s"]
+    if settings["role"] == "outsider":
+        checks = [lambda: check_refused(settings)]
+    else:
+        checks = []
+        if settings["ingress_service"] or settings["ingress_host"]:
+            def ingress():
+                if not settings["ingress_host"] and ingress_host:
+                    settings["ingress_host"] = ingress_host()
+                return [check_ingress(settings, resolve)]
 
-    def ingress():
-        if not settings["ingress_host"] and ingress_host:
-            settings["ingress_host"] = ingress_host()
-        return [check_ingress(settings, resolve)]
-
-    checks = [ingress, lambda: [check_app(settings)], lambda: [check_split(settings)], lambda: check_pins(settings),
-              lambda: [check_deny(settings)]]  # fmt: skip
+            checks.append(ingress)
+        if settings["products_url"]:
+            checks.append(lambda: [check_app(settings)])
+        checks += [lambda: [check_deny(settings)], *probe_checks(settings)]
+        if outsider is not None:
+            checks.append(lambda: outsider())
     failures = []
     for check in checks:
         while True:
@@ -168,16 +206,16 @@ def verdict(failures: list) -> str:
 
 def settings_from(environ) -> dict:
     return {
+        "role": environ.get("ROLE", "main"),
+        "ingress_service": environ.get("INGRESS_SERVICE", ""),
         "ingress_host": environ.get("INGRESS_HOST", ""),
         "ingress_port": int(environ.get("INGRESS_PORT", "80")),
         "deadline_s": float(environ.get("DEADLINE_S", "330")),
         "retry_s": float(environ.get("RETRY_S", "5")),
-        "products_url": environ["PRODUCTS_URL"],
-        "catalogdetail_url": environ["CATALOGDETAIL_URL"],
-        "denied_url": environ["DENIED_URL"],
+        "products_url": environ.get("PRODUCTS_URL", ""),
+        "denied_url": environ.get("DENIED_URL", ""),
         "deny_timeout_s": float(environ.get("DENY_TIMEOUT_S", "3")),
-        "weights": json.loads(environ["WEIGHTS"]),
-        "pin_header": environ["PIN_HEADER"],
+        "services": json.loads(environ.get("SERVICES", "[]")),
         "split_requests": int(environ.get("SPLIT_REQUESTS", "200")),
         "pin_requests": int(environ.get("PIN_REQUESTS", "20")),
         "timeout_s": float(environ.get("TIMEOUT_S", str(TIMEOUT_S))),
@@ -209,8 +247,21 @@ def publish(line: str, environ) -> None:
     api_request("PATCH", f"/api/v1/namespaces/{ns}/configmaps/{environ['VERDICT_CONFIGMAP']}", body)
 
 
+def outsider_line(environ) -> list:
+    """The outsider Job's failures, once it has written its line ("outsider: no line yet" until then)."""
+    with open(f"{ACCOUNT}/namespace") as namespace:
+        ns = namespace.read().strip()
+    configmap = api_request("GET", f"/api/v1/namespaces/{ns}/configmaps/{environ['VERDICT_CONFIGMAP']}")
+    line = (configmap.get("data") or {}).get(environ["OUTSIDER_KEY"])
+    if line is None:
+        return ["outsider: the non-caller's Job has written no line yet"]
+    return [] if line == "pass" else line.split("; ")
+
+
 def main() -> int:
-    line = verdict(run_checks(settings_from(os.environ), ingress_host=lambda: service_hostname(os.environ)))
+    settings = settings_from(os.environ)
+    outsider = (lambda: outsider_line(os.environ)) if settings["role"] == "main" and os.environ.get("OUTSIDER_KEY") else None
+    line = verdict(run_checks(settings, ingress_host=lambda: service_hostname(os.environ), outsider=outsider))
     print(line, flush=True)
     publish(line, os.environ)
     return 0 if line == "pass" else 1
