@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect
 import ipaddress
 import re
 import sys
@@ -42,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from urllib.parse import urlsplit
 
+from cilium_mesh.declaration import sample_service
 from cilium_mesh.manifests import (
     DATAPATHS,
     INGRESS_FILE,
@@ -51,7 +51,7 @@ from cilium_mesh.manifests import (
     load_documents,
     replaced_by_name,
 )
-from cilium_mesh.policy import load_labels, service_policies
+from cilium_mesh.policy import load_labels, service_policies, smoke_probes
 from cilium_mesh.smoke_files import smoke_documents
 from cilium_mesh.traffic import (
     CLUSTER_DOMAIN,
@@ -187,6 +187,14 @@ RULES = {
         "cluster's dns_refresh_rate; once the pod is gone its address is WORLD.",
         "coredns kubernetes plugin (ttl 5 by default); Envoy STRICT_DNS dns_refresh_rate",
     ),
+    "envoy-socket-lb": Rule(
+        "cilium-envoy's upstream connect to a ClusterIP (from the host's network namespace, with the client's "
+        "original source) is translated by the socket LB to a backend pod, which sees the client's identity. "
+        "Only a client whose egress admits world gets that far (rule dial-identity).",
+        "Cilium kube-proxy replacement, socket LB in the host namespace (bpf/bpf_sock.c; "
+        "socketLB.hostNamespaceOnly false by default)",
+        confirmed=False,
+    ),
     "declared": Rule(
         "A declared service's Service, its versions' pods and its callers' pods are the user's, not in the "
         "stack's manifests: the model places one pod per version and per caller with the declared labels in "
@@ -289,16 +297,6 @@ def _labels_text(labels) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(dict(labels).items()))
 
 
-def _smoke(services: tuple[MeshService, ...], datapath: str, sample_app: bool) -> list[dict]:
-    """The smoke test's documents as the stack applies them, its network policy on.
-
-    Until smoke_documents takes the services (the smoke test in MESH_NAMESPACE, one check per service),
-    it is the sample's one: a Job in workshop, used with the sample only."""
-    if "services" in inspect.signature(smoke_documents).parameters:
-        return smoke_documents(services, datapath, True, sample_app)
-    return smoke_documents(services[0], datapath, True) if sample_app else []
-
-
 @dataclass(frozen=True)
 class Deployed:
     """One datapath's objects as the stack applies them (or changed, to show what the model catches)."""
@@ -332,7 +330,7 @@ class Deployed:
         if isinstance(services, MeshService):
             raise TypeError("Deployed.of: services must be a sequence of MeshService, e.g. (service,)")
         services = tuple(services)
-        smoke = _smoke(services, datapath, sample_app) if documents is None or policies is None else []
+        smoke = smoke_documents(services, datapath, True, sample_app) if documents is None or policies is None else []
         if documents is None:
             documents = load_documents(*WORKLOAD_FILES, INGRESS_FILE) if sample_app else []
             documents += [d for s in services for d in s.version_services()]
@@ -367,8 +365,9 @@ class Deployed:
 
     @cached_property
     def pod_kinds(self) -> tuple[Workload, ...]:
-        """The documents' workloads, then a pod for each version, caller, rollout load, and the smoke test and its
-        outsider, where no workload's pods carry their labels in their namespace (rule "declared")."""
+        """The documents' workloads; then, where no workload's pods carry their labels in their namespace, a pod
+        for each version and caller of a service the user declares (rule "declared"; the sample's manifests run
+        the sample's, so a relabelled Deployment shows), for each rollout load, and the smoke test's two."""
         found = []
         for workload in self.workloads():
             template = workload["spec"]["template"]
@@ -383,12 +382,14 @@ class Deployed:
             if not any(w.namespace == namespace and dict(labels).items() <= dict(w.labels).items() for w in found):
                 found.append(Workload(f"{namespace}/{name}", namespace, tuple(sorted(dict(labels).items())), None))
 
-        for s in self.services:
+        users = [s for s in self.services if not (self.sample_app and s.key == sample_service().key)]
+        for s in users:
             for version, labels in s.versions.items():
                 declare(f"{s.name}-{version}", s.namespace, labels)
-        for s in self.services:
+        for s in users:
             for caller in s.callers or ():
                 declare(_labels_text(caller.labels), caller.namespace or s.namespace, caller.labels)
+        for s in self.services:
             if s.rollout is not None and s.rollout.load is not None:
                 declare(f"load-{s.name}", MESH_NAMESPACE, load_labels(s))
         declare("smoke-test", MESH_NAMESPACE, SMOKE_TEST_LABELS)
@@ -397,7 +398,10 @@ class Deployed:
 
     def find(self, namespace: str, labels) -> str:
         """The workload whose pods carry ``labels`` in ``namespace``."""
-        return next(w.name for w in self.pod_kinds if w.namespace == namespace and dict(labels).items() <= dict(w.labels).items())
+        found = next((w.name for w in self.pod_kinds if w.namespace == namespace and dict(labels).items() <= dict(w.labels).items()), None)
+        if found is None:
+            raise LookupError(f"no workload of the manifests runs pods labelled {_labels_text(labels)} in namespace {namespace}")
+        return found
 
     def pods(self, node: str) -> list[Endpoint]:
         """One pod of every workload on ``node`` (and coredns, which EKS runs), with distinct addresses."""
@@ -564,11 +568,18 @@ def _service_of_host(host: str) -> tuple[str | None, str]:
     return rest.split(".")[0] or None, name
 
 
+def _callers_in_documents(deployed: Deployed) -> list[dict]:
+    """The documents' workloads but the outsider: a copy of the smoke test's Job (its environment too) that
+    asks only what must refuse it (must_deny)."""
+    outsider = deployed.find(MESH_NAMESPACE, OUTSIDER_LABELS)
+    return [w for w in deployed.workloads() if workload_name(w) != outsider]
+
+
 def _url_calls(deployed: Deployed) -> list[tuple[str, str, int, str]]:
     """(workload, service host, port, path) of every http:// URL in a container's environment, but those the
     smoke test expects refused (DENIED_*, in must_deny)."""
     calls = []
-    for deployment in deployed.workloads():
+    for deployment in _callers_in_documents(deployed):
         for container in deployment["spec"]["template"]["spec"]["containers"]:
             for env in container.get("env", []):
                 if env["name"].startswith("DENIED_"):
@@ -589,10 +600,10 @@ class Client:
 
 
 def _example_path(pattern: str, service: MeshService, where: str) -> str:
-    """A path an L7 rule's ``pattern`` (a regular expression) admits: the service's check_path, the pattern
-    itself, or the pattern with its wildcards filled."""
+    """A path an L7 rule's ``pattern`` (a regular expression) admits: the service's check_path, or the pattern
+    as a literal with its wildcards filled."""
     filled = re.sub(r"\.\*|\.\+", lambda m: "" if m.group() == ".*" else "x", pattern).replace("\\", "")
-    for candidate in (service.check_path, pattern, filled):
+    for candidate in (service.check_path, filled):
         if re.fullmatch(pattern, candidate):
             return candidate
     raise Unmodelled(f"{where}: the model finds no path that the http rule {pattern!r} admits; give it a literal path")
@@ -607,18 +618,20 @@ def _caller_requests(service: MeshService, caller: Caller, datapath: str) -> tup
 
 
 def _clients(deployed: Deployed, service: MeshService) -> list[Client]:
-    """Who calls the service: its callers, the smoke test (GET check_path), any other workload whose URL names it
-    (GET its path), and the rollout's load (its one request, with the load header)."""
+    """Who calls the service: its callers, any other workload whose URL names it (GET its path), the smoke test
+    (its probes, each with its own headers) and the rollout's load (its one request, with the load header)."""
     requests: dict[str, list[Request]] = {}
     for caller in service.callers or ():
         requests.setdefault(deployed.find(caller.namespace or service.namespace, caller.labels), []).extend(
             _caller_requests(service, caller, deployed.datapath))
-    requests.setdefault(deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS), []).append(Request(service.pod_port, path=service.check_path))
-    declared = set(requests)
+    smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
     for workload, host, _, path in _url_calls(deployed):
-        if _service_of_host(host) == (service.namespace, service.name) and workload not in declared:
+        if _service_of_host(host) == (service.namespace, service.name) and workload not in (*requests, smoke):
             requests.setdefault(workload, []).append(Request(service.pod_port, path=path))
     clients = [Client(workload, tuple(dict.fromkeys(asked))) for workload, asked in requests.items()]
+    probes = [Request(service.pod_port, method=p.method, path=p.path, headers=tuple(sorted(p.headers.items())))
+              for p in smoke_probes(service)]  # fmt: skip
+    clients.append(Client(smoke, tuple(dict.fromkeys(probes)), any_headers=False))
     load = service.rollout.load if service.rollout is not None else None
     if load is not None:
         headers = tuple(sorted({**load.headers, LOAD_HEADER: "1"}.items()))
@@ -745,9 +758,9 @@ def paths(deployed: Deployed) -> list[Hop]:
         hops.append(Hop(f"{workload} -> DNS ({host})", workload, "direct", "kube-system/kube-dns", Request(53, "UDP", dns_name=host)))
         hops.append(Hop(f"{workload} -> DNS over TCP ({host})", workload, "direct", "kube-system/kube-dns", Request(53, "TCP", dns_name=host)))
         hops.append(Hop(f"{workload} -> {name}:{port}", workload, "direct", f"{namespace}/{name}", Request(port, path=path)))
-    for workload in deployed.workloads():
+    for workload in _callers_in_documents(deployed):
         for container in workload["spec"]["template"]["spec"]["containers"]:
-            if any(env["name"] == "INGRESS_SERVICE" for env in container.get("env", [])):
+            if any(env["name"] == "INGRESS_SERVICE" and env["value"] for env in container.get("env", [])):
                 name = workload_name(workload)
                 hops.append(Hop(f"{name} -> the NLB's addresses:80 (through a NAT gateway)", name, "direct", "world", Request(80)))
     for s in deployed.services:
@@ -758,6 +771,11 @@ def paths(deployed: Deployed) -> list[Hop]:
             for request in client.requests:
                 hops += _cec_hops(s, client.workload, request, client.any_headers)
         hops += _health_check_hops(s)
+        if s.callers is not None:  # the outsider resolves the version Services it must be refused by (must_deny)
+            outsider = deployed.find(MESH_NAMESPACE, OUTSIDER_LABELS)
+            hops += [Hop(f"{outsider} -> DNS{over} ({s.version_host(v)})", outsider, "direct", "kube-system/kube-dns",
+                         Request(53, protocol, dns_name=s.version_host(v)), service=s.key)
+                     for v in s.versions for over, protocol in (("", "UDP"), (" over TCP", "TCP"))]  # fmt: skip
     hosts = {h.target: h.service for h in hops if h.via == "cec-dns"}
     hops += [Hop(f"cilium-envoy -> DNS ({host})", "cilium-envoy", "envoy-dns", "kube-system/kube-dns",
                  Request(53, "UDP", dns_name=host), service=key) for host, key in sorted(hosts.items())]  # fmt: skip
@@ -894,6 +912,35 @@ def _redirected(outcome: Outcome, deployed: Deployed, service: MeshService) -> N
         outcome.check("declared", True, f"Service {service.key} is the user's (not in the stack's manifests)")
 
 
+def _from_envoy(outcome: Outcome, deployed: Deployed, hop: Hop, client: Endpoint, dialled: Endpoint, backend_node: str) -> None:
+    """Envoy's upstream connection for the client: its egress checked on the address dialled, then from the
+    source it binds to the pod (through the socket LB, if it dialled a ClusterIP)."""
+    identity = ipcache(dialled, CLIENT_NODE)
+    ok, saw = verdict(deployed, client, "egress", identity, hop.request)
+    if not outcome.check("dial-identity", ok, f"Envoy dials {dialled}, identity {identity}: {saw}", "denied"):
+        return
+    pods = [dialled]
+    if dialled.kind == "cluster-ip":
+        pods = deployed.backends(dialled.namespace, dialled.workload, backend_node)
+        outcome.check("envoy-socket-lb", bool(pods), f"{dialled} -> {', '.join(map(str, pods)) or 'nothing'}", "no address")
+    for pod in pods:
+        source, seen_as, rule = _source_for_envoy(deployed, hop, client, pod)
+        outcome.check(rule, True, f"source {source}, seen as {seen_as}")
+        if hop.via == "cec-dns" and pod is dialled:
+            window = COREDNS_TTL_S + deployed.mesh_service(hop.service).dns_refresh_ms / 1000
+            if pod.pre_stop_s is None:
+                outcome.check("declared", True, f"{pod.workload} must serve past {window:g} s after deletion (its preStop is the user's)")
+            else:
+                outcome.check("dns-staleness", pod.pre_stop_s > window,
+                              f"{pod.workload} serves {pod.pre_stop_s} s after deletion; Envoy may dial it for {window:g} s", "denied")  # fmt: skip
+        if hop.retry_after_timeout and source is client:
+            outcome.check("linger", deployed.linger_reset,
+                          f"{LINGER_KEY}={deployed.values.get('extraConfig', {}).get(LINGER_KEY)}", "connect fails")  # fmt: skip
+        _carried(outcome, deployed, source, pod, CLIENT_NODE)
+        ok, saw = verdict(deployed, pod, "ingress", seen_as, hop.request)
+        outcome.check("policy", ok, saw, "denied")
+
+
 def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
     """One path in one placement: the client on node a, its backend on node a or b."""
     outcome = Outcome(hop, deployed.datapath, placement)
@@ -924,24 +971,9 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
         _redirected(outcome, deployed, deployed.mesh_service(hop.service))
     for target in _targets(deployed, hop, backend_node, outcome):
         if hop.via in ("cec-eds", "cec-dns"):
-            dialled = ipcache(target, CLIENT_NODE)
-            ok, saw = verdict(deployed, client, "egress", dialled, hop.request)
-            if not outcome.check("dial-identity", ok, f"Envoy dials {target}, identity {dialled}: {saw}", "denied"):
-                continue
-            source, seen_as, rule = _source_for_envoy(deployed, hop, client, target)
-            outcome.check(rule, True, f"source {source}, seen as {seen_as}")
-            if hop.via == "cec-dns":
-                window = COREDNS_TTL_S + deployed.mesh_service(hop.service).dns_refresh_ms / 1000
-                if target.pre_stop_s is None:
-                    outcome.check("declared", True, f"{target.workload} must serve past {window:g} s after deletion (its preStop is the user's)")
-                else:
-                    outcome.check("dns-staleness", target.pre_stop_s > window,
-                                  f"{target.workload} serves {target.pre_stop_s} s after deletion; Envoy may dial it "
-                                  f"for {window:g} s", "denied")  # fmt: skip
-            if hop.retry_after_timeout and source is client:
-                outcome.check("linger", deployed.linger_reset,
-                              f"{LINGER_KEY}={deployed.values.get('extraConfig', {}).get(LINGER_KEY)}", "connect fails")  # fmt: skip
-        elif hop.via == "ingress":
+            _from_envoy(outcome, deployed, hop, client, target, backend_node)
+            continue
+        if hop.via == "ingress":
             outcome.check("policy", True, "no policy selects reserved:ingress (egress)")
             source, seen_as, rule = _source_for_envoy(deployed, hop, None, target)
             outcome.check(rule, True, f"source {source}, seen as {seen_as}")
@@ -1008,6 +1040,8 @@ def main(argv: list[str]) -> int:
         for key in (None, *(s.key for s in deployed.services)):
             mine = [o for o in outcomes if o.hop.service == key]
             refused = [o for o in denied if o.hop.service == key]
+            if not mine + refused:
+                continue
             print(f"-- {key or 'the sample app, the Ingress and the smoke test'}: {len(mine)} paths, {len(refused)} must-deny")
             for outcome in mine + refused:
                 mark = "must deny, " if outcome in refused else ""

@@ -581,10 +581,16 @@ def _loopback_addresses(names: list[str], rng: random.Random) -> dict[str, str]:
     return {name: f"{base}.{index + 1}" for index, name in enumerate(names)}
 
 
+def deployed_alone(service: MeshService, datapath: str) -> Deployed:
+    """The datapath model of a stack that meshes this service alone, as declared (its versions' pods and
+    its callers placed from the declaration, no sample app)."""
+    return Deployed.of(datapath, (service,), sample_app=False)
+
+
 def model_statuses(service: MeshService, datapath: str, deployed: Deployed | None = None) -> dict[tuple[str, str], str]:
     """What Cilium and the VPC do to each cluster kind and version of the service, by the datapath model of
-    ``deployed`` (default: the stack with this service alone, beside the sample app)."""
-    return cec_statuses(deployed or Deployed.of(datapath, (service,)), service)
+    ``deployed`` (default: the service deployed alone)."""
+    return cec_statuses(deployed or deployed_alone(service, datapath), service)
 
 
 def verdicts_line(label: str, service: MeshService, datapath: str, deployed: Deployed | None = None) -> str:
@@ -813,7 +819,7 @@ def _unrouted_request(service: MeshService) -> tuple[str, str] | None:
     return None
 
 
-def _wait_for_mirror(envoy: EnvoyProcess, service: MeshService) -> None:
+def wait_for_mirror(envoy: EnvoyProcess, service: MeshService) -> None:
     """Until the mirror's EDS cluster has no request in flight: mirrored copies are sent beside the requests
     and may still be on their way when the answer is back."""
     name = f"cluster.{service.eds_cluster(service.mirror.version)}.upstream_rq_active"
@@ -855,7 +861,7 @@ def check_service_in_envoy(service: MeshService, tag: str, statuses: dict[tuple[
         else:
             deliver("split", split_requests, *unrouted, {})
         if service.mirror is not None:
-            _wait_for_mirror(envoy, service)
+            wait_for_mirror(envoy, service)
             copies = stand_ins[service.mirror.version].mirrored
             p, n = service.mirror.percent / 100, mirrored_requests
             mirror = Delivery(f"mirror {service.mirror.percent:g}% of {n} requests ({copies} copies)", service.mirror.version, [])

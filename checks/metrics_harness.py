@@ -129,6 +129,20 @@ def scraped(service: MeshService, tag: str, faults: dict[str, Fault], datapath: 
             yield envoy, server, faults, stand_ins
 
 
+@contextmanager
+def scraped_services(services: tuple[MeshService, ...], tag: str, faults: dict[str, dict[str, Fault]],
+                     datapath: str = "eni"):  # fmt: skip
+    """One traffic harness per service, all scraped by one Prometheus evaluating the one rule file the stack
+    renders for all of them, as AMP evaluates it. ``faults``: service key -> its versions' faults.
+    Yields (the Envoys by service key, the Prometheus)."""
+    with ExitStack() as stack:
+        envoys = {s.key: stack.enter_context(running(s, tag, faults.get(s.key), datapath=datapath))[0] for s in services}
+        job = prometheus.scrape_job("cilium-envoy", [e.admin for e in envoys.values()], "/stats/prometheus", SCRAPE_INTERVAL_S)
+        server = stack.enter_context(prometheus.running([job], rule_file(services), SCRAPE_INTERVAL_S))
+        server.wait_for_scrape()
+        yield envoys, server
+
+
 # What preview prints from Prometheus after a run (one service per Prometheus): label, recorded series, format.
 RECORDED = (
     ("share", "mesh_service:share:ratio2m", "{:.1%}"),

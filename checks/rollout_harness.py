@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import io
@@ -41,6 +42,8 @@ import sys
 import tempfile
 import threading
 import time
+import subprocess
+import urllib.parse
 import urllib.request
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -51,7 +54,8 @@ from botocore.response import StreamingBody
 
 from cilium_mesh.metrics_files import rule_file
 from cilium_mesh.rollout import LAMBDA_FILES, PACKAGE_DIR
-from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutSettings, resource_properties, with_state
+from cilium_mesh.rollout_load import load_documents_of
+from cilium_mesh.rollout_plan import RESOURCE_TYPE, STATE_ANNOTATION, RolloutLoad, RolloutSettings, resource_properties, with_state
 from cilium_mesh.declaration import sample_service
 from cilium_mesh.traffic import MeshService
 from checks import prometheus
@@ -124,11 +128,13 @@ def _answering(service: str, operation: str, answer):
 
 class LiveCluster:
     """The cluster as the kubectl provider's handler sees it: its objects (shared with the dry run's
-    ready objects), changed by applies and deletes; each applied CiliumEnvoyConfig goes to ``on_apply``."""
+    ready objects), changed by applies and deletes; each applied CiliumEnvoyConfig goes to ``on_apply``,
+    each applied or deleted object of the rollout's load to ``on_load``."""
 
-    def __init__(self, modules: dict, objects: dict, base: MeshService, on_apply=None):
+    def __init__(self, modules: dict, objects: dict, base: MeshService, on_apply=None, on_load=None):
         self.modules, self.objects, self.base = modules, objects, base
         self.on_apply = on_apply or (lambda policy, state: None)
+        self.on_load = on_load or (lambda document, running: None)
         self.applied: list[tuple[float, dict[str, int], dict]] = []
         self.calls: list[Step] = []
 
@@ -138,14 +144,22 @@ class LiveCluster:
 
     def apply(self, document: dict) -> None:
         validate_object(document, CLUSTER.kubernetes_version)
+        if document["kind"] != "CiliumEnvoyConfig":  # the rollout's load: its Deployment and policy
+            self.objects[(document["kind"].lower(), document["metadata"]["name"])] = document
+            self.on_load(document, True)
+            return
         policy = policy_of(document, self.base)
         self.objects[self.key] = document
         state = json.loads(document["metadata"]["annotations"][STATE_ANNOTATION])
         self.applied.append((time.monotonic(), dict(policy.weights), state))
         self.on_apply(policy, state)
 
-    def delete(self) -> None:
-        self.objects.pop(self.key, None)
+    def delete(self, documents: list[dict]) -> None:
+        for document in documents:
+            if document["kind"] == "CiliumEnvoyConfig":
+                self.objects.pop(self.key, None)
+            elif self.objects.pop((document["kind"].lower(), document["metadata"]["name"]), None) is not None:
+                self.on_load(document, False)
 
     @property
     def live(self) -> dict:
@@ -172,7 +186,7 @@ class _LiveRecorder(Recorder):
             for document in self.step.manifests:
                 self.live.apply(document)
         elif verb == "delete":
-            self.live.delete()
+            self.live.delete(self.step.manifests)
         return output
 
 
@@ -225,9 +239,12 @@ def operate(module, event: dict, interval_s: float, max_attempts: int) -> Outcom
 
 def event(request_type: str, new: MeshService, old: MeshService | None, settings: RolloutSettings | None,
           query_url: str, request_id: str) -> dict:  # fmt: skip
-    """What CloudFormation sends the framework for the scenarios' rollout resource."""
+    """What CloudFormation sends the framework for the scenarios' rollout resource (with the load's
+    documents when the settings ask for a load, as the stack renders them)."""
     def properties(policy: MeshService) -> dict:
-        return {"ServiceToken": "<framework onEvent>", **resource_properties(CLUSTER.name, KUBECTL_HANDLER, policy.to_json(), settings, query_url)}
+        load = load_documents_of(dataclasses.replace(policy, rollout=settings), network_policy=True)
+        return {"ServiceToken": "<framework onEvent>",
+                **resource_properties(CLUSTER.name, KUBECTL_HANDLER, policy.to_json(), settings, query_url, load)}  # fmt: skip
 
     return _cloudformation_event(request_type, request_id, "TrafficRolloutC34CA7CD", properties(new),
                                  None if old is None else properties(old))  # fmt: skip
@@ -270,6 +287,7 @@ class RolloutRun:
     rollback_applies: list[dict[str, int]] = field(default_factory=list)
     live_weights: dict[str, int] = field(default_factory=dict)
     amp_failed_queries: int = 0
+    load: dict = field(default_factory=dict)
     log: list[dict] = field(default_factory=list)
 
     def as_json(self) -> dict:
@@ -289,6 +307,7 @@ class RolloutRun:
             "rollback_applies": self.rollback_applies,
             "live_weights": self.live_weights,
             "amp_failed_queries": self.amp_failed_queries,
+            "load": self.load,
             "log": self.log,
         }
 
@@ -300,13 +319,16 @@ def changes(applied: list[dict[str, int]]) -> list[dict[str, int]]:
 
 @dataclass(frozen=True)
 class Scenario:
-    """v2's fault and the step (1-based) at whose apply it begins (0: from the start); and AMP's:
-    "one 503" answers 503 to the first query sent once the first step's pause is over (the poll that
-    would pass it), "down" answers 503 to every query."""
+    """v2's fault and the step (1-based) at whose apply it begins (0: from the start); AMP's: "one 503"
+    answers 503 to the first query sent once the first step's pause is over (the poll that would pass
+    it), "down" answers 503 to every query; the callers' rate (0: a quiet service); and the rollout's
+    own load (rollout.load's rate_per_s; None: no load)."""
 
     fault: Fault = field(default_factory=Fault)
     fault_step: int = 0
     amp: str | None = None
+    callers_rate_per_s: float = RATE_PER_S
+    load_rate_per_s: float | None = None
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -316,10 +338,12 @@ SCENARIOS: dict[str, Scenario] = {
     "v2 without endpoints": Scenario(Fault("empty")),
     "AMP answers 503 once": Scenario(amp="one 503"),
     "AMP down throughout": Scenario(amp="down"),
+    "a quiet service": Scenario(callers_rate_per_s=0),
+    "a quiet service with the rollout's load": Scenario(callers_rate_per_s=0, load_rate_per_s=RATE_PER_S),
 }
-# What the suite runs: all but the step that never gets its minimum traffic, which is for
-# `python -m checks.rollout_harness`; the healthy run shows the minimum at work.
-SUITE_SCENARIOS = ("healthy v2", "v2 answers 503 on 30%", "v2 goes down at step 2", "AMP answers 503 once", "AMP down throughout")
+# What the suite runs: all but v2 without endpoints (a step that never gets its minimum traffic, as the
+# quiet service's), which is for `python -m checks.rollout_harness`.
+SUITE_SCENARIOS = tuple(name for name in SCENARIOS if name != "v2 without endpoints")
 
 
 class AmpFront:
@@ -383,7 +407,7 @@ def _harness(stack: ExitStack, name: str, tag: str) -> tuple:
     start_faults = {"v2": scenario.fault} if scenario.fault_step == 0 and scenario.fault.kind != "ok" else {}
     envoy, _, stand_ins = stack.enter_context(running(PREVIOUS, tag, start_faults, dynamic_clusters=True))
     job = prometheus.scrape_job("cilium-envoy", [envoy.admin], "/stats/prometheus", SCRAPE_INTERVAL_S)
-    server = stack.enter_context(prometheus.running([job], rule_file(TARGET), SCRAPE_INTERVAL_S, WORKSPACE_PATH))
+    server = stack.enter_context(prometheus.running([job], rule_file([TARGET]), SCRAPE_INTERVAL_S, WORKSPACE_PATH))
     return envoy, stand_ins, server
 
 
@@ -407,24 +431,30 @@ def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per
         def on_apply(policy: MeshService, state: dict) -> None:
             envoy.apply_policy(policy)
             if fault_step and state.get("step") == fault_step - 1 and not fault_at:
-                stand_ins["2"].fail(fault)
+                stand_ins["v2"].fail(fault)
                 fault_at.append(time.monotonic())
 
+        load = LoadProcesses(envoy.port)
+        stack.callback(load.stop_all)
+        if scenario.load_rate_per_s is not None:
+            settings = dataclasses.replace(settings, load=RolloutLoad(rate_per_s=scenario.load_rate_per_s))
         previous = {("ciliumenvoyconfig", PREVIOUS.cec_name): with_state(PREVIOUS.cilium_envoy_config(), {"request": "previous-deploy", "step": 0, "since": 0})}
-        cluster = LiveCluster(stack.enter_context(handler_modules()), previous, PREVIOUS, on_apply)
+        cluster = LiveCluster(stack.enter_context(handler_modules()), previous, PREVIOUS, on_apply, load.on_load)
         status = {"value": "UPDATE_IN_PROGRESS"}
         answer_aws(module, cluster, lambda: status["value"])
         stack.enter_context(_credentials())
         amp = stack.enter_context(AmpFront(f"http://{server.address}", scenario.amp, settings.pause_s))
         query_url = f"{amp.url}{WORKSPACE_PATH}/api/v1/query"
-        client = PacedClient((LOOPBACK, envoy.port), rate_per_s, PREVIOUS, {})
-        client.start()
-        stack.callback(client.stop)
+        client = PacedClient((LOOPBACK, envoy.port), scenario.callers_rate_per_s or rate_per_s, PREVIOUS, {})
+        if scenario.callers_rate_per_s:
+            client.start()
+            stack.callback(client.stop)
         outcome = operate(module, event("Update", TARGET, PREVIOUS, settings, query_url, "rollout"), interval_s, LOCAL_MAX_ATTEMPTS)
-        measured = client.stop()
+        measured = client.stop() if scenario.callers_rate_per_s else client.result
         run = RolloutRun(name, outcome, changes([weights for _, weights, _ in cluster.applied]), measured.requests,
                          measured.requests - measured.statuses[200], dict(measured.versions),
                          {str(status): count for status, count in measured.statuses.items()})  # fmt: skip
+        run.load = load.record(envoy)
         run.amp_failed_queries = amp.failed
         if outcome.status == "FAILED" and cluster.applied:
             began = fault_at[0] if fault_at else cluster.applied[0][0]
@@ -437,6 +467,47 @@ def _run_scenario(name: str, harness: tuple, settings: RolloutSettings, rate_per
         run.rollback = operate(module, rollback, interval_s, LOCAL_MAX_ATTEMPTS)
         run.rollback_applies = [weights for _, weights, _ in cluster.applied[applied_before:]]
         return run
+
+
+class LoadProcesses:
+    """The rollout's load as the cluster would run it: manifests/mesh/rollout_load.py, as a process per
+    applied Deployment with its environment, its URL pointed at the loopback Envoy; stopped on delete."""
+
+    def __init__(self, envoy_port: int):
+        self.envoy_port = envoy_port
+        self.running: dict[str, subprocess.Popen] = {}
+        self.started = self.stopped = 0
+
+    def on_load(self, document: dict, running: bool) -> None:
+        if document["kind"] != "Deployment":
+            return
+        name = document["metadata"]["name"]
+        if not running:
+            self._stop(name)
+            self.stopped += 1
+            return
+        container = document["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        path = urllib.parse.urlsplit(env["URL"]).path
+        env["URL"] = f"http://{LOOPBACK}:{self.envoy_port}{path}"
+        self.running[name] = subprocess.Popen([sys.executable, "-c", container["args"][0]], env={**os.environ, **env},
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        self.started += 1
+
+    def _stop(self, name: str) -> None:
+        process = self.running.pop(name, None)
+        if process is not None:
+            process.terminate()
+            process.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self._stop(name)
+
+    def record(self, envoy) -> dict:
+        """Started and stopped Deployments, and Envoy's count of the requests that carried the load's header."""
+        counted = sum(v for k, v in envoy.counters().items() if ".vcluster.load.upstream_rq_" in k and k.rsplit("_", 1)[-1].isdigit())
+        return {"started": self.started, "stopped": self.stopped, "still_running": len(self.running), "counted_apart": counted}
 
 
 def answer_aws(module, cluster: LiveCluster, stack_status) -> None:

@@ -76,6 +76,36 @@ def synth(tmp_path_factory) -> Synth:
     return synthesize(tmp_path_factory.mktemp("cdk.out"), datapath="chaining", alert_email="oncall@example.com", rollout=ROLLOUT)
 
 
+# examples/two-services/app.py's services as cdk.json declares them (test_example.py: the same model).
+TWO_SERVICES = [
+    {
+        "name": "payments", "namespace": "shop", "port": 80, "target_port": 8080,
+        "versions": {v: {"app": "payments", "version": v} for v in ("v1", "v2", "v3")},
+        "weights": {"v1": 80, "v2": 20},
+        "routes": [{"headers": {"x-beta": "true"}, "to": "v3"}, {"path_prefix": "/admin", "to": "v1"}],
+        "mirror": {"version": "v3", "percent": 5},
+        "callers": [{"namespace": "storefront", "labels": {"app": "checkout"}}],
+        "check_path": "/healthz",
+    },
+    {
+        "name": "inventory", "namespace": "shop", "port": 8080,
+        "versions": {"stable": {"app": "inventory", "track": "stable"}, "canary": {"app": "inventory", "track": "canary"}},
+        "weights": {"stable": 90, "canary": 10},
+        "failover": ["stable", "canary"],
+        "rollout": {"steps": [25, 100], "pause_s": 300, "load": {"rate_per_s": 2, "path": "/healthz"}},
+        "callers": [{"labels": {"app": "payments"}}],
+        "namespace_default_deny": True,
+        "check_path": "/healthz",
+    },
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def synth_services(tmp_path_factory) -> Synth:
+    """The sample off, two services of the user's own (eni, so with L7 rules), one rolled out with a load."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out.services"), sample_app=False, traffic_weights=None, services=TWO_SERVICES)
+
+
 @pytest.fixture(scope="session")
 def synth_eni(tmp_path_factory) -> Synth:
     """Datapath eni: Cilium as the only CNI (the default in cdk.json)."""

@@ -1,39 +1,70 @@
-"""The datapath model: every shipped path delivers in both datapaths, and each defect it was built for is caught."""
+"""The datapath model: every shipped path of every declared service delivers in both datapaths, every request
+the policies must refuse is refused, and each defect it was built for is caught."""
 
 import copy
 import dataclasses
 
 import pytest
 from checks.datapath import (
-    MUST_DENY,
     PLACEMENTS,
     RULES,
     Deployed,
     Unmodelled,
     cec_statuses,
     evaluate_all,
+    main,
+    must_deny,
     paths,
 )
+from cilium_mesh.declaration import services
 from cilium_mesh.manifests import DATAPATHS, NETWORK_POLICY_FILE, load_documents
-from cilium_mesh.smoke_files import smoke_documents
-from cilium_mesh.traffic import MeshService
+from cilium_mesh.traffic import Caller, MeshService
 from cilium_mesh.values import cilium_values
 
 from stacks import cdk_json_context
 from stacks.config import load_config
 
 CONFIG = load_config(cdk_json_context())
-POLICY = CONFIG.traffic_policy
+SAMPLE = CONFIG.service("workshop/catalogdetail")
+
+# Two services as a user declares them (cdk.json "services"): payments in shop, called from a third
+# namespace, with three versions, a header route and a mirror; ledger with a failover order, the
+# namespace's default deny, callers in its own namespace and in shop (payments' pods), and a rollout load.
+PAYMENTS, LEDGER = services([
+    {"name": "payments", "namespace": "shop", "port": 80, "target_port": 8080,
+     "versions": {"v1": {"app": "payments", "version": "v1"}, "v2": {"app": "payments", "version": "v2"},
+                  "v3": {"app": "payments", "version": "v3"}},
+     "weights": {"v1": 80, "v2": 20},
+     "routes": [{"headers": {"x-beta": "1"}, "to": "v3"}],
+     "mirror": {"version": "v3", "percent": 10},
+     "check_path": "/healthz",
+     "callers": [{"labels": {"app": "checkout"}, "namespace": "storefront",
+                  "http": [{"method": "GET", "path": "/healthz"}, {"method": "POST", "path": "/charges/.*"}]}]},
+    {"name": "ledger", "namespace": "books", "port": 9090,
+     "versions": {"v1": {"app": "ledger", "track": "stable"}, "v2": {"app": "ledger", "track": "canary"}},
+     "weights": {"v1": 90, "v2": 10},
+     "failover": ["v2", "v1"],
+     "namespace_default_deny": True,
+     "callers": [{"labels": {"app": "payments"}, "namespace": "shop"}, {"labels": {"app": "auditor"}}],
+     "rollout": {"steps": [50, 100], "pause_s": 300, "load": {"path": "/ready"}}},
+])  # fmt: skip
+DECLARED = (PAYMENTS, LEDGER)
+CHECKOUT = "storefront/app=checkout"  # the pods the model places for payments' caller
 
 
-def deployed(datapath: str, **changes) -> Deployed:
-    return Deployed.of(datapath, changes.pop("traffic", POLICY), CONFIG.cilium_version, **changes)
+def deployed(datapath: str, services=None, sample_app: bool = True, **changes) -> Deployed:
+    return Deployed.of(datapath, CONFIG.services if services is None else services, sample_app, CONFIG.cilium_version, **changes)
+
+
+def declared(datapath: str, **changes) -> Deployed:
+    """The two declared services without the sample app: no manifest but what their declarations render."""
+    return deployed(datapath, DECLARED, sample_app=False, **changes)
 
 
 def failing(model: Deployed) -> list[str]:
     """Every path that does not deliver, and every must-deny request that does."""
     return [o.line() for o in evaluate_all(model) if not o.delivered] + [
-        o.line() for o in evaluate_all(model, MUST_DENY) if o.delivered
+        o.line() for o in evaluate_all(model, must_deny(model)) if o.delivered
     ]
 
 
@@ -42,6 +73,11 @@ def documents_with(change) -> list[dict]:
     for document in documents:
         change(document)
     return documents
+
+
+def policies_of(datapath: str, *declarations: MeshService) -> list[dict]:
+    """The policies the stack would apply for these declarations (without the sample app)."""
+    return list(deployed(datapath, declarations, sample_app=False).policies)
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -54,13 +90,15 @@ def test_every_shipped_path_delivers_and_every_must_deny_request_is_denied(datap
     assert failing(model) == []
     hops = paths(model)
     one_placement = sum(1 for h in hops if h.via in ("probe", "nlb"))
-    assert len(outcomes) == 2 * (len(hops) - one_placement) + one_placement == 85  # the smoke test's 18 paths included
-    assert {o.hop.client for o in outcomes} >= {"smoke-test", "productcatalog", "frontend", "ingress", "world"}
+    # Under eni productcatalog asks both requests its L7 rules allow (GET /catalogDetail, GET /ping).
+    assert len(outcomes) == 2 * (len(hops) - one_placement) + one_placement == {"chaining": 93, "eni": 117}[datapath]
+    assert {o.hop.client for o in outcomes} >= {"smoke-test", "smoke-test-outsider", "productcatalog", "frontend", "ingress", "world"}
+    assert {o.hop.client for o in evaluate_all(model, must_deny(model))} >= {"smoke-test-outsider", "frontend", "productcatalog"}
 
 
 def test_every_step_names_a_rule_with_its_source():
-    for datapath in DATAPATHS:
-        for outcome in evaluate_all(deployed(datapath)) + evaluate_all(deployed(datapath), MUST_DENY):
+    for model in [deployed(datapath) for datapath in DATAPATHS] + [declared(datapath) for datapath in DATAPATHS]:
+        for outcome in evaluate_all(model) + evaluate_all(model, must_deny(model)):
             assert {rule for rule, _, _ in outcome.steps} <= RULES.keys()
     assert all(rule.says and rule.source for rule in RULES.values())
 
@@ -81,12 +119,13 @@ def test_a_version_service_with_a_cluster_ip_again_is_denied_as_world(datapath, 
     assert any(f"(split, catalogdetail{version})" in line for line in broken)
     assert any(f"(failover, catalogdetail{version})" in line for line in broken)
     assert not any("route pin-" in line for line in broken)
-    assert cec_statuses(model)[("dns", version)] == "denied" and cec_statuses(model)[("eds", version)] == "delivered"
+    statuses = cec_statuses(model, SAMPLE)
+    assert statuses[("dns", version)] == "denied" and statuses[("eds", version)] == "delivered"
 
 
 def test_both_version_services_with_cluster_ips_deny_every_split_request():
     model = deployed("eni").with_cluster_ip_version_services()
-    assert {k: v for k, v in cec_statuses(model).items() if v != "delivered"} == {("dns", "v1"): "denied", ("dns", "v2"): "denied"}
+    assert {k: v for k, v in cec_statuses(model, SAMPLE).items() if v != "delivered"} == {("dns", "v1"): "denied", ("dns", "v2"): "denied"}
 
 
 def test_chaining_without_masquerading_cannot_reach_a_frontend_on_another_node():
@@ -106,9 +145,9 @@ def test_chaining_masquerades_only_to_outside_the_pool_and_frontend_must_admit_t
     assert [line.split("  <-")[0] for line in failing(deployed("chaining", values=values))] == [
         "Ingress -> frontend:9000 [chaining, other node]: dropped"
     ]
-    smoke = [d for d in smoke_documents(POLICY, "chaining", True) if d["kind"] == "CiliumNetworkPolicy"]
-    shared_frontend = load_documents(NETWORK_POLICY_FILE) + smoke  # frontend without remote-node
-    assert [line.split("  <-")[0] for line in failing(deployed("chaining", policies=shared_frontend))] == [
+    (shared_frontend,) = [p for p in load_documents(NETWORK_POLICY_FILE) if p["metadata"]["name"] == "frontend"]  # without remote-node
+    policies = [shared_frontend if p["metadata"]["name"] == "frontend" else p for p in deployed("chaining").policies]
+    assert [line.split("  <-")[0] for line in failing(deployed("chaining", policies=policies))] == [
         "Ingress -> frontend:9000 [chaining, other node]: denied"
     ]
 
@@ -117,7 +156,7 @@ def test_l7_rules_fail_with_chaining():
     """Chained Cilium enforces no L7 rule: the model refuses to count on one."""
     eni_policies = list(deployed("eni").policies)
     broken = [line for line in failing(deployed("chaining", policies=eni_policies)) if "Ingress ->" not in line]
-    assert len(broken) == 68 and all("Cilium chained onto the VPC CNI does not enforce" in line for line in broken)
+    assert len(broken) == 56 and all("Cilium chained onto the VPC CNI does not enforce" in line for line in broken)
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -144,11 +183,14 @@ def test_removing_any_policy_rule_or_peer_or_port_is_caught(datapath):
                         del rules[number][what][which]
                     if not failing(deployed(datapath, policies=changed)):
                         uncaught.append((policy["metadata"]["name"], direction, number, what))
-    # The smoke test's egress to frontend exists so that its deny check tests frontend's own policy, and the
-    # model has no API server to write the verdict to: cutting either is caught by no path here.
-    smoke_only = [("smoke-test", "egress", n, what) for n, whats in ((3, ("rule", "toEndpoints", "port")),
-                                                                    (4, ("rule", "toEntities", "port"))) for what in whats]  # fmt: skip
-    assert uncaught == [("default-deny", "ingress", 0, "rule"), ("default-deny", "egress", 0, "rule"), *smoke_only]
+    # The smoke test's egress to frontend, and the outsider's to the services, exist so that their deny checks
+    # test the refusing side's own policy (a request refused on its way out proves nothing), and the model has
+    # no API server to write the verdicts to: cutting any of these is caught by no path here.
+    api_server = [(name, "egress", 1, what) for name in ("smoke-test", "smoke-test-outsider") for what in ("rule", "toEntities", "port")]
+    to_frontend = [("smoke-test-sample", "egress", 2, what) for what in ("rule", "toEndpoints", "port")]
+    outsider_out = [("smoke-test-outsider-to-services", "egress", 0, what) for what in ("rule", "toEndpoints", "toEndpoints", "port")]
+    assert sorted(uncaught) == sorted([("default-deny", "ingress", 0, "rule"), ("default-deny", "egress", 0, "rule"),
+                                       *api_server, *to_frontend, *outsider_out])  # fmt: skip
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -164,11 +206,12 @@ def test_relabelling_a_version_is_caught(datapath, label, value):
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_a_retry_after_a_timeout_needs_the_upstream_linger_reset(datapath):
-    """Across nodes the retry reuses productcatalog's address and port (item 3)."""
+    """Across nodes the retry reuses the caller's address and port (item 3)."""
     values = cilium_values("api.example", datapath, "cilium-mesh", CONFIG.cilium_version)
     del values["extraConfig"]
-    broken = failing(deployed(datapath, values=values))
-    assert broken and all("retry after a per-try timeout" in line and "other node]: connect fails" in line for line in broken)
+    for model in (deployed(datapath, values=values), declared(datapath, values=values)):
+        broken = failing(model)
+        assert broken and all("retry after a per-try timeout" in line and "other node]: connect fails" in line for line in broken)
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -182,8 +225,8 @@ def test_a_deleted_pod_must_outlive_the_dns_staleness_window(datapath):
 
     broken = failing(deployed(datapath, documents=documents_with(no_pre_stop)))
     assert broken and all("catalogdetailv1" in line and "dns-staleness" in line for line in broken)
-    slower = dataclasses.replace(POLICY, dns_refresh_ms=15000)
-    assert any("dns-staleness" in line for line in failing(deployed(datapath, traffic=slower)))
+    slower = dataclasses.replace(SAMPLE, dns_refresh_ms=15000)
+    assert any("dns-staleness" in line for line in failing(deployed(datapath, (slower,))))
 
 
 @pytest.mark.parametrize(("key", "value"), [
@@ -207,11 +250,11 @@ def test_cilium_envoy_must_use_cluster_dns():
 
 
 def test_same_node_requests_carry_productcatalogs_identity_not_the_hosts():
-    """catalogdetail's host peer is for probes only: through the traffic policy Envoy's mark carries
+    """catalogdetail's host peer is for probes only: through the CiliumEnvoyConfig Envoy's mark carries
     productcatalog's identity even on its own node (item 4)."""
     changed = copy.deepcopy(list(deployed("eni").policies))
-    catalogdetail = next(p for p in changed if p["metadata"]["name"] == "catalogdetail")
-    catalogdetail["spec"]["ingress"] = [r for r in catalogdetail["spec"]["ingress"] if "fromEntities" not in r]
+    for policy in (p for p in changed if p["metadata"]["name"].startswith("mesh-catalogdetail-")):
+        policy["spec"]["ingress"] = [r for r in policy["spec"]["ingress"] if "fromEntities" not in r]
     broken = failing(deployed("eni", policies=changed))
     assert broken and all(line.startswith("kubelet -> catalogdetail") for line in broken)
 
@@ -227,8 +270,8 @@ class _WithHealthChecks(MeshService):
 
 def test_active_health_checks_would_come_from_the_node():
     """If added, they have no downstream connection: seen as remote-node across nodes, which nothing allows."""
-    policy = _WithHealthChecks(**{f.name: getattr(POLICY, f.name) for f in dataclasses.fields(POLICY)})
-    broken = failing(deployed("eni", traffic=policy))
+    policy = _WithHealthChecks(**{f.name: getattr(SAMPLE, f.name) for f in dataclasses.fields(SAMPLE)})
+    broken = failing(deployed("eni", (policy,)))
     assert broken and all("active health check" in line and "other node]: denied" in line and "remote-node" in line for line in broken)
 
 
@@ -246,4 +289,104 @@ def test_a_policy_field_the_model_does_not_evaluate_is_refused(change):
 
 
 def test_the_harness_gets_the_models_verdicts():
-    assert cec_statuses(deployed("eni")) == {(kind, v): "delivered" for kind in ("eds", "dns") for v in POLICY.versions}
+    assert cec_statuses(deployed("eni"), SAMPLE) == {(kind, v): "delivered" for kind in ("eds", "dns") for v in SAMPLE.versions}
+
+
+# --- Declared services -------------------------------------------------------------------------
+
+
+def _cec_outcomes(model: Deployed, service: MeshService) -> list:
+    return [o for o in evaluate_all(model) if o.hop.service == service.key and o.hop.via.startswith("cec-")]
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_declared_services_deliver_every_path_and_refuse_every_must_deny_request(datapath):
+    """Two services with no manifest here: the model places their pods from the declarations alone."""
+    model = declared(datapath)
+    assert {d["kind"] for d in model.documents} == {"Service", "Job"}  # version Services, the smoke test's Jobs
+    assert failing(model) == []
+    payments, ledger = _cec_outcomes(model, PAYMENTS), _cec_outcomes(model, LEDGER)
+    assert {o.hop.client for o in payments} == {CHECKOUT, "smoke-test"}
+    assert {o.hop.client for o in ledger} == {"shop/payments-v1", "books/app=auditor", "smoke-test", "cilium-mesh/load-ledger"}
+    names = [o.hop.name for o in payments + ledger]
+    # The header route to v3, the split over v1 and v2 with failover to each other, the mirror to v3.
+    assert any(n.startswith(f"{CHECKOUT} -> payments (GET /healthz): route route-0-retried-get, cluster shop/paymentsv3") for n in names)
+    assert any("route split-retried-get, cluster payments-v1 priority 1 (failover, paymentsv2)" in n for n in names)
+    assert any("route split-retried-get, mirror, cluster shop/paymentsv3" in n for n in names)
+    # Under eni the caller asks what its L7 rules allow: POST is not retried, so it takes the routes without retries.
+    assert any(n.startswith(f"{CHECKOUT} -> payments (POST /charges/): route split,") for n in names) == (datapath == "eni")
+    # ledger fails over in the declared order; its load takes the one route its request matches.
+    assert any("cluster ledger-v1 priority 1 (failover, ledgerv2)" in n for n in names)
+    assert {n.split(": route ")[1].split(",")[0] for n in names if n.startswith("cilium-mesh/load-ledger")} == {"split-retried-get"}
+    probes = {o.hop.name for o in evaluate_all(model) if o.hop.via == "probe"}
+    assert probes == {f"kubelet -> {s.namespace}/{s.name}-{v} probe on {s.pod_port}" for s in DECLARED for v in s.versions}
+    refused = evaluate_all(model, must_deny(model))
+    assert {o.hop.client for o in refused} == {"smoke-test-outsider", *((CHECKOUT, "smoke-test") if datapath == "eni" else ())}
+    assert {o.hop.target for o in refused if o.hop.via == "direct"} == {
+        f"{s.namespace}/{s.version_service(v)}" for s in DECLARED for v in s.versions}  # fmt: skip
+    if datapath == "eni":
+        assert any(o.hop.name.startswith(f"{CHECKOUT} -> paymentsv1: DELETE /healthz") for o in refused)
+    assert cec_statuses(model, PAYMENTS) == {("eds", "v3"): "delivered", ("dns", "v1"): "delivered", ("dns", "v2"): "delivered"}
+    assert set(cec_statuses(model, LEDGER).values()) == {"delivered"}
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_declared_services_deliver_beside_the_sample(datapath):
+    model = deployed(datapath, (*CONFIG.services, *DECLARED))
+    assert failing(model) == []
+    assert {o.hop.service for o in evaluate_all(model)} == {None, SAMPLE.key, PAYMENTS.key, LEDGER.key}
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_a_caller_dropped_from_the_declaration_is_refused(datapath):
+    """The policy follows the declaration: checkout, no longer declared, is refused on every path."""
+    alone = dataclasses.replace(PAYMENTS, callers=(Caller(labels={"app": "someone-else"}),))
+    broken = failing(declared(datapath, policies=policies_of(datapath, alone, LEDGER)))
+    assert broken and all(line.startswith(f"{CHECKOUT} -> payments") and ": denied  <- policy: no ingress rule" in line for line in broken)
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_a_declared_services_version_services_with_cluster_ips_are_denied_as_world(datapath):
+    """Envoy checks a caller's egress on the ClusterIP it dials: world. ledger's callers with an egress policy
+    (auditor under the namespace's default deny, the smoke test) are refused; payments' pods have none, so the
+    socket LB would take theirs to a pod (rule "envoy-socket-lb", on trust)."""
+    model = declared(datapath).with_cluster_ip_version_services(LEDGER)
+    broken = failing(model)
+    assert broken and all(" -> ledger (" in line and "identity world" in line and ": denied" in line for line in broken)
+    assert {line.split(" -> ")[0] for line in broken} == {"books/app=auditor", "smoke-test"}
+    assert cec_statuses(model, LEDGER) == {("dns", "v1"): "denied", ("dns", "v2"): "denied"}
+    assert set(cec_statuses(model, PAYMENTS).values()) == {"delivered"}
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_envoy_enforces_a_callers_egress_under_namespace_default_deny(datapath):
+    """With ledger's namespace default deny, auditor's own egress to ledger's pods is what Envoy checks on the
+    pod it dials: without it every request is refused before it leaves (403 before connect)."""
+    policies = [p for p in declared(datapath).policies if p["metadata"]["name"] != "mesh-ledger-caller-1"]
+    broken = failing(declared(datapath, policies=policies))
+    assert broken and all(line.startswith("books/app=auditor -> ledger") and "dial-identity" in line for line in broken)
+
+
+def test_a_caller_without_l7_rules_lets_a_refused_method_through_under_eni():
+    """Under eni a caller's http rules are its L7 rules: without them DELETE reaches payments."""
+    any_request = dataclasses.replace(PAYMENTS, callers=(dataclasses.replace(PAYMENTS.callers[0], http=()),))
+    broken = failing(declared("eni", policies=policies_of("eni", any_request, LEDGER)))
+    assert broken and all(line.startswith(f"{CHECKOUT} -> payments") and "DELETE /healthz" in line and ": delivered" in line for line in broken)
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_the_outsider_admitted_as_a_caller_is_caught(datapath):
+    """The smoke test's outsider must be refused by every service with callers."""
+    admitting = dataclasses.replace(LEDGER, callers=(*LEDGER.callers, Caller(labels={"app": "smoke-test-outsider"}, namespace="cilium-mesh")))
+    broken = failing(declared(datapath, policies=policies_of(datapath, PAYMENTS, admitting)))
+    assert broken and all(line.startswith("smoke-test-outsider -> ledger") and ": delivered" in line for line in broken)
+
+
+def test_the_module_prints_every_path_of_every_service(capsys):
+    assert main([]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    for datapath in DATAPATHS:
+        model = deployed(datapath)
+        lines = {o.line() for o in evaluate_all(model) + evaluate_all(model, must_deny(model))}
+        assert lines <= {line.strip().removeprefix("must deny, ") for line in printed}
+    assert f"-- {SAMPLE.key}: " in "\n".join(printed)

@@ -7,30 +7,55 @@ import json
 import math
 import re
 import shutil
+import time
 
 import pytest
 import yaml
 from cilium_mesh import MeshService
+from cilium_mesh.declaration import MAX_SERVICES, sample_service
 from cilium_mesh.manifests import CILIUM_VALUES_FILE, load_documents
 from cilium_mesh.metrics_files import (
+    AMP_RULE_FILE_MAX_BYTES,
+    AMP_RULES_PER_WORKSPACE,
     DASHBOARD_FILE,
     METRICS_PORTS,
-    RULES_FILE,
     RULES_NAMESPACE,
     SCRAPE_CONFIG_FILE,
     SCRAPER_RBAC_FILE,
+    RuleFileError,
     rule_file,
+    rule_file_usage,
 )
-from cilium_mesh.smoke_files import SMOKE_TEST_FILE
+from cilium_mesh.smoke_files import smoke_documents
+from cilium_mesh.traffic import LOAD_HEADER
 from conftest import CONTEXT, ROOT, manifest_documents, resolve_join, synth_of
 from checks.cilium_envoy import build_for
-from checks.envoy_harness import LOOPBACK, running, send
-from checks.metrics_harness import ALERT_BOUND_S, SCENARIOS, dashboard_queries
+from checks.envoy_harness import LOOPBACK, Fault, running, send
+from checks.metrics_harness import (
+    ALERT_BOUND_S,
+    SCENARIOS,
+    dashboard_queries,
+    dashboard_variables,
+    scraped_services,
+    variable_queries,
+)
 from checks import amp_api
 from checks.prometheus import amtool, promtool
 
 RULES_TEST_FILE = ROOT / "tests" / "metrics" / "rules_test.yaml"
-POLICY = MeshService(weights={"v1": 50, "v2": 50})
+SAMPLE = sample_service()
+
+
+def two_versions(name: str, namespace: str, port: int = 8080, weights: dict | None = None) -> MeshService:
+    return MeshService(name=name, namespace=namespace, port=port, weights=weights,
+                       versions={v: {"app": name, "version": v} for v in ("v1", "v2")})  # fmt: skip
+
+
+# The second service of the promtool unit tests (tests/metrics/rules_test.yaml): another namespace, another split.
+PAYMENTS = two_versions("payments", "shop", weights={"v1": 90, "v2": 10})
+UNIT_TESTED = (SAMPLE, PAYMENTS)
+# A service whose name begins the sample's, in its namespace: the closest names the rules must tell apart.
+CATALOG = two_versions("catalog", "workshop")
 TAG = build_for(CONTEXT["cilium_version"]).tag
 # Labels the collector adds to every series (scrape-config.yaml): the job, and node and pod by relabelling.
 SCRAPE_LABELS = {"job", "node", "pod"}
@@ -44,8 +69,8 @@ HUBBLE_METRIC_OPTION = {"hubble_http_requests_total": "httpV2", "hubble_http_req
                         "hubble_drop_total": "drop"}  # fmt: skip
 
 
-def rendered_rules(tmp_path, policy=POLICY):
-    (tmp_path / "rules.yaml").write_text(rule_file(policy))
+def rendered_rules(tmp_path, services=UNIT_TESTED):
+    (tmp_path / "rules.yaml").write_text(rule_file(services))
     return tmp_path / "rules.yaml"
 
 
@@ -57,9 +82,13 @@ def test_scrape_configuration_passes_promtool():
 
 @pytest.mark.prometheus
 def test_rule_file_passes_promtool(tmp_path):
-    result = promtool("check", "rules", str(rendered_rules(tmp_path)))
+    """What promtool counts is what the AMP quota check counts."""
+    path = rendered_rules(tmp_path)
+    result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 21 rules found" in result.stdout  # 19 in rules.yaml, one weight per version
+    # Per service 15 rules of service-rules.yaml and a weight per version; 5 over the namespaces.
+    assert rule_file_usage(path.read_text()) == (path.stat().st_size, 2 * (15 + 2) + 5)
+    assert f"SUCCESS: {2 * (15 + 2) + 5} rules found" in result.stdout
 
 
 @pytest.mark.prometheus
@@ -70,32 +99,96 @@ def test_rules_unit_tests_pass_with_promtool(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_the_policy_drop_alert_leaves_out_exactly_the_smoke_tests_own_pod():
-    """The alert's exception names the namespace and app label the smoke test's pod carries: Hubble's
-    source_app is the pod's app label, as no app.kubernetes.io/name or k8s-app label takes precedence."""
-    (job,) = [d for d in load_documents(SMOKE_TEST_FILE) if d["kind"] == "Job"]
-    labels = job["spec"]["template"]["metadata"]["labels"]
-    assert not {"app.kubernetes.io/name", "k8s-app"} & set(labels)
-    (rules,) = load_documents(RULES_FILE)
-    (alert,) = [r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "WorkshopPolicyDrops"]
-    assert f'{{source_namespace="{job["metadata"]["namespace"]}", source_app="{labels["app"]}"}}' in alert["expr"]
+def test_the_policy_drop_alert_leaves_out_exactly_the_smoke_tests_own_pods():
+    """The alert's exception names the namespace and app labels the smoke test's two pods carry (the main
+    one and the outsider): Hubble's source_app is the pod's app label, as no app.kubernetes.io/name or
+    k8s-app label takes precedence."""
+    jobs = [d for d in smoke_documents(UNIT_TESTED, "eni", True, True) if d["kind"] == "Job"]
+    pods = set()
+    for job in jobs:
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert not {"app.kubernetes.io/name", "k8s-app"} & set(labels)
+        pods.add((job["metadata"]["namespace"], labels["app"]))
+    assert len(pods) == 2
+    (alert,) = [r for g in yaml.safe_load(rule_file(UNIT_TESTED))["groups"] for r in g["rules"]
+                if r.get("alert") == "MeshNamespacePolicyDrops"]  # fmt: skip
+    namespace, apps = re.search(r'\{source_namespace="([^"]+)", source_app=~"([^"]+)"\}', alert["expr"]).groups()
+    assert {(namespace, app) for app in apps.split("|")} == pods
+
+
+# Each a rule broken as a mistake would break it, and the unit test that notices.
+BROKEN_RULES = {
+    "the error budget raised from 5% to 50% lets 30% pass": (
+        "> 0.05", "> 0.5", "alertname: MeshServiceErrorBudgetExceeded"),
+    "the outsider no longer left out: its refusals at every deploy fire": (
+        'source_app=~"smoke-test|smoke-test-outsider"', 'source_app=~"smoke-test"', "alertname: MeshNamespacePolicyDrops"),
+    "catalogdetail's failures read without its selector: payments' errors move catalogdetail's": (
+        'mesh_service:attempts_failed:rate2m{namespace="workshop", service="catalogdetail"}',
+        "mesh_service:attempts_failed:rate2m", 'expr: "mesh_service:errors:ratio2m"'),
+}  # fmt: skip
 
 
 @pytest.mark.prometheus
-def test_rules_unit_tests_fail_when_an_alert_breaks(tmp_path):
-    """The unit tests notice a broken rule: the error budget raised from 5% to 50% lets 30% pass."""
-    text = rule_file(POLICY).replace("catalogdetail:errors:ratio2m > 0.05", "catalogdetail:errors:ratio2m > 0.5")
-    (tmp_path / "rules.yaml").write_text(text)
+@pytest.mark.parametrize("broken", BROKEN_RULES)
+def test_rules_unit_tests_fail_when_a_rule_breaks(tmp_path, broken):
+    text, replacement, noticed_by = BROKEN_RULES[broken]
+    rules = rule_file(UNIT_TESTED)
+    assert text in rules
+    (tmp_path / "rules.yaml").write_text(rules.replace(text, replacement))
     shutil.copy(RULES_TEST_FILE, tmp_path / "rules_test.yaml")
     result = promtool("test", "rules", "rules_test.yaml", cwd=tmp_path)
     assert result.returncode != 0
-    assert "alertname: CatalogdetailErrorBudgetExceeded" in result.stdout + result.stderr
+    assert noticed_by in result.stdout + result.stderr
 
 
-def test_weights_group_follows_the_traffic_policy():
-    groups = {g["name"]: g for g in yaml.safe_load(rule_file(MeshService(weights={"v1": 90, "v2": 10})))["groups"]}
-    weights = {r["labels"]["version"]: r["expr"] for r in groups["catalogdetail-weights"]["rules"]}
-    assert weights == {"v1": "vector(0.9)", "v2": "vector(0.1)"}
+def test_each_service_records_its_own_configured_weights():
+    groups = yaml.safe_load(rule_file((SAMPLE.with_weights({"v1": 70, "v2": 30}), PAYMENTS)))["groups"]
+    weights = {(r["labels"]["service"], r["labels"]["version"]): r["expr"]
+               for g in groups for r in g["rules"] if r.get("record") == "mesh_service:weight:ratio"}  # fmt: skip
+    assert weights == {("catalogdetail", "v1"): "vector(0.7)", ("catalogdetail", "v2"): "vector(0.3)",
+                       ("payments", "v1"): "vector(0.9)", ("payments", "v2"): "vector(0.1)"}  # fmt: skip
+
+
+def test_every_rule_of_a_service_carries_its_namespace_and_name():
+    """The generic series and alerts of any number of services are told apart by these two labels alone."""
+    groups = yaml.safe_load(rule_file(UNIT_TESTED))["groups"]
+    assert [g["name"] for g in groups] == ["workshop/catalogdetail", "shop/payments", "mesh-namespaces"]
+    for service, group in zip(UNIT_TESTED, groups):
+        for rule in group["rules"]:
+            assert rule.get("record", "mesh_service:").startswith("mesh_service:")
+            assert (rule["labels"]["namespace"], rule["labels"]["service"]) == (service.namespace, service.name)
+    namespaces = groups[-1]["rules"][0]["expr"]
+    assert 'destination_namespace=~"shop|workshop"' in namespaces
+
+
+def many_services(count: int, versions: int, long_names: bool) -> list[MeshService]:
+    """Distinct services; with long_names, the longest names a declaration allows (a DNS label of 63 for the
+    namespace, and the name plus its longest version within 63)."""
+    names = [f"s{i:03d}".ljust(60 if long_names else 4, "x") for i in range(count)]
+    return [MeshService(name=name, namespace=name.ljust(63, "n") if long_names else "apps", port=8080,
+                        versions={f"v{j}": {"app": name, "version": f"v{j}"} for j in range(1, versions + 1)})
+            for name in names]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("services", "quota"),
+    [(many_services(90, 2, long_names=True), "-byte rule groups namespace (quota L-C62641E3)"),
+     (many_services(60, 20, long_names=False), "rules per workspace (quota L-3D15CDB4, adjustable)")],
+    ids=["over the namespace's size", "over the workspace's rules"],
+)  # fmt: skip
+def test_the_rule_file_refuses_what_amp_would_refuse(services, quota):
+    """At synth, one line naming the quota, rather than a failed deploy."""
+    with pytest.raises(RuleFileError) as refused:
+        rule_file(services)
+    message = str(refused.value)
+    assert "\n" not in message and quota in message and f"for {len(services)} services" in message
+
+
+def test_the_most_services_a_deploy_carries_fit_in_amp():
+    """declaration.MAX_SERVICES promises AMP's quotas: that many services of two versions, with the longest
+    names, fit in the rule groups namespace and the workspace's rules."""
+    size, rules = rule_file_usage(rule_file(many_services(MAX_SERVICES, 2, long_names=True)))
+    assert size <= AMP_RULE_FILE_MAX_BYTES and rules <= AMP_RULES_PER_WORKSPACE
 
 
 def input_series() -> list[tuple[str, set[str]]]:
@@ -110,8 +203,8 @@ def input_series() -> list[tuple[str, set[str]]]:
 
 @pytest.mark.envoy
 def test_envoy_input_series_are_shaped_like_the_real_envoys():
-    """Names and labels exactly as the real Envoy exposes them for the policy's clusters."""
-    with running(POLICY, TAG) as (envoy, _, _):
+    """Names and labels exactly as the real Envoy exposes them for the service's clusters, listener and route."""
+    with running(SAMPLE, TAG) as (envoy, _, _):
         send((LOOPBACK, envoy.port), 50)
         envoy.get(envoy.admin, "/stats/prometheus")  # histograms are flushed on an interval
         exposed = envoy.get(envoy.admin, "/stats/prometheus")
@@ -126,6 +219,7 @@ def test_envoy_input_series_are_shaped_like_the_real_envoys():
         assert labels - SCRAPE_LABELS in real.get(name, []), f"{name} with {sorted(labels - SCRAPE_LABELS)} not exposed"
     assert 'envoy_endpoint_hostname="catalogdetailv1.workshop.svc.cluster.local"' in exposed
     assert 'envoy_cluster_name="workshop/catalogdetail-traffic/catalogdetail-v2"' in exposed
+    assert 'envoy_virtual_cluster="load",envoy_virtual_host="workshop/catalogdetail-traffic/catalogdetail"' in exposed
 
 
 def test_hubble_input_series_carry_the_configured_context_labels():
@@ -165,7 +259,7 @@ def test_stack_stores_metrics_in_amp_with_the_files(request, datapath):
     assert {s["Ref"] for s in source["SubnetIds"]} == {f"{i}" for i in private}
     rules = synth.resource(metrics.rules)["Properties"]
     assert rules["Name"] == RULES_NAMESPACE
-    assert rules["Data"] == rule_file(synth.stack.config.traffic_policy)
+    assert rules["Data"] == rule_file(synth.stack.config.services)
     assert not synth.resources("AWS::Grafana::Workspace")
 
 
@@ -236,6 +330,7 @@ def test_alerts_go_to_an_encrypted_topic_only_amp_of_this_workspace_may_publish_
     alertmanager = yaml.safe_load(definition["alertmanager_config"])
     (receiver,) = alertmanager["receivers"]
     assert alertmanager["route"]["receiver"] == receiver["name"]
+    assert {"namespace", "service"} <= set(alertmanager["route"]["group_by"]), "two services' alerts are notified apart"
     (sns,) = receiver["sns_configs"]
     assert sns["sigv4"] == {"region": CONTEXT["region"]} and sns["topic_arn"] == "<TOKEN>"
     (policy,) = synth_eni.resources("AWS::SNS::TopicPolicy").values()
@@ -284,11 +379,29 @@ def test_nothing_fires_while_healthy(alert_observations):
 
 def test_recorded_share_is_within_the_measured_splits_interval(alert_observations):
     observed = alert_observations["healthy"]
-    recorded = {r["metric"]["version"]: r["value"] for r in observed["recorded"]["catalogdetail:share:ratio2m"]}
+    recorded = {r["metric"]["version"]: r["value"] for r in observed["recorded"]["mesh_service:share:ratio2m"]}
     assert set(recorded) == {"v1", "v2"}
     for version, share in recorded.items():
         low, high = observed["intervals"][version]
         assert low <= share <= high, f"{version}: recorded {share:.4f}, measured 95% interval [{low:.4f}, {high:.4f}]"
+
+
+@pytest.mark.envoy
+@pytest.mark.prometheus
+def test_two_services_are_judged_apart_in_one_prometheus():
+    """The sample and catalog (whose name begins the sample's, in its namespace), each in its own Envoy,
+    scraped by one Prometheus with the one rule file for both: catalog's v2 answers 503 on half its
+    requests and the sample alone gets the rollout's load; each service's series show its own traffic only."""
+    with scraped_services((SAMPLE, CATALOG), TAG, {CATALOG.key: {"v2": Fault("errors", 0.5)}}) as (envoys, server):
+        send((LOOPBACK, envoys[SAMPLE.key].port), 60, {LOAD_HEADER: "1"}, SAMPLE.check_path)
+        send((LOOPBACK, envoys[CATALOG.key].port), 60, path=CATALOG.check_path)
+        server.wait_for_evaluation_after(time.time())
+        errors = {(r["metric"]["service"], r["metric"]["version"]): r["value"] for r in server.query("mesh_service:errors:ratio2m")}
+        load = {r["metric"]["service"]: r["value"] for r in server.query("mesh_service:load_requests:rate2m")}
+        assert server.rule_health() == []
+    assert errors[("catalogdetail", "v1")] == errors[("catalogdetail", "v2")] == 0, errors
+    assert errors[("catalog", "v2")] > 0.05 and errors[("catalog", "v1")] == 0, errors
+    assert load["catalogdetail"] > 0 and load["catalog"] == 0, load
 
 
 def test_rules_evaluate_without_errors(alert_observations):
@@ -296,24 +409,46 @@ def test_rules_evaluate_without_errors(alert_observations):
 
 
 def test_every_dashboard_query_is_evaluated_and_the_envoy_ones_return_data(alert_observations):
-    queries = dashboard_queries()
+    """Each panel's query as Grafana sends it with the sample chosen."""
+    queries = dashboard_queries(SAMPLE)
     assert len(queries) == len(set(queries)) >= 10
     for expr in queries:
         results = [o["recorded"][expr] for o in alert_observations.values()]
-        if expr.startswith("workshop:"):
+        if expr.startswith("mesh_namespace:"):
             continue  # Hubble's: no cluster here (README); their rules are unit-tested above
         assert any(results), f"{expr}: no data in any scenario"
 
 
-def test_dashboard_is_importable_with_the_amp_data_source():
+def test_the_dashboards_variables_offer_the_service(alert_observations):
+    """Grafana lists the choices of $namespace, then $service, from the recorded weights (there with or
+    without traffic): the harness's Prometheus offers exactly the sample's."""
+    recorded = alert_observations["healthy"]["recorded"]
+    variables = dashboard_variables(SAMPLE)
+    for name, (selector, label) in variable_queries(SAMPLE).items():
+        assert {r["metric"][label] for r in recorded[selector]} == {variables[name]}, name
+
+
+def test_dashboard_is_importable_with_the_amp_data_source_and_serves_every_service():
+    """Every query reads recorded series only, a service's through both template variables, a namespace's
+    through $namespace: one dashboard for every declared service."""
     dashboard = json.loads(DASHBOARD_FILE.read_text())
     (source,) = dashboard["__inputs"]
     assert source["type"] == "datasource" and source["pluginId"] == "prometheus"
+    uid = "${" + source["name"] + "}"
     for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == "${" + source["name"] + "}"
+        assert panel["datasource"]["uid"] == uid
         assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
-    recorded = {r.get("record") for g in yaml.safe_load(rule_file(POLICY))["groups"] for r in g["rules"]}
-    assert set(dashboard_queries()) <= recorded, "panels show recorded series only"
+    assert [v["datasource"]["uid"] for v in dashboard["templating"]["list"]] == [uid, uid]
+    recorded = {r.get("record") for g in yaml.safe_load(rule_file(UNIT_TESTED))["groups"] for r in g["rules"]}
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    selected = [m for expr in exprs for m in re.findall(r"(mesh_\w+:[\w:]+)(\{[^}]*\})?", expr)]
+    assert len(selected) == len(exprs) + 1  # the policy drops from or to the namespace: two selectors
+    for name, selector in selected:
+        assert name in recorded, f"{name}: not a recorded series"
+        if name.startswith("mesh_service:"):
+            assert selector == '{namespace="$namespace", service="$service"}', name
+        else:
+            assert '_namespace="$namespace"' in selector, name
 
 
 def plot_run():
@@ -327,11 +462,11 @@ def plot_run():
     def series(labels, value=0.5):
         return [{"metric": label, "values": [(1000.0 + t, value) for t in range(60)]} for label in labels]
 
-    labels = {"catalogdetail:share:ratio2m": [{"version": "v1"}, {"version": "v2"}],
-              "catalogdetail:answered:ratio2m": [{}],
-              "catalogdetail:ejections_active": [{"destination": "v1"}, {"destination": "v2"}]}  # fmt: skip
-    return Timeline(1000.0, 30.0, {q: series(v) for q, v in labels.items()}, {"CatalogdetailFailoverActive": 32.0},
-                    RunResult(POLICY, {}, len(samples)), samples), labels  # fmt: skip
+    labels = {"mesh_service:share:ratio2m": [{"version": "v1"}, {"version": "v2"}],
+              "mesh_service:answered:ratio2m": [{}],
+              "mesh_service:ejections_active": [{"destination": "v1"}, {"destination": "v2"}]}  # fmt: skip
+    return Timeline(1000.0, 30.0, {q: series(v) for q, v in labels.items()}, {"MeshServiceFailoverActive": 32.0},
+                    RunResult(SAMPLE, {}, len(samples)), samples), labels  # fmt: skip
 
 
 def test_the_plot_shows_what_the_requests_saw_within_seconds_of_the_fault():
@@ -352,13 +487,13 @@ def test_plot_draws_both_views_and_every_weight_visibly(tmp_path):
     run_, labels = plot_run()
     assert set(labels) == set(PLOTTED)
     path = tmp_path / "plot.png"
-    legend = draw(run_, POLICY, "v2 down", path)
+    legend = draw(run_, SAMPLE, "v2 down", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
     for version in ("v1", "v2"):
         assert f"{version}: requests answered by it" in legend
         assert f"{version}: as AMP's 2-minute rule records it" in legend
     assert [label for label in legend if label.startswith("weight")] == ["weight of v1, v2: 50% each"]
-    legend_90_10 = draw(run_, POLICY.with_weights({"v1": 90, "v2": 10}), "v2 down", path)
+    legend_90_10 = draw(run_, SAMPLE.with_weights({"v1": 90, "v2": 10}), "v2 down", path)
     assert [label for label in legend_90_10 if label.startswith("weight")] == ["weight of v2: 10%", "weight of v1: 90%"]
 
 

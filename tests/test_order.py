@@ -101,16 +101,31 @@ def test_controller_service_account_does_not_wait_for_nodes(synth, graph, ids):
     assert ids["nodes"] not in graph.after(account)
 
 
+def kubernetes_chain(synth, graph: Graph) -> list[str]:
+    """The longest chain of Kubernetes steps after the node group."""
+    nodes = synth.logical_id(synth.stack.nodes)
+    steps = {name for name, res in graph.resources.items() if res["Type"] in KUBERNETES_STEP and nodes in graph.after(name)}
+    return graph.longest_chain(steps)
+
+
 def test_at_most_seven_kubernetes_steps_after_the_node_group(synth, graph, ids):
-    """The controller, Cilium, the app's manifests, the CiliumEnvoyConfig's rollout (at once, or
-    stepped), the smoke test's Job (after the rollout: it checks the final weights), the wait for its
-    verdict (the one long step the smoke test adds), and the quick apply of that verdict."""
-    steps = {
-        name
-        for name, res in graph.resources.items()
-        if res["Type"] in KUBERNETES_STEP and ids["nodes"] in graph.after(name)
-    }
-    chain = graph.longest_chain(steps)
+    """The controller, Cilium, the app's (or a service's) manifests, the CiliumEnvoyConfig's rollout (at
+    once, or stepped), the smoke test's Job (after the rollout: it checks the final weights), the wait for
+    its verdict (the one long step the smoke test adds), and the quick apply of that verdict."""
+    chain = kubernetes_chain(synth, graph)
     smoke = synth.stack.smoke_test
-    expected = [synth.logical_id(s) for s in (smoke.result, smoke.verdict, smoke.job)] + [ids[n] for n in ("traffic", "app", "cilium", "lbc")]
-    assert chain == expected, chain
+    manifests = {ids["app"], synth.logical_id(synth.stack.mesh.manifests["Service-workshop-catalogdetail"])}
+    assert chain[:4] == [synth.logical_id(s) for s in (smoke.result, smoke.verdict, smoke.job)] + [ids["traffic"]], chain
+    assert chain[4] in manifests and chain[5:] == [ids["cilium"], ids["lbc"]], chain
+
+
+def test_the_chain_does_not_grow_with_the_services(synth_eni, synth_services):
+    """Each service's manifest and rollout run beside the others': two services of the user's own (and no
+    sample) give the same steps as the sample alone, in the same datapath (eni: six)."""
+    services_chain = kubernetes_chain(synth_services, Graph(synth_services.template))
+    assert len(services_chain) == len(kubernetes_chain(synth_eni, Graph(synth_eni.template))) == 6, services_chain
+    mesh = synth_services.stack.mesh
+    for key in ("shop/payments", "shop/inventory"):
+        rollout = synth_services.logical_id(mesh.traffic.resources[key])
+        (namespace, name) = key.split("/")
+        assert synth_services.logical_id(mesh.manifests[f"Service-{namespace}-{name}"]) in Graph(synth_services.template).after(rollout)

@@ -8,6 +8,7 @@ extension set carrying the traffic, and a real Prometheus evaluating the stack's
 from __future__ import annotations
 
 import io
+import dataclasses
 import json
 import math
 import re
@@ -16,6 +17,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 from cilium_mesh.rollout import HANDLER_TIMEOUT, LAMBDA_FILES, PACKAGE_DIR
 from cilium_mesh.rollout_plan import (
     GET_TIMEOUT_S,
@@ -38,6 +40,7 @@ from cilium_mesh.rollout_plan import (
     plan,
     step_weights,
 )
+from cilium_mesh.declaration import sample_service, services
 from cilium_mesh.traffic import MeshService
 from conftest import ROLLOUT
 
@@ -95,16 +98,16 @@ def test_the_gate_judges_errors_and_latency_only_with_enough_traffic_and_ejectio
     assert "p99 9000 ms" in breach(settings, Reading("v2", 0.0, 9000.0, 0.0, 2.0))
     assert "ejected 1 host" in breach(settings, Reading("v2", None, None, 1.0, None))
     assert breach(settings, Reading("v2", 0.05, 500.0, 0.0, 2.0)) is None  # at the budgets is within them
-    assert gate_queries("v2")["error_ratio"] == 'catalogdetail:errors:ratio2m{version="v2"}'
+    assert gate_queries("shop", "payments", "v2")["error_ratio"] == 'mesh_service:errors:ratio2m{namespace="shop", service="payments", version="v2"}'
 
 
 def test_every_gate_query_reads_a_recorded_series_of_the_rule_file():
-    from cilium_mesh.metrics_files import RULES_FILE
-    from cilium_mesh.manifests import load_documents
+    from cilium_mesh.metrics_files import rule_file
 
-    (rules,) = load_documents(RULES_FILE)
-    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
-    assert {q.split("{")[0] for q in gate_queries("v2").values()} <= recorded
+    sample = sample_service()
+    groups = yaml.safe_load(rule_file([sample]))["groups"]
+    recorded = {r["record"] for g in groups for r in g["rules"] if "record" in r}
+    assert {q.split("{")[0] for q in gate_queries(sample.namespace, sample.name, "v2").values()} <= recorded
 
 
 def test_the_lambda_package_holds_exactly_its_three_files(synth):
@@ -123,9 +126,9 @@ def test_the_lambda_package_holds_exactly_its_three_files(synth):
 def test_timeouts_and_intervals_fit_lambda_step_functions_and_cloudformation(synth):
     """One poll fits its Lambda; the waiter's attempts cover the hour; the longest rollout fits the hour."""
     traffic = synth.stack.traffic
-    resource = synth.resource(traffic.resource)["Properties"]
+    resource = synth.resource(traffic.resources["workshop/catalogdetail"])["Properties"]
     assert int(resource["ServiceTimeout"]) == SERVICE_TIMEOUT_S <= CLOUDFORMATION_MAX_S
-    machine = next(iter(r for k, r in synth.resources("AWS::StepFunctions::StateMachine").items() if k.startswith("TrafficRollout")))
+    machine = next(iter(r for k, r in synth.resources("AWS::StepFunctions::StateMachine").items() if "Traffic" in k))
     definition = json.loads("".join(p if isinstance(p, str) else "<ARN>" for p in machine["Properties"]["DefinitionString"]["Fn::Join"][1]))
     (retry,) = definition["States"]["framework-isComplete-task"]["Retry"]
     assert retry["IntervalSeconds"] == QUERY_INTERVAL_S and retry["BackoffRate"] == 1
@@ -137,7 +140,7 @@ def test_timeouts_and_intervals_fit_lambda_step_functions_and_cloudformation(syn
     # for two versions, then at most one apply; all within the Lambda's timeout.
     assert GET_TIMEOUT_S + GET_POLL_SLEEP_S < INVOKE_READ_TIMEOUT_S
     invoke_s = INVOKE_ATTEMPTS * INVOKE_READ_TIMEOUT_S
-    assert 2 * invoke_s + 2 * len(gate_queries("v2")) * QUERY_TIMEOUT_S < HANDLER_TIMEOUT.to_seconds()
+    assert 2 * invoke_s + 2 * len(gate_queries("workshop", "catalogdetail", "v2")) * QUERY_TIMEOUT_S < HANDLER_TIMEOUT.to_seconds()
     # The gate is read several times per pause, and the longest rollout leaves margin in the hour.
     assert QUERY_INTERVAL_S * 4 <= MIN_PAUSE_S
     assert DEFAULT.worst_case_s <= MAX_ROLLOUT_S <= SERVICE_TIMEOUT_S - 10 * 60
@@ -160,7 +163,7 @@ def test_the_rollout_may_invoke_only_the_kubectl_handler_read_only_its_stack_and
 
 def test_the_gate_properties_and_its_rules_come_only_with_a_rollout_setting(synth, synth_eni):
     with_rollout = synth.resource(synth.stack.traffic.resources["workshop/catalogdetail"])
-    assert json.loads(with_rollout["Properties"]["Rollout"]) == ROLLOUT
+    assert json.loads(with_rollout["Properties"]["Rollout"]) == {**ROLLOUT, "load": None}
     assert with_rollout["Properties"]["QueryUrl"]["Fn::Join"][1][1] == "api/v1/query"
     assert synth.logical_id(synth.stack.metrics.rules) in with_rollout["DependsOn"]
     at_once = synth_eni.resource(synth_eni.stack.traffic.resources["workshop/catalogdetail"])
@@ -302,7 +305,7 @@ def test_a_poll_makes_at_most_one_apply_when_amp_answers_again(monkeypatch, elap
         now = time.time()
         kubectl = RecordingKubectl({"request": "rollout", "step": 0, "since": now - elapsed_s, module.AMP_UNANSWERED: now - 30})
         monkeypatch.setattr(module, "Kubectl", kubectl)
-        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **HEALTHY))
+        monkeypatch.setattr(module.Prometheus, "reading", lambda self, service, version: Reading(version, **HEALTHY))
         assert module.is_complete(rollout_event(now + 600)) == {"IsComplete": False}
     assert [{k: v for k, v in a.items() if k == "step"} for a in kubectl.applied] == applies
     assert all(module.AMP_UNANSWERED not in a for a in kubectl.applied)
@@ -313,7 +316,7 @@ def test_a_next_step_that_cannot_be_applied_waits_only_until_the_end_of_the_step
     monkeypatch.setenv("AWS_REGION", "us-west-2")
     with rollout_lambda() as module:
         monkeypatch.setattr(module, "Kubectl", FailingKubectl(module, {"request": "rollout", "step": 0, "since": time.time() - elapsed_s}))
-        monkeypatch.setattr(module.Prometheus, "reading", lambda self, version: Reading(version, **HEALTHY))
+        monkeypatch.setattr(module.Prometheus, "reading", lambda self, service, version: Reading(version, **HEALTHY))
         if elapsed_s < VOLUME_WAIT_FACTOR * LOCAL_SETTINGS.pause_s:
             assert module.is_complete(rollout_event(time.time() + 600)) == {"IsComplete": False}
             return
@@ -350,6 +353,8 @@ EXPECTED = {
     "v2 goes down at step 2": ("FAILED", "rollout stopped at step 2 of 3 (v1 50%, v2 50%): Envoy ejected ", [*PROMOTED[:2], PREVIOUS.weights], PREVIOUS.weights),
     "AMP answers 503 once": ("SUCCESS", None, PROMOTED, TARGET.weights),
     "AMP down throughout": ("FAILED", "rollout stopped at step 1 of 3 (v1 90%, v2 10%): AMP did not answer for ", [PROMOTED[0], PREVIOUS.weights], PREVIOUS.weights),
+    "a quiet service": ("FAILED", "rollout stopped at step 1 of 3 (v1 90%, v2 10%): v2 was asked 0.00 requests/s in ", [PROMOTED[0], PREVIOUS.weights], PREVIOUS.weights),
+    "a quiet service with the rollout's load": ("SUCCESS", None, PROMOTED, TARGET.weights),
 }  # fmt: skip
 # Retries and failover hide v2's failures from the callers: at most this share of requests failed
 # (measured: 0 to 0.75%, the requests caught between v2 going down and its ejection, or by the restore,
@@ -375,6 +380,18 @@ def test_each_scenario_promotes_or_stops_where_it_must(rollout_runs, scenario):
     assert run["steps"] == [dict(s) for s in steps]
     assert run["live_weights"] == dict(live)
     assert run["failed"] <= MAX_FAILED_SHARE * run["requests"], run
+
+
+def test_the_rollouts_load_lets_a_quiet_service_be_judged_and_ends_with_it(rollout_runs):
+    """No caller sends anything: without a load the step has no evidence and stops; with rollout.load the
+    Lambda applies its Deployment (run here as the process the pod would run), the gate judges v2 on its
+    requests, counted apart in Envoy (the virtual cluster "load"), and the load is deleted at the end."""
+    quiet, loaded = rollout_runs["a quiet service"], rollout_runs["a quiet service with the rollout's load"]
+    assert quiet["requests"] == loaded["requests"] == 0
+    assert quiet["load"] == {"started": 0, "stopped": 0, "still_running": 0, "counted_apart": 0}
+    load = loaded["load"]
+    assert (load["started"], load["stopped"], load["still_running"]) == (1, 1, 0)
+    assert load["counted_apart"] >= 100, load
 
 
 def test_one_unanswered_query_only_delays_the_step_it_falls_in(rollout_runs):
@@ -441,5 +458,12 @@ def test_every_poll_logs_what_the_gate_read(rollout_runs):
 
 
 def test_the_policy_survives_its_trip_through_cloudformation():
-    policy = MeshService(weights={"v1": 90, "v2": 10}, pin_header=None, failover_to_drained=True)
-    assert MeshService.from_json(policy.to_json()) == policy
+    plain = dataclasses.replace(sample_service(weights={"v1": 90, "v2": 10}), pin_header=None, failover_to_drained=True)
+    declared = services([{"name": "payments", "namespace": "shop", "port": 80, "target_port": 8080,
+                          "versions": {v: {"app": "payments", "version": v} for v in ("v1", "v2", "v3")},
+                          "routes": [{"headers": {"x-beta": "true"}, "methods": ["GET"], "to": "v3"}],
+                          "mirror": {"version": "v3", "percent": 2.5}, "failover": ["v2", "v1"],
+                          "retries": {"methods": ["GET", "POST"], "non_idempotent": True},
+                          "callers": [{"namespace": "web", "labels": {"app": "shop"}, "http": [{"method": "GET", "path": "/.*"}]}]}])[0]  # fmt: skip
+    for policy in (plain, declared):
+        assert MeshService.from_json(policy.to_json()) == policy

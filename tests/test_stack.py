@@ -165,14 +165,18 @@ def test_cilium_reads_the_api_server_endpoint_without_scheme(synth):
 
 def test_manifests_are_applied_as_written(synth):
     mesh = synth.stack.mesh
-    assert kinds(manifest_documents(synth.resource(mesh.namespace))) == ["Namespace/workshop"]
-    assert sorted(mesh.manifests) == ["App", "Ingress", "NetworkPolicy"]
+    assert kinds(manifest_documents(synth.resource(mesh.namespace))) == ["Namespace/cilium-mesh", "Namespace/workshop"]
+    assert sorted(mesh.manifests) == ["App", "Ingress", "NetworkPolicy", "Service-workshop-catalogdetail"]
     app = manifest_documents(synth.resource(mesh.manifests["App"]))
     assert kinds(app) == sorted(
         [f"Deployment/{n}" for n in ("frontend", "productcatalog", "catalogdetail", "catalogdetail2")]
-        + [f"Service/{n}" for n in ("frontend", "productcatalog", "catalogdetail", "catalogdetailv1", "catalogdetailv2")]
+        + [f"Service/{n}" for n in ("frontend", "productcatalog", "catalogdetail")]
         + [f"ServiceAccount/{n}" for n in ("frontend", "productcatalog", "catalogdetail")]
     )
+    # catalogdetail is a declaration: its version Services and policies come from it, in a manifest of its own.
+    meshed = manifest_documents(synth.resource(mesh.manifests["Service-workshop-catalogdetail"]))
+    assert kinds(meshed) == sorted(["Service/catalogdetailv1", "Service/catalogdetailv2",
+                                    "CiliumNetworkPolicy/mesh-catalogdetail-v1", "CiliumNetworkPolicy/mesh-catalogdetail-v2"])  # fmt: skip
     def kinds_of(name):
         return {d["kind"] for d in manifest_documents(synth.resource(mesh.manifests[name]))}
 

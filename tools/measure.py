@@ -1,21 +1,23 @@
-"""The README's traffic figures in one run: this policy and the walkthrough's, side by side.
+"""The README's traffic figures in one run: a declared service's policy and the walkthrough's, side by side.
 
 Every figure comes from cilium-envoy's extension set for the configured Cilium
 (checks/cilium_envoy.py) and the resources as Cilium delivers them
-(checks/envoy_harness.py), repeated so each cell shows the median and the range:
+(checks/envoy_harness.py), repeated so each cell shows the median and the range.
+The subject is the service's last weighted version (v2 for the sample's catalogdetail):
 
-* failover: answered share and v2's share with v2 healthy, pinned by header,
-  answering 503 to 30%, down, and without endpoints;
+* failover: answered share and the subject's share with it healthy, pinned by header
+  (with a pin header), answering 503 to 30%, down, and without endpoints;
 * proxy overhead: p50 and p99 added over a direct request. Both policies' Envoys
   and stand-ins run at once and each round interleaves, request by request and
   in shuffled order, direct and proxied requests to both, so machine noise lands
   on all four alike;
 * alerts: each fault held from the start, with a real Prometheus evaluating the
   rules the stack loads into AMP (checks/metrics_harness.py): when each alert
-  fired, and v2's share as Prometheus recorded it next to the share measured.
+  fired, and v2's share as Prometheus recorded it next to the share measured
+  (the scenarios of checks/metrics_harness.py).
 
-    python -m tools.measure [--requests 1000] [--repeats 3] [--latency-requests 5000] [--rounds 5]
-                            [--alert-seconds 42]
+    python -m tools.measure [--service workshop/catalogdetail] [--requests 1000] [--repeats 3]
+                            [--latency-requests 5000] [--rounds 5] [--alert-seconds 42]
 
 Everything runs on loopback, with fixed request counts, and stops by itself.
 """
@@ -23,7 +25,6 @@ Everything runs on loopback, with fixed request counts, and stops by itself.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import http.client
 import os
@@ -34,23 +35,28 @@ import time
 from contextlib import ExitStack
 
 from checks.cilium_envoy import build_for
-from checks.datapath import Deployed, cec_statuses
-from checks.envoy_harness import DIFFERENCES, LOOPBACK, REQUEST_TIMEOUT_S, Fault, RunResult, run, running, verdicts_line
+from checks.datapath import cec_statuses
+from checks.envoy_harness import (
+    DIFFERENCES,
+    LOOPBACK,
+    REQUEST_TIMEOUT_S,
+    Fault,
+    RunResult,
+    deployed_alone,
+    run,
+    running,
+    verdicts_line,
+    walkthrough,
+)
 from checks import metrics_harness
 
 from cilium_mesh import MeshService
 from stacks import cdk_json_context
-from stacks.config import load_config
+from stacks.config import ConfigError, load_config
+from tools.preview import chosen_service
 
-# scenario: (faults, pinned, version Services with ClusterIPs as on main before headless Services)
-SCENARIOS = {
-    "healthy": ({}, False, False),
-    "pinned to v2 by header": ({}, True, False),
-    "v2 answers 503 on 30%": ({"v2": Fault("errors", 0.3)}, False, False),
-    "v2 pods down": ({"v2": Fault("down")}, False, False),
-    "v2 without endpoints": ({"v2": Fault("empty")}, False, False),
-    "healthy, version Services with ClusterIPs (before)": ({}, False, True),
-}
+# The series of each version's share of the answered requests (what preview prints as "share").
+SHARE_RECORD = next(record for label, record, _ in metrics_harness.RECORDED if label == "share")
 LIMITS = {"requests": (100, 20000), "repeats": (1, 10), "latency_requests": (100, 100000), "rounds": (1, 20),
           "alert_seconds": (35, 600)}  # fmt: skip
 
@@ -61,20 +67,36 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
     return median if low == high else f"{median} ({low} to {high})"
 
 
+def scenarios(service: MeshService) -> dict[str, tuple[dict[str, Fault], bool, bool]]:
+    """scenario: (faults, pinned to the subject, version Services with ClusterIPs as on main before headless Services)."""
+    subject = service.weighted_versions[-1]
+    pinned = {f"pinned to {subject} by header": ({}, True, False)} if service.pin_header else {}
+    return {
+        "healthy": ({}, False, False),
+        **pinned,
+        f"{subject} answers 503 on 30%": ({subject: Fault("errors", 0.3)}, False, False),
+        f"{subject} pods down": ({subject: Fault("down")}, False, False),
+        f"{subject} without endpoints": ({subject: Fault("empty")}, False, False),
+        "healthy, version Services with ClusterIPs (before)": ({}, False, True),
+    }
+
+
 def failover_rows(policies: dict[str, MeshService], tag: str, requests: int, repeats: int, datapath: str) -> list[str]:
-    header = next(p.pin_header for p in policies.values() if p.pin_header)
+    """One row per scenario of the first policy; the walkthrough gets the same requests (its routes ignore the pin header)."""
+    first = next(iter(policies.values()))
+    subject, header = first.weighted_versions[-1], first.pin_header
     rows = []
-    for scenario, (faults, pinned, cluster_ips) in SCENARIOS.items():
+    for scenario, (faults, pinned, cluster_ips) in scenarios(first).items():
         cells = []
         for policy in policies.values():
-            deployed = Deployed.of(datapath, policy)
-            statuses = cec_statuses(deployed.with_cluster_ip_version_services() if cluster_ips else deployed)
+            deployed = deployed_alone(policy, datapath)
+            statuses = cec_statuses(deployed.with_cluster_ip_version_services() if cluster_ips else deployed, policy)
             results: list[RunResult] = [
-                run(policy, tag, requests, faults, {header: "v2"} if pinned else None, seed=7 + repeat, statuses=statuses)
+                run(policy, tag, requests, faults, {header: subject} if pinned else None, seed=7 + repeat, statuses=statuses)
                 for repeat in range(repeats)
             ]
             cells.append(spread([100 * r.answered_share for r in results], ".2f", "%"))
-            cells.append(spread([100 * r.share("v2") for r in results], ".1f", "%"))
+            cells.append(spread([100 * r.share(subject) for r in results], ".1f", "%"))
             cells.append(spread([r.retries for r in results], "d") + " / " + spread([r.ejections for r in results], "d"))
         rows.append(f"| {scenario} | " + " | ".join(cells) + " |")
     return rows
@@ -85,8 +107,8 @@ def _percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
-def _interleaved(targets: dict[str, tuple[str, int]], requests: int, rng: random.Random) -> dict[str, list[float]]:
-    """``requests`` GETs per target over one keep-alive connection each, interleaved in shuffled order."""
+def _interleaved(targets: dict[str, tuple[str, int]], path: str, requests: int, rng: random.Random) -> dict[str, list[float]]:
+    """``requests`` GETs of ``path`` per target over one keep-alive connection each, interleaved in shuffled order."""
     connections = {name: http.client.HTTPConnection(*address, timeout=REQUEST_TIMEOUT_S) for name, address in targets.items()}
     latencies: dict[str, list[float]] = {name: [] for name in targets}
     order = list(targets)
@@ -95,7 +117,7 @@ def _interleaved(targets: dict[str, tuple[str, int]], requests: int, rng: random
             rng.shuffle(order)
             for name in order:
                 begin = time.perf_counter()
-                connections[name].request("GET", "/catalogDetail")
+                connections[name].request("GET", path)
                 response = connections[name].getresponse()
                 response.read()
                 latencies[name].append((time.perf_counter() - begin) * 1000)
@@ -112,17 +134,18 @@ def overhead_rows(policies: dict[str, MeshService], tag: str, requests: int, rou
     """Rows of p50/p99 added per policy, and the per-round ratio of p99 added (this policy / walkthrough)."""
     added = {name: {0.5: [], 0.99: []} for name in policies}
     rng = random.Random(11)
+    path = next(iter(policies.values())).check_path
     with ExitStack() as stack:
         targets = {}
         for name, policy in policies.items():
             envoy, _, stand_ins = stack.enter_context(running(policy, tag, datapath=datapath))
-            targets[f"{name} direct"] = stand_ins["1"].server_address
+            targets[f"{name} direct"] = stand_ins[policy.weighted_versions[0]].server_address
             targets[f"{name} envoy"] = (LOOPBACK, envoy.port)
-        _interleaved(targets, 200, rng)  # warm-up: connections, caches
+        _interleaved(targets, path, 200, rng)  # warm-up: connections, caches
         gc.disable()
         try:
             for _ in range(rounds):
-                latencies = _interleaved(targets, requests, rng)
+                latencies = _interleaved(targets, path, requests, rng)
                 for name in policies:
                     for share in added[name]:
                         through = _percentile(latencies[f"{name} envoy"], share)
@@ -137,11 +160,11 @@ def overhead_rows(policies: dict[str, MeshService], tag: str, requests: int, rou
 def alert_rows(policy: MeshService, tag: str, seconds: float, datapath: str) -> list[str]:
     """Per scenario: the alerts that fired and when, and v2's share recorded next to the one measured."""
     observations = metrics_harness.observe(policy, tag, metrics_harness.SCENARIOS, seconds, metrics_harness.RATE_PER_S,
-                                           datapath, ("catalogdetail:share:ratio2m",))  # fmt: skip
+                                           datapath, (SHARE_RECORD,))  # fmt: skip
     rows = []
     for name, observation in observations.items():
         fired = ", ".join(f"{a} {t:.1f} s" for a, t in sorted(observation.first_fired_s.items(), key=lambda i: i[1]))
-        recorded = {r["metric"]["version"]: r["value"] for r in observation.recorded["catalogdetail:share:ratio2m"]}
+        recorded = {r["metric"]["version"]: r["value"] for r in observation.recorded[SHARE_RECORD]}
         measured = observation.measured
         low, high = measured.interval("v2")
         rows.append(f"| {name} | {fired or 'none'} | {100 * recorded.get('v2', 0):.2f}% | "
@@ -151,6 +174,7 @@ def alert_rows(policy: MeshService, tag: str, seconds: float, datapath: str) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.measure", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--service", metavar="NAMESPACE/NAME", help="the declared service (default the sample's workshop/catalogdetail)")
     parser.add_argument("--requests", type=int, default=1000, help="requests per failover run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per failover cell")
     parser.add_argument("--latency-requests", type=int, default=5000, help="requests per target per latency round")
@@ -161,19 +185,24 @@ def main(argv: list[str] | None = None) -> int:
         if not low <= getattr(args, name) <= high:
             print(f"measure: --{name.replace('_', '-')} must be {low}-{high}", file=sys.stderr)
             return 2
-    config = load_config(cdk_json_context())
-    policy = config.traffic_policy
-    policies = {"this policy": policy, "walkthrough": dataclasses.replace(MeshService.walkthrough(), weights=policy.weights)}
+    try:
+        config = load_config(cdk_json_context())
+        policy = chosen_service(config, args.service)
+    except (ValueError, ConfigError) as error:
+        print(f"measure: {error}", file=sys.stderr)
+        return 2
+    policies = {"this policy": policy, "walkthrough": walkthrough(policy)}
     build = build_for(config.cilium_version)
     started = time.perf_counter()
-    print(f"Envoy {build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
-          f"weights {policy.weights}, {os.cpu_count()} cores. {DIFFERENCES}")  # fmt: skip
+    print(f"{policy.key}: Envoy {build.upstream_version} limited to cilium-envoy {build.tag} (Cilium {config.cilium_version}), "
+          f"weights {dict(policy.weights)}, {os.cpu_count()} cores. {DIFFERENCES}")  # fmt: skip
     for name, candidate in policies.items():
         print(verdicts_line(name, candidate, config.datapath))
     print()
     print(f"Failover: {args.requests} requests per run, {args.repeats} runs per cell: median (range)\n")
-    print("| v2 | this policy: answered | v2 share | retries / ejections "
-          "| walkthrough: answered | v2 share | retries / ejections |")  # fmt: skip
+    subject = policy.weighted_versions[-1]
+    print(f"| {subject} | this policy: answered | {subject} share | retries / ejections "
+          f"| walkthrough: answered | {subject} share | retries / ejections |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for row in failover_rows(policies, build.tag, args.requests, args.repeats, config.datapath):
         print(row, flush=True)

@@ -380,7 +380,7 @@ class MeshService:
         for version, weight in self.weights.items():
             if version not in self.versions:
                 self._fail(f"weights.{version}", f"version {version} is not declared (versions: {', '.join(names)})")
-            if not _whole(weight, 0, MAX_TOTAL_WEIGHT):
+            if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
                 self._fail(f"weights.{version}", f"must be a non-negative integer (got {weight!r})")
         total = sum(self.weights.values())
         if total <= 0:
