@@ -52,6 +52,7 @@ from cilium_mesh.manifests import (
     replaced_by_name,
 )
 from cilium_mesh.policy import load_labels, service_policies, smoke_probes
+from cilium_mesh.rollout_load import load_documents_of
 from cilium_mesh.smoke_files import smoke_documents
 from cilium_mesh.traffic import (
     CLUSTER_DOMAIN,
@@ -326,21 +327,24 @@ class Deployed:
            documents: list[dict] | None = None, policies: list[dict] | None = None,
            values: dict | None = None) -> Deployed:  # fmt: skip
         """What the stack applies for these services: the sample's manifests (with sample_app), each service's
-        version Services and policies, the smoke test's objects and the Cilium values; any of them replaced."""
+        version Services and policies, the smoke test's and the rollout loads' objects, and the Cilium values;
+        any of them replaced."""
         if isinstance(services, MeshService):
             raise TypeError("Deployed.of: services must be a sequence of MeshService, e.g. (service,)")
         services = tuple(services)
-        smoke = smoke_documents(services, datapath, True, sample_app) if documents is None or policies is None else []
+        mesh = []  # the smoke test's Jobs and policy, and each rollout load's (which the rollout Lambda applies)
+        if documents is None or policies is None:
+            mesh = smoke_documents(services, datapath, True, sample_app) + [d for s in services for d in load_documents_of(s, True)]
         if documents is None:
             documents = load_documents(*WORKLOAD_FILES, INGRESS_FILE) if sample_app else []
             documents += [d for s in services for d in s.version_services()]
-            documents += [d for d in smoke if d["kind"] in ("Deployment", "Job")]
+            documents += [d for d in mesh if d["kind"] in ("Deployment", "Job")]
         if policies is None:
             policies = replaced_by_name(
                 load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[datapath])
             ) if sample_app else []  # fmt: skip
             policies += [p for s in services for p in service_policies(s, datapath)]
-            policies += [d for d in smoke if d["kind"] == "CiliumNetworkPolicy"]
+            policies += [d for d in mesh if d["kind"] == "CiliumNetworkPolicy"]
         if values is None:
             values = cilium_values("api.example", datapath, "cilium-mesh", cilium_version)
         return cls(datapath, tuple(documents), tuple(policies), values, services, sample_app)
@@ -360,14 +364,14 @@ class Deployed:
         return found
 
     def workloads(self) -> list[dict]:
-        """What runs pods in the documents: the Deployments, and the smoke test's Job."""
+        """What runs pods in the documents: the Deployments (the loads' too), and the smoke test's Jobs."""
         return [d for d in self.documents if d.get("kind") in ("Deployment", "Job")]
 
     @cached_property
     def pod_kinds(self) -> tuple[Workload, ...]:
         """The documents' workloads; then, where no workload's pods carry their labels in their namespace, a pod
-        for each version and caller of a service the user declares (rule "declared"; the sample's manifests run
-        the sample's, so a relabelled Deployment shows), for each rollout load, and the smoke test's two."""
+        for each version and caller of a service the user declares (rule "declared"). The sample's manifests run
+        the sample's, so that a relabelled Deployment shows."""
         found = []
         for workload in self.workloads():
             template = workload["spec"]["template"]
@@ -382,18 +386,14 @@ class Deployed:
             if not any(w.namespace == namespace and dict(labels).items() <= dict(w.labels).items() for w in found):
                 found.append(Workload(f"{namespace}/{name}", namespace, tuple(sorted(dict(labels).items())), None))
 
-        users = [s for s in self.services if not (self.sample_app and s.key == sample_service().key)]
+        sample = sample_service().key if self.sample_app else None
+        users = [s for s in self.services if s.key != sample]
         for s in users:
             for version, labels in s.versions.items():
                 declare(f"{s.name}-{version}", s.namespace, labels)
         for s in users:
             for caller in s.callers or ():
                 declare(_labels_text(caller.labels), caller.namespace or s.namespace, caller.labels)
-        for s in self.services:
-            if s.rollout is not None and s.rollout.load is not None:
-                declare(f"load-{s.name}", MESH_NAMESPACE, load_labels(s))
-        declare("smoke-test", MESH_NAMESPACE, SMOKE_TEST_LABELS)
-        declare("smoke-test-outsider", MESH_NAMESPACE, OUTSIDER_LABELS)
         return tuple(found)
 
     def find(self, namespace: str, labels) -> str:
@@ -618,26 +618,27 @@ def _caller_requests(service: MeshService, caller: Caller, datapath: str) -> tup
 
 
 def _clients(deployed: Deployed, service: MeshService) -> list[Client]:
-    """Who calls the service: its callers, any other workload whose URL names it (GET its path), the smoke test
-    (its probes, each with its own headers) and the rollout's load (its one request, with the load header)."""
+    """Who calls the service: its callers, the smoke test (its probes, each with its own headers), the rollout's
+    load (its one request, with the load header), and any other workload whose URL names it (GET its path)."""
     requests: dict[str, list[Request]] = {}
     for caller in service.callers or ():
         requests.setdefault(deployed.find(caller.namespace or service.namespace, caller.labels), []).extend(
             _caller_requests(service, caller, deployed.datapath))
-    smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
-    for workload, host, _, path in _url_calls(deployed):
-        if _service_of_host(host) == (service.namespace, service.name) and workload not in (*requests, smoke):
-            requests.setdefault(workload, []).append(Request(service.pod_port, path=path))
     clients = [Client(workload, tuple(dict.fromkeys(asked))) for workload, asked in requests.items()]
     probes = [Request(service.pod_port, method=p.method, path=p.path, headers=tuple(sorted(p.headers.items())))
               for p in smoke_probes(service)]  # fmt: skip
-    clients.append(Client(smoke, tuple(dict.fromkeys(probes)), any_headers=False))
+    clients.append(Client(deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS), tuple(dict.fromkeys(probes)), any_headers=False))
     load = service.rollout.load if service.rollout is not None else None
     if load is not None:
         headers = tuple(sorted({**load.headers, LOAD_HEADER: "1"}.items()))
         asked = Request(service.pod_port, method=load.method, path=load.path or service.check_path, headers=headers)
         clients.append(Client(deployed.find(MESH_NAMESPACE, load_labels(service)), (asked,), any_headers=False))
-    return clients
+    listed = {c.workload for c in clients}
+    others: dict[str, list[Request]] = {}
+    for workload, host, _, path in _url_calls(deployed):
+        if _service_of_host(host) == (service.namespace, service.name) and workload not in listed:
+            others.setdefault(workload, []).append(Request(service.pod_port, path=path))
+    return clients + [Client(workload, tuple(dict.fromkeys(asked))) for workload, asked in others.items()]
 
 
 MODELLED_MATCH_KEYS = {"prefix", "path", "headers"}

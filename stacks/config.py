@@ -186,7 +186,9 @@ def _shown(value: Any) -> str:
 
 
 def _structured(value: Any) -> Any:
-    """`-c key=value` arrives as a string: read JSON lists and objects from it."""
+    """`-c key=value` arrives as a string: read JSON lists, objects and null from it."""
+    if isinstance(value, str) and value.strip() == "null":
+        return None
     if isinstance(value, str) and value.strip()[:1] in ("[", "{"):
         try:
             return json.loads(value)

@@ -159,12 +159,9 @@ def test_l7_rules_fail_with_chaining():
     assert len(broken) == 56 and all("Cilium chained onto the VPC CNI does not enforce" in line for line in broken)
 
 
-@pytest.mark.parametrize("datapath", DATAPATHS)
-def test_removing_any_policy_rule_or_peer_or_port_is_caught(datapath):
-    """Each rule, each peer in it and each port is needed by a path, or keeps a must-deny request out.
-    The exceptions are default-deny's two sections: today allow-dns (every pod's egress) and each
-    workload's own policy (its ingress) enable enforcement too; default-deny holds it for a new pod."""
-    base = list(deployed(datapath).policies)
+def uncaught_cuts(model: Deployed) -> list[tuple]:
+    """Each rule, peer and port of the model's policies whose removal no path and no must-deny request notices."""
+    base = list(model.policies)
     uncaught = []
     for index, policy in enumerate(base):
         for direction in ("ingress", "egress"):
@@ -181,16 +178,39 @@ def test_removing_any_policy_rule_or_peer_or_port_is_caught(datapath):
                         del rules[number]["toPorts"][which[0]]["ports"][which[1]]
                     else:
                         del rules[number][what][which]
-                    if not failing(deployed(datapath, policies=changed)):
+                    if not failing(dataclasses.replace(model, policies=tuple(changed))):
                         uncaught.append((policy["metadata"]["name"], direction, number, what))
-    # The smoke test's egress to frontend, and the outsider's to the services, exist so that their deny checks
-    # test the refusing side's own policy (a request refused on its way out proves nothing), and the model has
-    # no API server to write the verdicts to: cutting any of these is caught by no path here.
-    api_server = [(name, "egress", 1, what) for name in ("smoke-test", "smoke-test-outsider") for what in ("rule", "toEntities", "port")]
+    return sorted(uncaught)
+
+
+# The smoke test's and the outsider's egress to the API server (their verdicts; the model has no API server),
+# and the outsider's to the services, there so that its refusal tests the services' own policies (a request
+# refused on its way out proves nothing): cutting any of these is caught by no path here.
+SMOKE_ONLY = [(name, "egress", 1, what) for name in ("smoke-test", "smoke-test-outsider") for what in ("rule", "toEntities", "port")]
+
+
+OUTSIDER_OUT_SAMPLE = [("smoke-test-outsider-to-services", "egress", 0, what) for what in ("rule", "toEndpoints", "toEndpoints", "port")]
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_removing_any_policy_rule_or_peer_or_port_is_caught(datapath):
+    """Each rule, each peer in it and each port is needed by a path, or keeps a must-deny request out.
+    The exceptions are default-deny's two sections: today allow-dns (every pod's egress) and each
+    workload's own policy (its ingress) enable enforcement too; default-deny holds it for a new pod;
+    and the smoke test's egress to frontend, there so that its deny check tests frontend's own policy."""
     to_frontend = [("smoke-test-sample", "egress", 2, what) for what in ("rule", "toEndpoints", "port")]
-    outsider_out = [("smoke-test-outsider-to-services", "egress", 0, what) for what in ("rule", "toEndpoints", "toEndpoints", "port")]
-    assert sorted(uncaught) == sorted([("default-deny", "ingress", 0, "rule"), ("default-deny", "egress", 0, "rule"),
-                                       *api_server, *to_frontend, *outsider_out])  # fmt: skip
+    assert uncaught_cuts(deployed(datapath)) == sorted([("default-deny", "ingress", 0, "rule"), ("default-deny", "egress", 0, "rule"),
+                                                        *SMOKE_ONLY, *to_frontend, *OUTSIDER_OUT_SAMPLE])  # fmt: skip
+
+
+@pytest.mark.parametrize("datapath", DATAPATHS)
+def test_removing_any_rule_of_the_declared_services_policies_is_caught(datapath):
+    """The same of what the declarations render: each service's policies, ledger's namespace default deny (whose
+    sections its other policies enforce too) and caller egress, the smoke test's and the load's egress."""
+    outsider_out = [("smoke-test-outsider-to-services", "egress", n, what) for n, versions in ((0, 3), (1, 2))
+                    for what in ("rule", *["toEndpoints"] * versions, "port")]  # fmt: skip
+    default_deny = [("mesh-ledger-default-deny", direction, 0, "rule") for direction in ("ingress", "egress")]
+    assert uncaught_cuts(declared(datapath)) == sorted([*default_deny, *SMOKE_ONLY, *outsider_out])
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
@@ -303,11 +323,13 @@ def _cec_outcomes(model: Deployed, service: MeshService) -> list:
 def test_declared_services_deliver_every_path_and_refuse_every_must_deny_request(datapath):
     """Two services with no manifest here: the model places their pods from the declarations alone."""
     model = declared(datapath)
-    assert {d["kind"] for d in model.documents} == {"Service", "Job"}  # version Services, the smoke test's Jobs
+    # The version Services, the smoke test's Jobs and ledger's rollout load: nothing of the services' own.
+    assert sorted((d["kind"], d["metadata"]["name"].split("-")[0]) for d in model.documents) == [
+        ("Deployment", "load"), ("Job", "smoke"), ("Job", "smoke"), *sorted(("Service", f"{s.name}{v}") for s in DECLARED for v in s.versions)]  # fmt: skip
     assert failing(model) == []
     payments, ledger = _cec_outcomes(model, PAYMENTS), _cec_outcomes(model, LEDGER)
     assert {o.hop.client for o in payments} == {CHECKOUT, "smoke-test"}
-    assert {o.hop.client for o in ledger} == {"shop/payments-v1", "books/app=auditor", "smoke-test", "cilium-mesh/load-ledger"}
+    assert {o.hop.client for o in ledger} == {"shop/payments-v1", "books/app=auditor", "smoke-test", "load-books-ledger"}
     names = [o.hop.name for o in payments + ledger]
     # The header route to v3, the split over v1 and v2 with failover to each other, the mirror to v3.
     assert any(n.startswith(f"{CHECKOUT} -> payments (GET /healthz): route route-0-retried-get, cluster shop/paymentsv3") for n in names)
@@ -317,7 +339,7 @@ def test_declared_services_deliver_every_path_and_refuse_every_must_deny_request
     assert any(n.startswith(f"{CHECKOUT} -> payments (POST /charges/): route split,") for n in names) == (datapath == "eni")
     # ledger fails over in the declared order; its load takes the one route its request matches.
     assert any("cluster ledger-v1 priority 1 (failover, ledgerv2)" in n for n in names)
-    assert {n.split(": route ")[1].split(",")[0] for n in names if n.startswith("cilium-mesh/load-ledger")} == {"split-retried-get"}
+    assert {n.split(": route ")[1].split(",")[0] for n in names if n.startswith("load-books-ledger")} == {"split-retried-get"}
     probes = {o.hop.name for o in evaluate_all(model) if o.hop.via == "probe"}
     assert probes == {f"kubelet -> {s.namespace}/{s.name}-{v} probe on {s.pod_port}" for s in DECLARED for v in s.versions}
     refused = evaluate_all(model, must_deny(model))
@@ -348,12 +370,12 @@ def test_a_caller_dropped_from_the_declaration_is_refused(datapath):
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_a_declared_services_version_services_with_cluster_ips_are_denied_as_world(datapath):
     """Envoy checks a caller's egress on the ClusterIP it dials: world. ledger's callers with an egress policy
-    (auditor under the namespace's default deny, the smoke test) are refused; payments' pods have none, so the
+    (auditor under the namespace's default deny, the smoke test, the rollout load) are refused; payments' pods have none, so the
     socket LB would take theirs to a pod (rule "envoy-socket-lb", on trust)."""
     model = declared(datapath).with_cluster_ip_version_services(LEDGER)
     broken = failing(model)
     assert broken and all(" -> ledger (" in line and "identity world" in line and ": denied" in line for line in broken)
-    assert {line.split(" -> ")[0] for line in broken} == {"books/app=auditor", "smoke-test"}
+    assert {line.split(" -> ")[0] for line in broken} == {"books/app=auditor", "smoke-test", "load-books-ledger"}
     assert cec_statuses(model, LEDGER) == {("dns", "v1"): "denied", ("dns", "v2"): "denied"}
     assert set(cec_statuses(model, PAYMENTS).values()) == {"delivered"}
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import yaml
 
-from .manifests import MANIFESTS_DIR, load_documents
+from .manifests import MANIFESTS_DIR, load_documents, parse_documents
 from .traffic import MESH_NAMESPACE, OUTSIDER_LABELS, SMOKE_TEST_LABELS, MeshService, qualify_like_cilium, qualified_name
 
 METRICS_DIR = MANIFESTS_DIR / "metrics"
@@ -27,15 +27,17 @@ RULES_NAMESPACE = "cilium-mesh"
 
 # AMP's quotas on what the one rule groups namespace carries (Amazon Managed Service for Prometheus
 # User Guide, "Amazon Managed Service for Prometheus service quotas",
-# https://docs.aws.amazon.com/prometheus/latest/userguide/AMP_quotas.html; Service Quotas codes
-# in brackets). The combined length of the namespace's and a group's name (at most 721 UTF-8 bytes,
-# API reference CreateRuleGroupsNamespace) cannot be reached: both are DNS labels, at most 11 + 127.
-# "Rule group namespace definition file size" [L-C62641E3]: 1 MB, not adjustable; counted here as
-# 10^6 bytes, the stricter reading.
+# https://docs.aws.amazon.com/prometheus/latest/userguide/AMP_quotas.html; the Service Quotas code in
+# brackets: `aws service-quotas get-aws-default-service-quota --service-code aps --quota-code <code>`
+# gives a Region's value).
+# "Rule group namespace definition file size" [L-C62641E3]: 1 MB, counted here as 10^6 bytes, the
+# stricter reading.
 AMP_RULE_FILE_MAX_BYTES = 1_000_000
 # "Rules per workspace" [L-3D15CDB4]: 2,000 recording and alerting rules by default, adjustable; the
 # stack's namespace is the workspace's only one.
 AMP_RULES_PER_WORKSPACE = 2_000
+# A third limit cannot be reached: the namespace's and a group's names together at most 721 UTF-8 bytes
+# (API reference, CreateRuleGroupsNamespace); the namespace's is 11, a group's at most 127 (namespace/name).
 
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
@@ -59,7 +61,7 @@ def _fill(value, values: dict[str, str], source: str):
     if isinstance(value, str):
         def replace(match: re.Match) -> str:
             if match.group(1) not in values:
-                raise KeyError(f"{source}: unknown placeholder ${{{match.group(1)}}}")
+                raise ValueError(f"{source}: unknown placeholder ${{{match.group(1)}}}")
             return values[match.group(1)]
 
         return _PLACEHOLDER.sub(replace, value)
@@ -68,7 +70,8 @@ def _fill(value, values: dict[str, str], source: str):
 
 def _envoy_names(service: MeshService) -> tuple[str, str]:
     """(virtual host, stat prefix) as Envoy names them: the service's route and listener as Cilium delivers them."""
-    resources = {r["@type"].rsplit(".", 1)[-1]: r for r in qualify_like_cilium(service.envoy_resources(), service.namespace, service.cec_name)}
+    delivered = qualify_like_cilium(service.envoy_resources(), service.namespace, service.cec_name)
+    resources = {r["@type"].rsplit(".", 1)[-1]: r for r in delivered}
     (virtual_host,) = resources["RouteConfiguration"]["virtual_hosts"]
     (chain,) = resources["Listener"]["filter_chains"]
     (manager,) = chain["filters"]
@@ -91,8 +94,8 @@ def service_group(service: MeshService) -> dict:
     }
     group = _fill(template, values, SERVICE_RULES_FILE.name)
     total = sum(service.weights.values())
-    weights = [{"record": "mesh_service:weight:ratio", "expr": f"vector({service.weights[v] / total:g})", "labels": {"version": v}}
-               for v in service.versions]  # fmt: skip
+    weights = [{"record": "mesh_service:weight:ratio", "expr": f"vector({service.weights[v] / total:g})",
+                "labels": {"version": v}} for v in service.versions]  # fmt: skip
     group["rules"] = [*weights, *group["rules"]]
     for rule in group["rules"]:
         rule["labels"] = {"namespace": service.namespace, "service": service.name, **rule.get("labels", {})}
@@ -110,7 +113,8 @@ def namespace_group(namespaces: Sequence[str]) -> dict:
     return _fill(template, values, NAMESPACE_RULES_FILE.name)
 
 
-class _BlockDumper(yaml.SafeDumper):
+# libyaml's emitter and parser, as manifests.py's loader: the file of 40 services is half a megabyte.
+class _BlockDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):
     """Multi-line expressions as literal blocks, as written in the templates (and as AMP's console shows them)."""
 
 
@@ -121,7 +125,8 @@ _BlockDumper.add_representer(
 
 def rule_file_usage(text: str) -> tuple[int, int]:
     """(bytes, rules) of a rule file: what AMP's quotas count (AMP_RULE_FILE_MAX_BYTES, AMP_RULES_PER_WORKSPACE)."""
-    return len(text.encode()), sum(len(group["rules"]) for group in yaml.safe_load(text)["groups"])
+    (document,) = parse_documents(text)
+    return len(text.encode()), sum(len(group["rules"]) for group in document["groups"])
 
 
 def rule_file(services: Sequence[MeshService]) -> str:
