@@ -403,12 +403,23 @@ class Deployed:
             raise LookupError(f"no workload of the manifests runs pods labelled {_labels_text(labels)} in namespace {namespace}")
         return found
 
+    @cached_property
+    def _placed(self) -> dict[str, list[Endpoint]]:
+        placed = {}
+        for node in NODES:
+            placed[node] = [Endpoint("pod", _node_address(node, COREDNS_OFFSET), node, "coredns", "kube-system", (("k8s-app", "kube-dns"),))]
+            placed[node] += [Endpoint("pod", _node_address(node, FIRST_POD_OFFSET + index), node, w.name, w.namespace, w.labels, w.pre_stop_s)
+                             for index, w in enumerate(self.pod_kinds)]  # fmt: skip
+        return placed
+
     def pods(self, node: str) -> list[Endpoint]:
         """One pod of every workload on ``node`` (and coredns, which EKS runs), with distinct addresses."""
-        pods = [Endpoint("pod", _node_address(node, COREDNS_OFFSET), node, "coredns", "kube-system", (("k8s-app", "kube-dns"),))]
-        for index, w in enumerate(self.pod_kinds):
-            pods.append(Endpoint("pod", _node_address(node, FIRST_POD_OFFSET + index), node, w.name, w.namespace, w.labels, w.pre_stop_s))
-        return pods
+        return self._placed[node]
+
+    @cached_property
+    def cilium_envoy_configs(self) -> dict[str, dict]:
+        """Each service's CiliumEnvoyConfig, by ``namespace/name``."""
+        return {s.key: s.cilium_envoy_config() for s in self.services}
 
     def pod(self, workload: str, node: str) -> Endpoint:
         return next(p for p in self.pods(node) if p.workload == workload)
@@ -535,7 +546,6 @@ class Hop:
     retry_after_timeout: bool = False
     datapaths: tuple = DATAPATHS
     service: str | None = None  # the declared service (namespace/name) the path belongs to
-    mirror: bool = False  # Envoy's copy of a request (request_mirror_policies), whose answer it drops
 
 
 @dataclass
@@ -714,7 +724,7 @@ def _cec_hops(service: MeshService, client: str, request: Request, any_headers: 
         if "retry_policy" in action:
             hops += [replace(h, name=f"{h.name}, retry after a per-try timeout", retry_after_timeout=True) for h in tries]
         for mirror in action.get("request_mirror_policies", []):
-            hops += [replace(h, mirror=True) for h in _cluster_hops(service, clusters[mirror["cluster"]], f"{prefix}, mirror", client, sent)]
+            hops += _cluster_hops(service, clusters[mirror["cluster"]], f"{prefix}, mirror", client, sent)  # its answer is dropped
     return hops
 
 
@@ -761,7 +771,7 @@ def paths(deployed: Deployed) -> list[Hop]:
         hops.append(Hop(f"{workload} -> {name}:{port}", workload, "direct", f"{namespace}/{name}", Request(port, path=path)))
     for workload in _callers_in_documents(deployed):
         for container in workload["spec"]["template"]["spec"]["containers"]:
-            if any(env["name"] == "INGRESS_SERVICE" and env["value"] for env in container.get("env", [])):
+            if any(env["name"] == "INGRESS_SERVICE" and env.get("value") for env in container.get("env", [])):
                 name = workload_name(workload)
                 hops.append(Hop(f"{name} -> the NLB's addresses:80 (through a NAT gateway)", name, "direct", "world", Request(80)))
     for s in deployed.services:
@@ -827,7 +837,8 @@ def must_deny(deployed: Deployed) -> list[Hop]:
         hops += [h for h in _cec_hops(s, outsider, check) if not h.retry_after_timeout]
         limited = [(deployed.find(c.namespace or s.namespace, c.labels), c.http, _caller_requests(s, c, "eni")[0].path)
                    for c in s.callers if c.http]  # fmt: skip
-        limited.append((smoke, (HttpRule("GET", s.check_path),), s.check_path))
+        asked_by_smoke = tuple(HttpRule(p.method, re.escape(p.path)) for p in smoke_probes(s))  # its L7 rules (policy.py)
+        limited.append((smoke, asked_by_smoke, s.check_path))
         for workload, rules, path in limited:
             method = _refused_method(rules, path)
             if method is None:
@@ -890,7 +901,7 @@ def _targets(deployed: Deployed, hop: Hop, node: str, outcome: Outcome) -> list[
         return found
     if hop.via == "cec-eds":
         namespace, name = hop.target.split("/", 1)
-        config = deployed.mesh_service(hop.service).cilium_envoy_config()
+        config = deployed.cilium_envoy_configs[hop.service]
         listed = {(s["namespace"], s["name"]) for s in config["spec"]["backendServices"]}
         found = deployed.backends(namespace, name, node) if (namespace, name) in listed else []
         outcome.check("eds", bool(found), f"{hop.target} -> {', '.join(map(str, found)) or 'nothing'}", "no address")
@@ -906,7 +917,7 @@ def _targets(deployed: Deployed, hop: Hop, node: str, outcome: Outcome) -> list[
 
 def _redirected(outcome: Outcome, deployed: Deployed, service: MeshService) -> None:
     """The client's connection to the Service goes to its node's Envoy (rule "l7lb-redirect")."""
-    listed = {(s["namespace"], s["name"]) for s in service.cilium_envoy_config()["spec"]["services"]}
+    listed = {(s["namespace"], s["name"]) for s in deployed.cilium_envoy_configs[service.key]["spec"]["services"]}
     outcome.check("l7lb-redirect", (service.namespace, service.name) in listed,
                   f"{service.name} is in the CiliumEnvoyConfig's spec.services")  # fmt: skip
     if deployed.service_document(service.namespace, service.name) is None:
@@ -1006,14 +1017,15 @@ def evaluate_all(deployed: Deployed, hops: Sequence[Hop] | None = None) -> list[
 
 
 def cec_statuses(deployed: Deployed, service: MeshService) -> dict[tuple[str, str], str]:
-    """For the loopback harness: per (cluster kind, version) of ``service``, what a request's first try meets in
-    the cluster, the worst of both placements and of every client (its callers, the smoke test, the load):
-    "delivered", "denied" (403 before connect), "dropped" or "no address"."""
+    """For the loopback harness: per (cluster kind, version) of ``service``, what a request's first try (or its
+    mirrored copy) meets in the cluster, the worst of both placements and of every client (its callers, the
+    smoke test, the load): "delivered", "denied" (403 before connect), "dropped" or "no address". Only the
+    clusters some request reaches are there (an EDS cluster needs a pin, a route to its version or the mirror)."""
     service = deployed.mesh_service(service.key)
     statuses: dict[tuple[str, str], str] = {}
     for client in _clients(deployed, service):
         for hop in (h for request in client.requests for h in _cec_hops(service, client.workload, request, client.any_headers)):
-            if hop.retry_after_timeout or hop.mirror:
+            if hop.retry_after_timeout:
                 continue
             version = next(v for v in service.versions if hop.target in (service.eds_cluster(v), service.version_host(v)))
             key = ("eds" if hop.via == "cec-eds" else "dns", version)

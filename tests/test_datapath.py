@@ -362,16 +362,16 @@ def test_declared_services_deliver_beside_the_sample(datapath):
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_a_caller_dropped_from_the_declaration_is_refused(datapath):
     """The policy follows the declaration: checkout, no longer declared, is refused on every path."""
-    alone = dataclasses.replace(PAYMENTS, callers=(Caller(labels={"app": "someone-else"}),))
+    alone = dataclasses.replace(PAYMENTS, callers=())
     broken = failing(declared(datapath, policies=policies_of(datapath, alone, LEDGER)))
     assert broken and all(line.startswith(f"{CHECKOUT} -> payments") and ": denied  <- policy: no ingress rule" in line for line in broken)
 
 
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_a_declared_services_version_services_with_cluster_ips_are_denied_as_world(datapath):
-    """Envoy checks a caller's egress on the ClusterIP it dials: world. ledger's callers with an egress policy
-    (auditor under the namespace's default deny, the smoke test, the rollout load) are refused; payments' pods have none, so the
-    socket LB would take theirs to a pod (rule "envoy-socket-lb", on trust)."""
+    """Envoy checks a caller's egress on the ClusterIP it dials: world. ledger's clients with an egress policy
+    (auditor under the namespace's default deny, the smoke test, the rollout load) are refused; payments' pods
+    have none, so the socket LB would take theirs on to a pod (rule "envoy-socket-lb", on trust)."""
     model = declared(datapath).with_cluster_ip_version_services(LEDGER)
     broken = failing(model)
     assert broken and all(" -> ledger (" in line and "identity world" in line and ": denied" in line for line in broken)

@@ -1,5 +1,6 @@
-"""Metrics: the AMP resources, the scrape configuration and rules checked by the real promtool, the rules'
-unit tests, and the same rules in a real Prometheus over the real Envoy, where each fault sets off its alert."""
+"""Metrics: the AMP resources, the scrape configuration and the rule file rendered for the declared services
+checked by the real promtool and against AMP's quotas, the rules' unit tests (two services judged apart), and
+the same rules in a real Prometheus over the real Envoy, where each fault sets off its alert."""
 
 import base64
 import datetime

@@ -35,9 +35,11 @@ def service_checks(service: MeshService, network_policy: bool) -> dict:
         "weights": {v: w for v, w in service.weights.items() if w > 0},
         "probes": [{"check": p.check, "method": p.method, "path": p.path, "headers": p.headers, "expect": p.expect}
                    for p in smoke_probes(service)],  # fmt: skip
-        # The outsider asks each version's pods directly (the headless Service: no Envoy in between).
-        "refused_urls": {v: f"http://{service.version_host(v)}:{service.pod_port}{service.check_path}"
-                         for v in service.versions} if refused else {},  # fmt: skip
+        # Each version's pods, asked directly (the headless Service: no Envoy in between): the smoke test
+        # expects each weighted version to answer (the split's header names the routed destination, which
+        # failover may hide), the outsider expects every version to refuse it.
+        "version_urls": {v: f"http://{service.version_host(v)}:{service.pod_port}{service.check_path}" for v in service.versions},
+        "refused": refused,
     }
 
 

@@ -13,10 +13,11 @@ NLB up, so each check is retried every RETRY_S until it passes or DEADLINE_S run
            cross-zone load balancing is off, so each address reaches its zone's nodes).
   app      with the sample app: GET productcatalog /products/: its "details" are catalogdetail's answer.
   deny     with the sample app: frontend:9000 straight from this pod: no answer.
-  services for each declared service (SERVICES), each probe: the split (SPLIT_REQUESTS, each version's
-           count of the x-cilium-mesh-destination answers within SIGMAS binomial standard deviations of
-           its weight), each pin (PIN_REQUESTS, every answer from that version), each route a GET or
-           HEAD reaches (every answer from its version). An answer counts with a status below 400.
+  services for each declared service (SERVICES): each weighted version's pods answer directly; then
+           each probe: the split (SPLIT_REQUESTS, each version's count of the x-cilium-mesh-destination
+           answers within SIGMAS binomial standard deviations of its weight), each pin (PIN_REQUESTS,
+           every answer from that version), each route a GET or HEAD reaches (every answer from its
+           version). An answer counts with a status below 400.
   outsider the outsider Job's line (OUTSIDER_KEY in the verdict ConfigMap).
 The outsider Job (ROLE=outsider, an identity no service admits) asks each version's pods of each
 service with callers directly: none may answer. It writes its own line under its VERDICT_KEY.
@@ -132,6 +133,7 @@ def probe_checks(settings: dict) -> list:
     """Each probe of each declared service, as a check that returns its failures."""
     checks = []
     for service in settings["services"]:
+        checks.append(lambda s=service: check_versions(s))
         for probe in service["probes"]:
             if probe["expect"] == "split":
                 checks.append(lambda s=service, p=probe: [check_split(s, p, settings["split_requests"])])
@@ -140,11 +142,22 @@ def probe_checks(settings: dict) -> list:
     return checks
 
 
+def check_versions(service: dict) -> list:
+    """Each weighted version's pods answer the smoke test directly (failover would hide one that does not)."""
+    failures = []
+    for version in service["weights"]:
+        url = service["version_urls"][version]
+        status = get(url)[0]
+        if not 0 < status < 400:
+            failures.append(f"{service['service']} version {version}: {url} answered {status or 'nothing'}")
+    return failures
+
+
 def check_refused(settings: dict) -> list:
     """The outsider's check: no version's pods of a service with callers answer it."""
     failures = []
-    for service in settings["services"]:
-        for version, url in service["refused_urls"].items():
+    for service in (s for s in settings["services"] if s["refused"]):
+        for version, url in service["version_urls"].items():
             status = get(url, timeout=settings["deny_timeout_s"])[0]
             if status:
                 failures.append(f"{service['service']} deny {version}: {url} answered {status} to a non-caller (its policy must refuse it)")
