@@ -105,7 +105,7 @@ class CiliumEksStack(Stack):
 
     def _rollout_gate(self) -> RolloutGate | None:
         """AMP for the services' gated rollouts: the workspace's query API, after the rules the gate reads."""
-        if not self.config.metrics:
+        if not self.config.metrics or self.metrics.rules is None:
             return None
         workspace = self.metrics.workspace
         return RolloutGate(query_url=Fn.join("", [workspace.attr_prometheus_endpoint, "api/v1/query"]),

@@ -26,6 +26,7 @@ import botocore
 from cilium_mesh import DeclarationError, MeshService
 from cilium_mesh.declaration import ServicesError, check_unique, sample_service, services
 from cilium_mesh.manifests import DATAPATHS
+from cilium_mesh.metrics_files import RuleFileError, rule_file
 from cilium_mesh.rollout_plan import RolloutError, RolloutSettings
 from cilium_mesh.versions import CILIUM_RELEASES
 
@@ -413,6 +414,11 @@ def _services(context, metrics: bool) -> tuple[bool, tuple[MeshService, ...]]:
     for s in declared:
         if s.rollout is not None and not metrics:
             raise ConfigError(f"services[{s.name}].rollout: needs metrics true (its gate reads the metrics' recording rules); set it to null")
+    if metrics:
+        try:
+            rule_file(declared)
+        except RuleFileError as error:
+            raise ConfigError(f"services: {error}") from None
     return sample, declared
 
 

@@ -1,6 +1,7 @@
 """Every Kubernetes object the stack applies is valid for the cluster's version, and hardened."""
 
 import copy
+import dataclasses
 import json
 import re
 
@@ -292,3 +293,28 @@ def test_datapath_file_replaces_policies_by_name_and_names_only_existing_ones(da
     stray = {**own[0], "metadata": {"name": "allow-dnss", "namespace": "workshop"}}
     with pytest.raises(ValueError, match="allow-dnss"):
         replaced_by_name(base, [stray])
+
+
+def test_the_mesh_namespace_enforces_restricted_and_its_pods_meet_it():
+    """cilium-mesh runs the smoke test's two Jobs and each rollout's load under Pod Security "restricted":
+    non-root, RuntimeDefault seccomp, no privilege escalation, every capability dropped, no host volume."""
+    from cilium_mesh.rollout_load import load_documents_of
+    from cilium_mesh.rollout_plan import RolloutLoad, RolloutSettings
+    from cilium_mesh.smoke_files import smoke_documents
+
+    labels = load_documents(MESH_NAMESPACE_FILE)[0]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    sample = sample_service()
+    loaded = dataclasses.replace(sample, rollout=RolloutSettings(load=RolloutLoad()))
+    workloads = [d for d in smoke_documents([sample], "eni", True, True) + load_documents_of(loaded, True)
+                 if d["kind"] in ("Job", "Deployment")]  # fmt: skip
+    assert len(workloads) == 3
+    for workload in workloads:
+        pod = workload["spec"]["template"]["spec"]
+        assert workload["metadata"]["namespace"] == "cilium-mesh"
+        assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert all(set(v) - {"name"} <= {"configMap", "projected", "emptyDir"} for v in pod.get("volumes", []))
+        for container in pod["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+            validate(workload)

@@ -172,3 +172,9 @@ def test_the_schema_refuses_what_the_model_refuses():
         with pytest.raises(ServicesError):
             services(bad)
     assert not list(validator.iter_errors({"context": {"services": declared(routes=[{"path": "/a", "to": "v2"}])}}))
+
+
+def test_a_rollout_needs_the_failover_clusters_its_gate_reads():
+    with pytest.raises(ServicesError, match=r"^services\[payments\]\.rollout: needs failover \(not false\)"):
+        services(declared(failover=False, rollout={}))
+    assert services(declared(failover=["v2", "v1"], rollout={}))[0].rollout is not None

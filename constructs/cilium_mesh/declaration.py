@@ -19,7 +19,7 @@ from pydantic import ConfigDict, TypeAdapter, ValidationError
 from .manifests import SAMPLE_DECLARATION_FILE, load_documents
 from .rollout_plan import RolloutError, RolloutLoad, RolloutSettings
 from . import traffic
-from .traffic import MeshService
+from .traffic import DeclarationError, MeshService
 
 # What one deploy carries: every service adds a manifest, a rollout resource and rule groups, and the
 # stack must stay within CloudFormation's 500 resources and AMP's rules (tools.bench_synth measures both).
@@ -86,7 +86,10 @@ def service(entry: Any, index: int, prefix: str = "services") -> MeshService:
         settings = RolloutSettings.from_mapping(rollout)
     except (RolloutError, TypeError) as error:
         raise ServicesError(f"{where}.rollout: {error}") from None
-    return dataclasses.replace(declared, rollout=settings)
+    try:
+        return dataclasses.replace(declared, rollout=settings)
+    except DeclarationError as error:  # what only the rollout and the rest together show
+        raise ServicesError(str(error)) from None
 
 
 def services(value: Any, prefix: str = "services") -> tuple[MeshService, ...]:

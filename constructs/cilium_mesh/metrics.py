@@ -137,9 +137,10 @@ class MeshMetrics(Construct):
                 },
             )
         )
+        # Without services there is nothing to record (an empty rule groups namespace is not made).
         self.rules = aps.CfnRuleGroupsNamespace(
             self, "Rules", name=RULES_NAMESPACE, workspace=self.workspace.attr_arn, data=rule_file(props.services)
-        )
+        ) if props.services else None
 
         self.scraper_security_group = ec2.SecurityGroup(
             self,

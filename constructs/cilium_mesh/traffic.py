@@ -404,6 +404,9 @@ class MeshService:
         elif not isinstance(self.failover, bool):
             self._fail("failover", f"must be true, false or a list of versions (got {self.failover!r})")
         self._check_resilience()
+        if self.rollout is not None and self.failover is False:
+            self._fail("rollout", "needs failover (not false): the gate reads each version's per-endpoint stats of the failover"
+                                  " clusters, which a split over EDS clusters does not record")  # fmt: skip
         if self.callers is not None:
             for i, caller in enumerate(self.callers):
                 self._check_caller(f"callers[{i}]", caller)
@@ -603,7 +606,8 @@ class MeshService:
                                 "@type": _type(
                                     "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
                                 ),
-                                "stat_prefix": self.cec_name,
+                                # Its namespace too: one node's Envoy serves same-named services of two namespaces.
+                                "stat_prefix": f"{self.namespace}/{self.cec_name}",
                                 "rds": {"route_config_name": ROUTE_NAME},
                                 "http_filters": [
                                     {
