@@ -69,3 +69,33 @@ def test_the_example_synthesizes_with_the_installed_library(installed, tmp_path)
     assert {("Service", f"payments{v}") for v in ("v1", "v2", "v3")} <= names
     assert ("CiliumNetworkPolicy", "mesh-inventory-default-deny") in names
     assert not {n for k, n in names if k == "Deployment"}, "the sample app is not applied"
+
+
+@pytest.mark.parametrize("datapath", ["chaining", "eni"])
+def test_every_path_of_the_examples_services_delivers_and_every_refusal_holds(datapath):
+    """The datapath model of the example's services (no sample app): every caller's, the smoke test's and
+    the load's requests through each route, cluster and priority deliver; the outsider and (eni) a
+    method outside the callers' rules are refused."""
+    from checks.datapath import Deployed, evaluate_all, must_deny
+
+    deployed = Deployed.of(datapath, example_module().SERVICES, sample_app=False)
+    outcomes = evaluate_all(deployed)
+    assert outcomes and [o for o in outcomes if o.status != "delivered"] == []
+    refusals = evaluate_all(deployed, must_deny(deployed))
+    assert refusals and [o for o in refusals if o.status == "delivered"] == []
+    for name in ("payments", "inventory"):
+        assert len([o for o in outcomes if name in o.hop.name]) >= 20, name
+
+
+@pytest.mark.envoy
+def test_the_examples_cilium_envoy_configs_run_in_cilium_envoys_envoy():
+    """Each service's exact resources in the Envoy limited to cilium-envoy's extensions: every route, the
+    split, the mirror and the failover deliver where the declaration says (check_services_in_envoy
+    raises naming any that does not)."""
+    from checks.cilium_envoy import build_for
+    from checks.envoy_harness import check_services_in_envoy
+    from conftest import CONTEXT
+
+    results = check_services_in_envoy(example_module().SERVICES, build_for(CONTEXT["cilium_version"]).tag, datapath="chaining")
+    assert sorted(results) == ["shop/inventory", "shop/payments"]
+    assert all(results.values())
