@@ -162,11 +162,6 @@ class StandIn(LoopbackServer):
         self.mirrored = 0
         super().__init__(address, _StandInHandler)
 
-    @property
-    def served(self) -> int:
-        """Requests answered, mirrored copies included."""
-        return sum(self.asked.values()) + self.mirrored
-
     def fail(self, fault: Fault) -> None:
         """From now on answer as ``fault`` says; "down" also stops accepting and ends open connections."""
         if fault.kind not in ("ok", "errors", "down"):
@@ -237,19 +232,12 @@ class _DnsHandler(socketserver.BaseRequestHandler):
         sock.sendto(header + question + answers, self.client_address)
 
 
-class DeniedStandIn(LoopbackServer):
-    """Where Cilium would deny: answers 403 "Access denied", as cilium-envoy's upstream policy check does."""
-
-    def __init__(self, address: tuple[str, int]):
-        self.served = 0
-        super().__init__(address, _DeniedHandler)
-
-
 @_every_method
 class _DeniedHandler(LoopbackHandler):
+    """Where Cilium would deny: answers 403 "Access denied", as cilium-envoy's upstream policy check does."""
+
     def answer(self):
         self.read_body()
-        self.server.served += 1
         self.reply(403, ACCESS_DENIED, "text/plain")
 
 
@@ -609,7 +597,7 @@ def running(service: MeshService, tag: str, faults: dict[str, Fault] | None = No
 
     statuses:         per (cluster kind "eds"/"dns", version), what Cilium and the VPC do to a request
                       there ("delivered", "denied", "dropped", "no address"); by default the datapath
-                      model's for ``datapath``.
+                      model's for ``datapath`` with the service deployed alone (model_statuses).
     dynamic_clusters: clusters over CDS, so that ``envoy.apply_policy`` can change the weights (and the
                       clusters they bring) of the running Envoy.
     """
@@ -634,7 +622,7 @@ def running(service: MeshService, tag: str, faults: dict[str, Fault] | None = No
                 stand_ins[version] = serve(StandIn(service, version, faults[version], seed + index, (addresses[version], port)))
             except OSError as error:
                 raise RuntimeError(f"cannot listen on {addresses[version]}:{port}: {error}") from None
-        serve(DeniedStandIn((addresses["denied"], port)))
+        serve(LoopbackServer((addresses["denied"], port), _DeniedHandler))
         stack.callback(Blackhole((addresses["dropped"], port)).stop)
 
         def address(kind: str, version: str) -> str | None:
@@ -772,8 +760,9 @@ def declared_destination(service: MeshService, method: str, path: str, headers: 
 
 @dataclass
 class Delivery:
-    """What one kind of request met in Envoy: ``label`` names it (``pin v2``, ``routes[1] GET /api``,
-    ``split GET /``), ``expected`` is where the declaration sends it (a version, or "split")."""
+    """What one kind of request met in Envoy: ``label`` names it (``pin v2 GET / [x-version: v2]``,
+    ``routes[1] GET /api``, ``split GET /``, ``failover v1 down GET / (48 routed to v1)``), ``expected`` is
+    where the declaration sends it (a version, or "split")."""
 
     label: str
     expected: str
@@ -794,19 +783,32 @@ class Delivery:
         return f"{self.label} -> {self.expected}" + (f": {said}" if said else "")
 
 
-def _judge(service: MeshService, delivery: Delivery) -> Delivery:
+def _judge(service: MeshService, delivery: Delivery, by_weight: bool) -> Delivery:
     """Every answer 200 from the version it was routed to, and that the declared one (for the split: a
-    weighted version, in the weights' proportions within SIGMAS)."""
+    weighted version; ``by_weight``: in the weights' proportions within SIGMAS)."""
     declared = service.weighted_versions if delivery.expected == "split" else (delivery.expected,)
     wrong = sum(a.status != 200 or a.version != a.destination or a.destination not in declared for a in delivery.answers)
     if wrong:
         delivery.problem = f"{wrong} of {len(delivery.answers)} not answered by the version declared"
-    elif delivery.expected == "split" and delivery.label.startswith("split"):
+    elif by_weight:
         n, total = len(delivery.answers), sum(service.weights.values())
         off = [v for v in service.weighted_versions if abs(delivery.versions[v] - n * service.weights[v] / total)
                > SIGMAS * math.sqrt(n * service.weights[v] / total * (1 - service.weights[v] / total))]  # fmt: skip
         if off:
             delivery.problem = f"{', '.join(off)} off the weights {dict(service.weights)}"
+    return delivery
+
+
+def _judge_failover(delivery: Delivery, down: str) -> Delivery:
+    """With ``down``'s pods gone: what was routed to it answered by the next priority (``expected``), the rest
+    by their own versions; at most one in 20 unanswered (the tries before Envoy ejects the host)."""
+    wrong = sum(a.status == 200 and a.version != (delivery.expected if a.destination == down else a.destination)
+                for a in delivery.answers)  # fmt: skip
+    failed = sum(a.status != 200 for a in delivery.answers)
+    if wrong:
+        delivery.problem = f"{wrong} of {len(delivery.answers)} answered by a version other than the declared failover"
+    elif failed * 20 > len(delivery.answers):
+        delivery.problem = f"{failed} of {len(delivery.answers)} unanswered"
     return delivery
 
 
@@ -833,18 +835,21 @@ def check_service_in_envoy(service: MeshService, tag: str, statuses: dict[tuple[
     """The service's CiliumEnvoyConfig in Envoy: ``requests`` pinned to each version (with a pin header), the
     same for each declared route (its path, headers and first method), and ``split_requests`` that no route
     matches. Each Delivery says what answered and, if it is not what the declaration says, its problem; the
-    mirror (if any) is one more, its copies counted by the mirrored version's stand-in. ``statuses``: Cilium's
+    mirror (if any) is one more, its copies counted by the mirrored version's stand-in; and with failover,
+    for each weighted version in an Envoy of its own with that version's pods down, ``5 * requests`` of the
+    split's requests (what was routed to it must be answered by its next priority). ``statuses``: Cilium's
     verdicts, as for ``running``."""
     deliveries = []
     with running(service, tag, statuses=statuses) as (envoy, _, stand_ins):
         address = (LOOPBACK, envoy.port)
         mirrored_requests = 0
 
-        def deliver(label: str, count: int, method: str, path: str, headers: dict[str, str]) -> None:
+        def deliver(label: str, count: int, method: str, path: str, headers: dict[str, str], by_weight: bool = False) -> None:
             nonlocal mirrored_requests
             answers, _, _ = send(address, count, headers, path, method)
             expected = declared_destination(service, method, path, headers)
-            deliveries.append(_judge(service, Delivery(f"{label} {method} {path}", expected, answers)))
+            shown = "".join(f" [{name}: {value}]" for name, value in headers.items())
+            deliveries.append(_judge(service, Delivery(f"{label} {method} {path}{shown}", expected, answers), by_weight))
             mirrored_requests += 0 if service.pin_header in headers else count
 
         for version in service.versions if service.pin_header else ():
@@ -859,7 +864,7 @@ def check_service_in_envoy(service: MeshService, tag: str, statuses: dict[tuple[
         if unrouted is None:
             deliveries.append(Delivery("split not checked (every request matches a route)", "split", []))
         else:
-            deliver("split", split_requests, *unrouted, {})
+            deliver("split", split_requests, *unrouted, {}, by_weight=True)
         if service.mirror is not None:
             wait_for_mirror(envoy, service)
             copies = stand_ins[service.mirror.version].mirrored
@@ -868,6 +873,16 @@ def check_service_in_envoy(service: MeshService, tag: str, statuses: dict[tuple[
             if abs(copies - n * p) > SIGMAS * math.sqrt(n * p * (1 - p)):
                 mirror.problem = f"{copies} copies reached {service.mirror.version}, expected about {n * p:.0f}"
             deliveries.append(mirror)
+    for down in service.weighted_versions if service.failover is not False and unrouted else ():
+        order = service.failover_order(down)
+        if len(order) < 2:
+            continue
+        method, path = unrouted
+        with running(service, tag, {down: Fault("down")}, statuses=statuses) as (envoy, _, _):
+            answers, _, _ = send((LOOPBACK, envoy.port), 5 * requests, None, path, method)
+        routed = sum(a.destination == down for a in answers)
+        label = f"failover {down} down {method} {path} ({routed} routed to {down})"
+        deliveries.append(_judge_failover(Delivery(label, order[1], answers), down))
     return deliveries
 
 

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -494,17 +495,29 @@ def test_the_load_is_counted_in_its_own_virtual_cluster():
 
 @pytest.mark.envoy
 def test_check_services_in_envoy_runs_every_route_of_every_service():
-    """The sample and a service with routes and a mirror: every pin, route, the split and the mirror as declared."""
+    """The sample, a service with routes and a mirror, and one with a failover order: every pin, route, the
+    split, the mirror and each weighted version's failover, as declared."""
     mirrored = dataclasses.replace(PAYMENTS, mirror=Mirror("v3", 50))
-    results = check_services_in_envoy([SAMPLE, mirrored], TAG, sample_app=True)
-    assert [d.label for d in results["workshop/catalogdetail"]] == [
-        "pin v1 GET /catalogDetail", "pin v2 GET /catalogDetail", "split GET /catalogDetail"]  # fmt: skip
-    payments = {d.label.split(" ")[0] + " " + d.label.split(" ")[1]: d for d in results["shop/payments"]}
-    assert payments["routes[0] GET"].versions == {"v3": 20} and payments["routes[4] GET"].versions == {"v1": 20}
-    assert payments["routes[5] POST"].versions == {"v3": 20}
-    assert set(payments["split GET"].versions) == {"v1", "v2"} and sum(payments["split GET"].versions.values()) == 200
-    (mirror,) = [d for d in results["shop/payments"] if d.label.startswith("mirror")]
-    assert mirror.problem is None and mirror.label.startswith("mirror 50% of ")
+    results = check_services_in_envoy([SAMPLE, mirrored, PRIORITIES], TAG, sample_app=True)
+
+    def checked(key):
+        return [(d.label.split(" (")[0], d.expected) for d in results[key]]
+
+    assert checked("workshop/catalogdetail") == [
+        ("pin v1 GET /catalogDetail [x-catalog-version: v1]", "v1"), ("pin v2 GET /catalogDetail [x-catalog-version: v2]", "v2"),
+        ("split GET /catalogDetail", "split"),
+        ("failover v1 down GET /catalogDetail", "v2"), ("failover v2 down GET /catalogDetail", "v1"),
+    ]  # fmt: skip
+    assert checked("shop/payments")[3:10] == [
+        ("routes[0] GET /exact", "v3"), ("routes[1] GET /api/v2", "v2"), ("routes[2] GET / [x-beta: yes]", "v3"),
+        ("routes[3] GET /api/open", "split"), ("routes[4] GET /api", "v1"), ("routes[5] POST /", "v3"), ("split GET /health", "split"),
+    ]  # fmt: skip
+    payments = {label: d for (label, _), d in zip(checked("shop/payments"), results["shop/payments"])}
+    assert payments["routes[2] GET / [x-beta: yes]"].versions == {"v3": 20}
+    assert set(payments["split GET /health"].versions) == {"v1", "v2"} and payments["split GET /health"].versions.total() == 200
+    assert payments["mirror 50% of 320 requests"].expected == "v3"
+    assert checked("bank/ledger")[1:] == [("failover v1 down GET /", "v3"), ("failover v2 down GET /", "v3"), ("failover v3 down GET /", "v1")]
+    assert set(results["bank/ledger"][2].versions) == {"v1", "v3"}  # v2 down: its share to v3, v1 keeps its own
 
 
 @pytest.mark.envoy
@@ -613,6 +626,42 @@ def test_tools_reject_bad_flags_in_one_line(tool, arguments, line):
     )  # fmt: skip
     assert result.returncode == 2
     assert [text for text in result.stderr.splitlines() if text.startswith(f"{tool}:")] == [line]
+
+
+# PRIORITIES as cdk.json's services declares it.
+LEDGER_DECLARED = {
+    "name": "ledger", "namespace": "bank", "port": 7000,
+    "versions": {v: {"app": "ledger", "version": v} for v in ("v1", "v2", "v3")},
+    "weights": {"v1": 2, "v2": 1, "v3": 1}, "failover": ["v3", "v1", "v2"],
+}  # fmt: skip
+
+
+def test_the_tools_choose_among_the_declared_services():
+    from stacks.config import load_config
+    from tools.preview import chosen_service
+
+    config = load_config({**CONTEXT, "services": [LEDGER_DECLARED]})
+    assert chosen_service(config, "bank/ledger") == PRIORITIES
+    assert chosen_service(config, None).key == "workshop/catalogdetail"
+    with pytest.raises(ValueError) as error:
+        chosen_service(config, "bank/accounts")
+    assert str(error.value) == "--service bank/accounts is not declared; declared: workshop/catalogdetail, bank/ledger"
+
+
+@pytest.mark.envoy
+@pytest.mark.prometheus
+def test_preview_runs_a_declared_service(monkeypatch, capsys):
+    """``--service`` previews any declared service: its port and check path, its versions, its failover order."""
+    import tools.preview
+
+    monkeypatch.setattr(tools.preview, "cdk_json_context", lambda: {**CONTEXT, "services": [LEDGER_DECLARED]})
+    assert tools.preview.main(["--service", "bank/ledger", "--requests", "400", "--fault", "v2=down"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("ledger-traffic: 400 requests to ledger.bank:7000/ in Envoy")
+    rows = [re.match(r"(?:this policy)?\s+(v\d)\s+[\d.]+%\s+([\d.]+)%\s+\[", line) for line in lines]
+    shares = {row[1]: float(row[2]) for row in rows if row}
+    # v2's 25% goes to v3 (the declared order), not to the heavier v1: 50/0/50 within 4.5 standard errors.
+    assert abs(shares["v1"] - 50) <= 12 and shares["v2"] == 0 and abs(shares["v3"] - 50) <= 12, shares
 
 
 # --- Cilium's verdicts in the Envoy run (checks/datapath.py) ------------------------------------

@@ -318,7 +318,7 @@ class MeshService:
 
     @property
     def pod_port(self) -> int:
-        return self.target_port or self.port
+        return self.port if self.target_port is None else self.target_port
 
     @property
     def weighted_versions(self) -> tuple[str, ...]:
@@ -358,7 +358,7 @@ class MeshService:
             raise DeclarationError(f"services[{self.name!r}].name: {self.name!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
         if not isinstance(self.namespace, str) or not _DNS_LABEL.fullmatch(self.namespace) or len(self.namespace) > 63:
             self._fail("namespace", f"{self.namespace!r} is not a DNS label (a-z, 0-9, '-', at most 63)")
-        for label, value in (("port", self.port), ("target_port", self.target_port or 1)):
+        for label, value in (("port", self.port), ("target_port", self.pod_port)):
             if not _whole(value, 1, 65535):
                 self._fail(label, f"must be 1-65535 (got {value!r})")
         if not self.versions:
