@@ -31,6 +31,7 @@ from cilium_mesh.metrics_files import METRICS_PORTS, SCRAPE_CONFIG_FILE
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_RELEASES
 from checks.fixtures import cilium_chart
+from stacks.network import NODE_CIDR, NODE_SUBNET_TAG
 from checks.kubectl_layer import helm_template, layer_helm
 
 API_SERVER = "ABCDEF0123456789.gr7.us-west-2.eks.amazonaws.com"
@@ -71,6 +72,23 @@ EXPECTED_CONFIG = {
 }
 # What a Cilium minor must turn into besides (release-<minor>.yaml).
 EXPECTED_RELEASE_CONFIG = {"1.20": {"envoy-xds-mode": "split"}}
+# Datapath eni with its default, encryption wireguard with strict mode over the node subnets: the agent's
+# flags of 1.18 (encryption.strictMode.*) and of 1.19 and 1.20 (encryption.strictMode.egress.*).
+STRICT_MODE_CIDR = NODE_CIDR
+_WIREGUARD = {"enable-wireguard": "true", "subnet-tags-filter": "=".join(NODE_SUBNET_TAG), "enable-node-encryption": None}
+EXPECTED_ENCRYPTION_CONFIG = {
+    "1.18": {**_WIREGUARD, "enable-encryption-strict-mode": "true", "encryption-strict-mode-cidr": STRICT_MODE_CIDR,
+             "encryption-strict-mode-allow-remote-node-identities": "true", "enable-encryption-strict-mode-egress": None},
+    "1.19": {**_WIREGUARD, "enable-encryption-strict-mode-egress": "true", "encryption-strict-egress-cidr": STRICT_MODE_CIDR,
+             "encryption-strict-egress-allow-remote-node-identities": "true", "enable-encryption-strict-mode": None},
+}  # fmt: skip
+EXPECTED_ENCRYPTION_CONFIG["1.20"] = EXPECTED_ENCRYPTION_CONFIG["1.19"]
+
+
+def datapath_values(datapath: str, version: str) -> dict:
+    """The values the stack hands helm for a datapath with its default encryption (eni: wireguard)."""
+    encryption = "wireguard" if datapath == "eni" else "none"
+    return cilium_values(API_SERVER, datapath, CLUSTER_NAME, version, encryption=encryption, strict_mode_cidr=STRICT_MODE_CIDR)
 
 
 def key_paths(values: dict, prefix: str = "") -> list[str]:
@@ -134,7 +152,7 @@ def check(chart: Path, helm: Path, datapath: str) -> list[str]:
     """Problems found for one chart and datapath (empty when it is fine)."""
     name = f"{chart.name} ({datapath})"
     version = chart_version(chart)
-    values = cilium_values(API_SERVER, datapath, CLUSTER_NAME, version)
+    values = datapath_values(datapath, version)
     problems = [f"{name}: {path} is not in the chart's values.yaml" for path in dead_keys(values, chart_values(chart))]
     result = render(chart, helm, values)
     if result.returncode != 0:
@@ -142,7 +160,8 @@ def check(chart: Path, helm: Path, datapath: str) -> list[str]:
     documents = parse_documents(result.stdout)
     config = next(d for d in documents if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "cilium-config")["data"]
     minor = ".".join(version.split(".")[:2])
-    expected = {**EXPECTED_CONFIG["both"], **EXPECTED_CONFIG[datapath], **EXPECTED_RELEASE_CONFIG.get(minor, {})}
+    expected = {**EXPECTED_CONFIG["both"], **EXPECTED_CONFIG[datapath], **EXPECTED_RELEASE_CONFIG.get(minor, {}),
+                **(EXPECTED_ENCRYPTION_CONFIG[minor] if datapath == "eni" else {"enable-wireguard": None})}  # fmt: skip
     problems += [
         f"{name}: cilium-config {key}={config.get(key)!r}, expected {value!r}"
         for key, value in expected.items()

@@ -21,9 +21,11 @@ from cilium_mesh.smoke import SmokeTest, SmokeTestProps
 from constructs import Construct
 
 from .config import MeshConfig
+from .network import CONTROL_PLANE_SUBNETS, NODE_CIDR, NODE_SUBNET_TAG, NODE_SUBNETS, VPC_CIDR, WIREGUARD_PORT, covering_cidr
 from .versions import KUBERNETES_RELEASES
 
 LOAD_BALANCER_CONTROLLER_VERSION = eks.AlbControllerVersion.V3_2_2
+
 LOG_RETENTION = logs.RetentionDays.ONE_MONTH
 CILIUM_NOT_READY_TAINT = "node.cilium.io/agent-not-ready"
 # Keys of the controller chart 3.2.2 (aws/eks-charts stable/aws-load-balancer-controller/values.yaml).
@@ -49,7 +51,7 @@ class CiliumEksStack(Stack):
             self.nodes = self.load_balancer_controller = None
         else:
             self.vpc = self._network()
-            self.private_subnets = self.vpc.private_subnets
+            self.private_subnets = self.vpc.select_subnets(subnet_group_name=NODE_SUBNETS).subnets
             self.cluster = self._cluster()
             self.nodes = self._nodes()
             self.load_balancer_controller = self._load_balancer_controller()
@@ -75,9 +77,14 @@ class CiliumEksStack(Stack):
                 network_policy=config.network_policy,
                 datapath=config.datapath,
                 existing_cluster=self.existing is not None,
+                encryption=config.encryption,
+                strict_mode_cidr=NODE_CIDR if config.encryption == "wireguard" else None,
             ),
         )
         self.traffic = self.mesh.traffic
+        if config.encryption == "wireguard":
+            nodes = self.cluster.cluster_security_group
+            nodes.add_ingress_rule(nodes, ec2.Port.udp(WIREGUARD_PORT), "WireGuard between the nodes (Cilium)")
         if self.eni:
             self.eni_cleanup = EniCleanup(self, "CiliumEniCleanup", cluster_name=config.cluster_name)
             self.eni_cleanup.node.add_dependency(self.vpc)
@@ -118,12 +125,19 @@ class CiliumEksStack(Stack):
         vpc = ec2.Vpc(
             self,
             "Vpc",
-            ip_addresses=ec2.IpAddresses.cidr("10.0.0.0/16"),
+            ip_addresses=ec2.IpAddresses.cidr(VPC_CIDR),
             availability_zones=list(self.config.availability_zones),
             nat_gateways=len(self.config.availability_zones),
+            # In this order, allocated one after the other: the public subnets (NAT gateways, the NLB, and
+            # the VPC's resolver at .2), small subnets for the control plane's ENIs (and the kubectl
+            # provider), space held free, and the nodes' and pods' subnets last, together one CIDR
+            # (NODE_CIDR) that holds nothing else: WireGuard's strict mode drops unencrypted pod traffic
+            # to it, so the resolver and the API server must lie outside it (README, "Encryption").
             subnet_configuration=[
                 ec2.SubnetConfiguration(name="Public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=22),
-                ec2.SubnetConfiguration(name="Private", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=19),
+                ec2.SubnetConfiguration(name=CONTROL_PLANE_SUBNETS, subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=26),
+                ec2.SubnetConfiguration(name="Spare", subnet_type=ec2.SubnetType.PRIVATE_ISOLATED, cidr_mask=19, reserved=True),
+                ec2.SubnetConfiguration(name=NODE_SUBNETS, subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=19),
             ],
             flow_logs={
                 "All": ec2.FlowLogOptions(destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group))
@@ -131,8 +145,11 @@ class CiliumEksStack(Stack):
         )
         for subnet in vpc.public_subnets:
             Tags.of(subnet).add("kubernetes.io/role/elb", "1")
-        for subnet in vpc.private_subnets:
-            Tags.of(subnet).add("kubernetes.io/role/internal-elb", "1")
+        nodes = vpc.select_subnets(subnet_group_name=NODE_SUBNETS).subnets
+        for subnet in nodes:
+            Tags.of(subnet).add(NODE_SUBNET_TAG[0], NODE_SUBNET_TAG[1])
+        if covering_cidr(subnet.ipv4_cidr_block for subnet in nodes) != NODE_CIDR:
+            raise AssertionError(f"the node subnets are not {NODE_CIDR}: {[s.ipv4_cidr_block for s in nodes]}")
         return vpc
 
     def _cluster(self) -> eks.Cluster:
@@ -160,7 +177,7 @@ class CiliumEksStack(Stack):
             cluster_name=config.cluster_name,
             version=eks.KubernetesVersion.of(config.kubernetes_version),
             vpc=self.vpc,
-            vpc_subnets=[ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS)],
+            vpc_subnets=[ec2.SubnetSelection(subnet_group_name=CONTROL_PLANE_SUBNETS)],
             default_capacity_type=eks.DefaultCapacityType.NODEGROUP,
             default_capacity=0,
             bootstrap_self_managed_addons=False,
@@ -263,7 +280,7 @@ class CiliumEksStack(Stack):
             min_size=config.node_count,
             desired_size=config.node_count,
             max_size=config.node_count * 2,
-            subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            subnets=ec2.SubnetSelection(subnet_group_name=NODE_SUBNETS),
             node_role=node_role,
             launch_template_spec=eks.LaunchTemplateSpec(
                 id=launch_template.launch_template_id, version=launch_template.latest_version_number

@@ -28,7 +28,7 @@ from cilium_mesh.declaration import ServicesError, check_unique, sample_service,
 from cilium_mesh.manifests import DATAPATHS
 from cilium_mesh.metrics_files import RuleFileError, rule_file
 from cilium_mesh.rollout_plan import RolloutError, RolloutSettings
-from cilium_mesh.versions import CILIUM_RELEASES
+from cilium_mesh.versions import CILIUM_RELEASES, WIREGUARD_FIRST_PATCH
 
 from .versions import KUBERNETES_RELEASES, RETIRED_KUBERNETES
 
@@ -52,10 +52,11 @@ KEYS = (
     "existing_cluster",
     "sample_app",
     "services",
+    "encryption",
 )
 
 # Keys whose null is a value (none), not a missing key.
-OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout", "existing_cluster", "traffic_weights", "services")
+OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout", "existing_cluster", "traffic_weights", "services", "encryption")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {
@@ -162,6 +163,7 @@ class MeshConfig:
     smoke_test: bool
     existing_cluster: ExistingCluster | None = None
     sample_app: bool = True
+    encryption: str = "none"
 
     def service(self, key: str) -> MeshService:
         """A declared service by ``namespace/name``."""
@@ -422,6 +424,30 @@ def _services(context, metrics: bool) -> tuple[bool, tuple[MeshService, ...]]:
     return sample, declared
 
 
+ENCRYPTIONS = ("wireguard", "none")
+
+
+def _encryption(value: Any, datapath: str, cilium_version: str) -> str:
+    """Transparent encryption between nodes: null is the datapath's own (eni: wireguard; chaining: none)."""
+    if value is None:
+        value = "wireguard" if datapath == "eni" else "none"
+    if value not in ENCRYPTIONS:
+        raise ConfigError(f"encryption: {_shown(value)} must be null, wireguard or none")
+    if value == "wireguard" and datapath != "eni":
+        raise ConfigError(
+            "encryption: wireguard needs datapath eni: Cilium does not support transparent encryption while it"
+            " chains onto another CNI (cilium/cilium#15596); set encryption none, or datapath eni"
+        )
+    minor, patch = cilium_version.rsplit(".", 1)
+    if value == "wireguard" and int(patch) < WIREGUARD_FIRST_PATCH[minor]:
+        first = f"{minor}.{WIREGUARD_FIRST_PATCH[minor]}"
+        raise ConfigError(
+            f"cilium_version: {cilium_version} with encryption wireguard fragments L7 proxy traffic in native routing"
+            f" (cilium/cilium#42837, fixed in {first} by PR #42835); use {first} or newer, or encryption none"
+        )
+    return value
+
+
 def _aws_id(key: str, value: Any, kind: str) -> str:
     if not isinstance(value, str) or not _AWS_ID[kind].fullmatch(value):
         raise ConfigError(f"{key}: {_shown(value)} is not a {kind} ID like '{kind}-0123456789abcdef0'")
@@ -539,24 +565,27 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         )
     metrics = _flag("metrics", context("metrics"))
     sample, declared = _services(context, metrics)
+    datapath = _datapath(context("datapath"), cluster_name)
+    cilium_version = _cilium_version(context("cilium_version"))
     return MeshConfig(
         region=region,
         availability_zones=_zones(context("availability_zones"), region),
         cluster_name=cluster_name,
         kubernetes_version=kubernetes_version,
-        cilium_version=_cilium_version(context("cilium_version")),
+        cilium_version=cilium_version,
         node_instance_type=_instance_type(context("node_instance_type")),
         node_count=_node_count(context("node_count")),
         admin_principal_arn=_principal(context("admin_principal_arn")),
         endpoint_public_cidrs=_cidrs(context("endpoint_public_cidrs")),
         services=declared,
         network_policy=_flag("network_policy", context("network_policy")),
-        datapath=_datapath(context("datapath"), cluster_name),
+        datapath=datapath,
         metrics=metrics,
         alert_email=_alert_email(context("alert_email"), metrics),
         smoke_test=_flag("smoke_test", context("smoke_test")),
         existing_cluster=existing,
         sample_app=sample,
+        encryption=_encryption(_structured(context("encryption")), datapath, cilium_version),
     )
 
 

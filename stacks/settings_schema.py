@@ -44,6 +44,7 @@ SETTINGS = {
     ),
     "sample_app": ({"type": ["boolean", "string"]}, "Apply the Product Catalog sample and declare its catalogdetail (default true)."),
     "services": (None, "Your services in the mesh (README, Your services)."),
+    "encryption": ({"enum": ["wireguard", "none", None]}, "Transparent encryption between nodes: null is the datapath's (eni: wireguard; chaining: none)."),
 }
 
 

@@ -6,7 +6,17 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
-from cilium_mesh.manifests import CILIUM_DATAPATH_FILES, CILIUM_EXISTING_CLUSTER_FILE, CILIUM_VALUES_FILE, DATAPATHS, cilium_release_file, parse_documents
+from cilium_mesh.manifests import (
+    CILIUM_DATAPATH_FILES,
+    CILIUM_EXISTING_CLUSTER_FILE,
+    CILIUM_STRICT_MODE_DEFAULT_FILE,
+    CILIUM_STRICT_MODE_FILES,
+    CILIUM_VALUES_FILE,
+    CILIUM_WIREGUARD_FILE,
+    DATAPATHS,
+    cilium_release_file,
+    parse_documents,
+)
 from cilium_mesh.values import cilium_values, merge
 from checks.cilium_chart import API_SERVER, CLUSTER_NAME, chart_values, check, dead_keys, key_paths, render, supported_charts
 from checks.fixtures import cilium_chart
@@ -30,7 +40,8 @@ def test_values_are_the_shared_file_then_the_datapaths_then_the_clusters(datapat
 def test_datapath_files_set_different_keys_from_the_shared_file():
     """Each key lives in one file: a datapath file never overrides the shared one."""
     shared = set(key_paths(yaml.safe_load(CILIUM_VALUES_FILE.read_text())))
-    for path in [*CILIUM_DATAPATH_FILES.values(), *CILIUM_VALUES_FILE.parent.glob("release-*.yaml"), CILIUM_EXISTING_CLUSTER_FILE]:
+    for path in [*CILIUM_DATAPATH_FILES.values(), *CILIUM_VALUES_FILE.parent.glob("release-*.yaml"), CILIUM_EXISTING_CLUSTER_FILE,
+                 CILIUM_WIREGUARD_FILE, *CILIUM_VALUES_FILE.parent.glob("strict-mode-*.yaml")]:  # fmt: skip
         assert shared.isdisjoint(key_paths(yaml.safe_load(path.read_text()))), path.name
 
 
@@ -144,3 +155,21 @@ def test_linger_timeout_zero_needs_extra_config(chart_renders):
         assert _rendered_config(cilium_chart(version), ours)["envoy-http-upstream-linger-timeout"] == "0"
         assert "envoy-http-upstream-linger-timeout" not in _rendered_config(cilium_chart(version), without)
         assert "want null" in render(cilium_chart(version), layer_helm(), chart_key).stderr
+
+
+def test_strict_mode_has_a_file_per_key_generation_and_neither_works_on_the_other_side():
+    """1.18 has only encryption.strictMode.{enabled,cidr,...}; 1.19 adds .egress.* and deprecates the flat
+    keys; 1.20 has only .egress.*: so 1.18 gets the flat file, 1.19 and 1.20 the egress one, and each is
+    dead where it is not used (both on 1.19 would render the agent's flags twice)."""
+    flat, egress = yaml.safe_load(CILIUM_STRICT_MODE_FILES["1.18"].read_text()), yaml.safe_load(CILIUM_STRICT_MODE_DEFAULT_FILE.read_text())
+    assert dead_keys(flat, chart_values(cilium_chart("1.18.12"))) == [] and dead_keys(flat, chart_values(cilium_chart("1.20.0")))
+    assert dead_keys(egress, chart_values(cilium_chart("1.18.12"))) and dead_keys(egress, chart_values(cilium_chart("1.20.0"))) == []
+    assert dead_keys(egress, chart_values(cilium_chart("1.19.6"))) == []
+    for version, key in (("1.18.12", ("encryption", "strictMode", "cidr")), ("1.19.6", ("encryption", "strictMode", "egress", "cidr"))):
+        values = cilium_values(API_SERVER, "eni", CLUSTER_NAME, version, encryption="wireguard", strict_mode_cidr="10.0.128.0/17")
+        node = values
+        for part in key:
+            node = node[part]
+        assert node == "10.0.128.0/17"
+    assert "strictMode" not in cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.19.6", encryption="wireguard")["encryption"]
+    assert "encryption" not in cilium_values(API_SERVER, "eni", CLUSTER_NAME, "1.19.6")

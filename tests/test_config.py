@@ -116,6 +116,8 @@ BAD = THROUGH_APP + [
     ("rollout", {"min_request_rate": 0}, "above 0"),
     ("existing_cluster", "walkthrough", "must be null or an object"),
     ("sample_app", "no", "true or false"),
+    ("encryption", "ipsec", "must be null, wireguard or none"),
+    ("cilium_version", "1.18.5", "with encryption wireguard fragments L7 proxy traffic in native routing (cilium/cilium#42837, fixed in 1.18.6"),
     ("services", {"name": "payments"}, "must be a list of services"),
     ("services", [{"name": "catalogdetail", "namespace": "workshop", "port": 3000, "versions": {"x": {"app": "x"}}}],
      "workshop/catalogdetail is also declared by services[catalogdetail]"),
@@ -262,3 +264,13 @@ def test_cdk_json_carries_aws_cdk_libs_recommended_feature_flags():
     with tarfile.open(library) as package:
         recommended = json.load(package.extractfile("package/recommended-feature-flags.json"))
     assert {key: CONTEXT.get(key) for key in recommended} == recommended
+
+
+def test_encryption_is_wireguard_with_eni_and_refused_with_chaining():
+    assert load_config(CONTEXT).encryption == "wireguard"  # eni, cdk.json's null
+    assert load_config({**CONTEXT, "datapath": "chaining"}).encryption == "none"
+    assert load_config({**CONTEXT, "encryption": "none"}).encryption == "none"
+    with pytest.raises(ConfigError, match=r"^encryption: wireguard needs datapath eni: .*cilium/cilium#15596"):
+        load_config({**CONTEXT, "datapath": "chaining", "encryption": "wireguard"})
+    assert load_config({**CONTEXT, "cilium_version": "1.18.5", "encryption": "none"}).cilium_version == "1.18.5"
+    assert load_config({**CONTEXT, "cilium_version": "1.18.6"}).encryption == "wireguard"

@@ -256,7 +256,7 @@ def test_stack_stores_metrics_in_amp_with_the_files(request, datapath):
     assert scraper["ScrapeConfiguration"]["ConfigurationBlob"] == SCRAPE_CONFIG_FILE.read_text()
     source = scraper["Source"]["EksConfiguration"]
     assert source["ClusterArn"] == {"Fn::GetAtt": [synth.logical_id(synth.stack.cluster), "Arn"]}
-    private = {synth.logical_id(s) for s in synth.stack.vpc.private_subnets}
+    private = {synth.logical_id(s) for s in synth.stack.private_subnets}
     assert {s["Ref"] for s in source["SubnetIds"]} == {f"{i}" for i in private}
     rules = synth.resource(metrics.rules)["Properties"]
     assert rules["Name"] == RULES_NAMESPACE

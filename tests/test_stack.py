@@ -36,7 +36,11 @@ def test_vpc_spans_three_zones_with_tagged_subnets_and_nat(synth):
     assert zones == ["us-west-2a", "us-west-2b", "us-west-2c"]
     tags = [{t["Key"]: t["Value"] for t in s["Properties"]["Tags"]} for s in subnets]
     assert sum(t.get("kubernetes.io/role/elb") == "1" for t in tags) == 3
-    assert sum(t.get("kubernetes.io/role/internal-elb") == "1" for t in tags) == 3
+    # aws_eks_v2 tags every private subnet for internal load balancers; the stack tags the node subnets,
+    # the only ones where Cilium's operator puts pods' ENIs (manifests/cilium/encryption-wireguard.yaml).
+    assert sum(t.get("kubernetes.io/role/internal-elb") == "1" for t in tags) == 6
+    node_subnets = [s["Properties"]["CidrBlock"] for s, t in zip(subnets, tags) if t.get("cilium-mesh.eks/pod-subnet") == "1"]
+    assert sorted(node_subnets) == ["10.0.128.0/19", "10.0.160.0/19", "10.0.192.0/19"]
     synth.assertions.resource_count_is("AWS::EC2::NatGateway", 3)
     synth.assertions.has_resource_properties("AWS::EC2::FlowLog", {"TrafficType": "ALL"})
 
@@ -77,7 +81,7 @@ def test_managed_node_group_is_x86_private_imdsv2_and_tainted_until_cilium(synth
     assert nodegroup["AmiType"] == "AL2023_x86_64_STANDARD"
     assert nodegroup["InstanceTypes"] == ["m6i.large"]
     assert nodegroup["ScalingConfig"]["MinSize"] == 2
-    private = {synth.stack.get_logical_id(s.node.default_child) for s in synth.stack.vpc.private_subnets}
+    private = {synth.stack.get_logical_id(s.node.default_child) for s in synth.stack.private_subnets}  # the node subnets
     assert {ref["Ref"] for ref in nodegroup["Subnets"]} == private
     assert nodegroup["Taints"] == [{"Effect": "NO_EXECUTE", "Key": "node.cilium.io/agent-not-ready", "Value": "true"}]
     synth.assertions.has_resource_properties(
@@ -140,7 +144,7 @@ def test_cilium_chart_has_the_walkthrough_intent_for_a_supported_release(synth):
     assert ingress["enabled"] and ingress["loadbalancerMode"] == "shared"
     assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-nlb-target-type"] == "instance"
     assert ingress["service"]["annotations"]["service.beta.kubernetes.io/aws-load-balancer-scheme"] == "internet-facing"
-    assert values["encryption"]["enabled"] is False
+    assert "encryption" not in values  # chaining: the chart's default, off (cilium/cilium#15596)
     assert values["envoyConfig"]["enabled"] is True
     assert values["envoy"]["dnsPolicy"] == "ClusterFirstWithHostNet"
     assert "endpointRoutes" not in values

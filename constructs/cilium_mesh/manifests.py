@@ -23,6 +23,11 @@ DATAPATHS = ("chaining", "eni")
 #   eni:      L7 rules, which only Cilium as the only CNI enforces.
 NETWORK_POLICY_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "policy" / f"network-policy-{datapath}.yaml" for datapath in DATAPATHS}
 CILIUM_DATAPATH_FILES = {datapath: MANIFESTS_DIR / "cilium" / f"datapath-{datapath}.yaml" for datapath in DATAPATHS}
+# With encryption wireguard (datapath eni only): WireGuard, and its strict mode in the chart's keys of the
+# release (1.18: encryption.strictMode.*; 1.19+: encryption.strictMode.egress.*).
+CILIUM_WIREGUARD_FILE = MANIFESTS_DIR / "cilium" / "encryption-wireguard.yaml"
+CILIUM_STRICT_MODE_FILES = {"1.18": MANIFESTS_DIR / "cilium" / "strict-mode-flat.yaml"}
+CILIUM_STRICT_MODE_DEFAULT_FILE = MANIFESTS_DIR / "cilium" / "strict-mode-egress.yaml"
 # With existing_cluster (chaining only): what leaves the cluster working once Cilium is uninstalled.
 CILIUM_EXISTING_CLUSTER_FILE = MANIFESTS_DIR / "cilium" / "existing-cluster.yaml"
 TRAFFIC_POLICY_FILE = MANIFESTS_DIR / "traffic" / "catalogdetail-envoy.yaml"

@@ -91,6 +91,9 @@ class CiliumMeshProps:
     cluster_name:             the EKS cluster's name; with eni also Cilium's cluster.name (ENI tags).
     existing_cluster:         the cluster runs without the stack (default False): Cilium's uninstall must
                               leave it working on the VPC CNI alone (manifests/cilium/existing-cluster.yaml).
+    encryption:               "wireguard" (datapath eni only) or "none" (default).
+    strict_mode_cidr:         with wireguard, the CIDR that holds every node and pod and nothing else:
+                              unencrypted pod traffic to it is dropped; None (default): no strict mode.
     """
 
     cluster: eks.ICluster
@@ -104,6 +107,8 @@ class CiliumMeshProps:
     network_policy: bool = True
     datapath: str = "eni"
     existing_cluster: bool = False
+    encryption: str = "none"
+    strict_mode_cidr: str | None = None
 
 
 class CiliumMesh(Construct):
@@ -113,6 +118,9 @@ class CiliumMesh(Construct):
     def __init__(self, scope: Construct, id: str, props: CiliumMeshProps) -> None:
         super().__init__(scope, id)
         check_unique(props.services)
+        if props.encryption == "wireguard" and props.datapath != "eni":
+            raise ValueError("encryption wireguard needs datapath eni: Cilium does not support transparent encryption"
+                             " while it chains onto another CNI (cilium/cilium#15596)")  # fmt: skip
         cluster = props.cluster
         api_server_host = Fn.select(1, Fn.split("//", cluster.cluster_endpoint))
 
@@ -134,7 +142,7 @@ class CiliumMesh(Construct):
             version=props.cilium_version,
             namespace="kube-system",
             values=cilium_values(api_server_host, props.datapath, props.cluster_name, props.cilium_version,
-                                 props.existing_cluster),
+                                 props.existing_cluster, props.encryption, props.strict_mode_cidr),
             wait=not eni,  # no nodes yet with eni (aws-cdk-lib leaves the property out when false)
             timeout=STEP_TIMEOUT,
         )
