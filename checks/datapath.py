@@ -66,6 +66,7 @@ from cilium_mesh.traffic import (
     MeshService,
 )
 from cilium_mesh.values import cilium_values
+from stacks import network
 
 # --- The rules, each with where it comes from -------------------------------------------------
 
@@ -204,12 +205,33 @@ RULES = {
         "the service's declaration (cdk.json services; README, \"Your services\")",
         confirmed=False,
     ),
+    "wireguard": Rule(
+        "With WireGuard, a packet from a pod, or from Cilium's Envoy (the L7 proxy and the Ingress) for a pod, "
+        "to a pod or an Ingress IP of another node leaves through cilium_wg0, encrypted to that node's key; "
+        "on one node nothing is encrypted (it never reaches the wire); without node encryption a node's own "
+        "traffic, to or from its address, is not.",
+        "Cilium docs, \"WireGuard Transparent Encryption\" (Documentation/security/network/encryption-wireguard.rst, "
+        "1.18-1.20): pod-to-pod, L7 proxy and Ingress traffic; nodeEncryption (beta) for the rest",
+        confirmed=False,
+    ),
+    "strict-mode": Rule(
+        "With strict mode, a pod's packet to its CIDR that would leave unencrypted is dropped "
+        "(DROP_UNENCRYPTED_TRAFFIC), except one to another node's own address with allowRemoteNodeIdentities.",
+        "cilium/cilium bpf/lib/encrypt.h (strict mode), encryption.strictMode.* (1.18) and .egress.* (1.19, 1.20)",
+        confirmed=False,
+    ),
+    "outside-wireguard": Rule(
+        "The NLB's packets to a node's NodePort, and whatever leaves the VPC, are not WireGuard's: the VPC "
+        "carries them as they are (the browser's HTTP is plain to the NLB too).",
+        "WireGuard peers are the cluster's nodes only (CiliumNode network.cilium.io/wg-pub-key)",
+    ),
 }
 
 # --- The cluster the model places things in --------------------------------------------------
 
-VPC_CIDR = ipaddress.ip_network("10.0.0.0/16")  # stacks/cilium_eks_stack.py
-NODES = {"a": "10.0.128.10", "b": "10.0.160.10"}  # in two zones' private subnets
+VPC_CIDR = ipaddress.ip_network(network.VPC_CIDR)
+NODES = {"a": "10.0.128.10", "b": "10.0.160.10"}  # in two zones' node subnets (stacks/network.py)
+API_SERVER_ENI = "10.0.12.10"  # an ENI of the control plane, in its own subnets
 POOL_RANGES = {"a": ipaddress.ip_network("100.65.0.0/24"), "b": ipaddress.ip_network("100.65.1.0/24")}
 CLUSTER_IP = "172.20.0.100"  # any ClusterIP: none is in an ipcache
 COREDNS_TTL_S = 5
@@ -265,6 +287,8 @@ def ipcache(address: Endpoint, viewer_node: str) -> Identity:
         return Identity("host" if address.node == viewer_node else "remote-node")
     if address.kind == "ingress-ip":
         return Identity("ingress")
+    if address.kind == "api-server":
+        return Identity("kube-apiserver")
     return Identity("world")
 
 
@@ -346,7 +370,9 @@ class Deployed:
             policies += [p for s in services for p in service_policies(s, datapath)]
             policies += [d for d in mesh if d["kind"] == "CiliumNetworkPolicy"]
         if values is None:
-            values = cilium_values("api.example", datapath, "cilium-mesh", cilium_version)
+            encryption = "wireguard" if datapath == "eni" else "none"  # each datapath's default (stacks/config.py)
+            values = cilium_values("api.example", datapath, "cilium-mesh", cilium_version, encryption=encryption,
+                                   strict_mode_cidr=network.NODE_CIDR)  # fmt: skip
         return cls(datapath, tuple(documents), tuple(policies), values, services, sample_app)
 
     def kind(self, kind: str) -> list[dict]:
@@ -457,6 +483,20 @@ class Deployed:
         return replace(self, documents=tuple(documents))
 
     @property
+    def wireguard(self) -> bool:
+        encryption = self.values.get("encryption", {})
+        return encryption.get("enabled") is True and encryption.get("type") == "wireguard"
+
+    @property
+    def strict_mode(self) -> tuple[ipaddress.IPv4Network, bool] | None:
+        """(CIDR, allowRemoteNodeIdentities) of WireGuard's strict mode, in whichever generation of keys."""
+        mode = self.values.get("encryption", {}).get("strictMode", {})
+        mode = mode.get("egress", mode)
+        if not self.wireguard or not mode.get("enabled"):
+            return None
+        return ipaddress.ip_network(mode["cidr"]), mode.get("allowRemoteNodeIdentities") is True
+
+    @property
     def envoy_uses_cluster_dns(self) -> bool:
         return self.values.get("envoy", {}).get("dnsPolicy") == "ClusterFirstWithHostNet"
 
@@ -555,6 +595,17 @@ class Outcome:
     placement: str
     steps: list[tuple[str, bool, str]] = field(default_factory=list)
     status: str = "delivered"  # delivered | denied (403 before connect) | dropped | no address | connect fails
+    # Each leg between two places: (from, to, "encrypted" | "same node" | "outside WireGuard" | "not encrypted", why).
+    legs: list[tuple[str, str, str, str]] = field(default_factory=list)
+
+    @property
+    def encryption(self) -> str:
+        """The path's verdict: "encrypted" when every leg between two nodes is, else its weakest leg's."""
+        kinds = [kind for _, _, kind, _ in self.legs]
+        for weakest in ("not encrypted", "outside WireGuard", "encrypted", "same node"):
+            if weakest in kinds:
+                return weakest
+        return "no leg"
 
     def check(self, rule: str, ok: bool, saw: str, failure: str = "dropped") -> bool:
         self.steps.append((rule, ok, saw))
@@ -790,6 +841,13 @@ def paths(deployed: Deployed) -> list[Hop]:
     hosts = {h.target: h.service for h in hops if h.via == "cec-dns"}
     hops += [Hop(f"cilium-envoy -> DNS ({host})", "cilium-envoy", "envoy-dns", "kube-system/kube-dns",
                  Request(53, "UDP", dns_name=host), service=key) for host, key in sorted(hosts.items())]  # fmt: skip
+    # What leaves the node subnets to the VPC's own addresses, which strict mode must not drop: coredns
+    # forwarding the names it does not serve, and the smoke test writing its verdict to the API server.
+    hops.append(Hop("coredns -> the VPC's resolver (names outside the cluster)", "coredns", "direct", "vpc-resolver",
+                    Request(53, "UDP", dns_name="sts.us-west-2.amazonaws.com")))  # fmt: skip
+    smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
+    if smoke:
+        hops.append(Hop(f"{smoke} -> the API server (its verdict)", smoke, "direct", "api-server", Request(443)))
     for workload in deployed.pod_kinds:
         key = _version_of(deployed, workload)
         for probe, port, path in workload.probes:
@@ -885,16 +943,48 @@ def _masqueraded(deployed: Deployed, source: Endpoint, destination: Endpoint) ->
 
 
 def _carried(outcome: Outcome, deployed: Deployed, source: Endpoint, target: Endpoint, sender: str) -> bool:
-    """Across nodes, whether the VPC carries the packet and its reply (rules "vpc", "reply")."""
+    """Across nodes, whether the VPC carries the packet and its reply (rules "vpc", "reply"), and whether it
+    is encrypted, or dropped by strict mode for not being (rules "wireguard", "strict-mode")."""
     if target.node == sender:
+        outcome.legs.append((str(source), str(target), "same node", "one node: never on the wire, never encrypted"))
         return outcome.check("vpc", True, "same node: never on the VPC")
     owned = source.owned_by_eni(deployed.datapath)
-    return outcome.check("vpc", owned, f"source {source} {'is' if owned else 'is not'} an address of node {sender}'s ENIs")
+    carried = outcome.check("vpc", owned, f"source {source} {'is' if owned else 'is not'} an address of node {sender}'s ENIs")
+    encrypted, why = _wireguard(deployed, source, target)
+    outcome.legs.append((str(source), str(target), "encrypted" if encrypted else "not encrypted", why))
+    outcome.check("wireguard", True, why)
+    strict = deployed.strict_mode
+    if strict is not None and source.kind == "pod" and ipaddress.ip_address(target.address) in strict[0] and not encrypted:
+        allowed = strict[1] and target.kind == "node"
+        outcome.check("strict-mode", allowed, f"{target} is in strict mode's {strict[0]} and the packet is not encrypted"
+                      + ("; allowRemoteNodeIdentities lets it out to a node's own address" if allowed else ""))  # fmt: skip
+    return carried
+
+
+# What WireGuard encrypts between two nodes (rule "wireguard"): from a pod, or from Cilium's Envoy for one
+# (its upstream leaves from the client's or the Ingress IP), to a pod or an Ingress IP.
+_WIREGUARD_ENDS = ("pod", "ingress-ip")
+
+
+def _wireguard(deployed: Deployed, source: Endpoint, target: Endpoint) -> tuple[bool, str]:
+    if not deployed.wireguard:
+        return False, "encryption none: plain on the VPC"
+    if source.kind in _WIREGUARD_ENDS and target.kind in _WIREGUARD_ENDS:
+        return True, f"{source} to {target} on another node: WireGuard (cilium_wg0)"
+    if target.kind not in ("pod", "ingress-ip", "node"):
+        return False, f"{target} is no WireGuard peer (not a node of the cluster)"
+    return False, f"{source} to {target}: a node's own address, not encrypted without node encryption"
+
+
+# The VPC's own addresses a pod reaches: the resolver (in the first public subnet) and the API server's ENIs.
+VPC_ADDRESSES = {"vpc-resolver": Endpoint("world", network.VPC_RESOLVER), "api-server": Endpoint("api-server", API_SERVER_ENI)}
 
 
 def _targets(deployed: Deployed, hop: Hop, node: str, outcome: Outcome) -> list[Endpoint]:
     if hop.target == "world":
         return [Endpoint("world", "203.0.113.10")]
+    if hop.target in VPC_ADDRESSES:
+        return [VPC_ADDRESSES[hop.target]]
     if hop.via in ("cec-dns", "health-check") and hop.target.endswith(f".{CLUSTER_DOMAIN}"):
         found = deployed.resolve(hop.target, node, deployed.envoy_uses_cluster_dns)
         outcome.check("dns", bool(found), f"{hop.target} -> {', '.join(map(str, found)) or 'nothing'}", "no address")
@@ -974,6 +1064,9 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
                       f"cilium-ingress annotations {'as needed' if not missing else f'lack {missing}'}")  # fmt: skip
         outcome.check("nodeport", deployed.values.get("kubeProxyReplacement") is True,
                       f"kubeProxyReplacement: {deployed.values.get('kubeProxyReplacement')}")  # fmt: skip
+        outcome.legs.append(("the NLB", "a node's NodePort", "outside WireGuard",
+                             "the NLB is no WireGuard peer: the VPC carries its hop to the node as it is"))  # fmt: skip
+        outcome.check("outside-wireguard", True, outcome.legs[-1][3])
         return outcome
     client = deployed.pod(hop.client, CLIENT_NODE) if hop.client not in ("ingress", "kubelet", "cilium-envoy", "world") else None
     if hop.via == "envoy-dns":
@@ -996,7 +1089,11 @@ def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
         else:  # kubelet, cilium-envoy's resolver, the internet (rule "host-source")
             source = Endpoint("world", "203.0.113.20") if hop.client == "world" else Endpoint("node", NODES[CLIENT_NODE], CLIENT_NODE)
             seen_as = ipcache(source, target.node or CLIENT_NODE)
+        if hop.target in VPC_ADDRESSES:  # a pod's packet to the VPC's own address: carried, and judged by strict mode
+            _carried(outcome, deployed, source, target, CLIENT_NODE)
+            continue
         if target.kind == "world" or hop.client == "world":
+            outcome.legs.append((str(source), str(target), "outside WireGuard", "leaves the cluster: no WireGuard peer"))
             if target.kind == "pod":
                 ok, saw = verdict(deployed, target, "ingress", seen_as, hop.request)
                 outcome.check("policy", ok, saw, "denied")

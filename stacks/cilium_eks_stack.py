@@ -59,8 +59,8 @@ class CiliumEksStack(Stack):
             self.metrics = MeshMetrics(
                 self,
                 "Metrics",
-                MeshMetricsProps(cluster=self.cluster, private_subnets=self.private_subnets,
-                                 services=config.services, alert_email=config.alert_email),
+                MeshMetricsProps(cluster=self.cluster, private_subnets=self.private_subnets, services=config.services,
+                                 alert_email=config.alert_email, encryption=config.encryption),
             )  # fmt: skip
         self.mesh = CiliumMesh(
             self,
@@ -101,6 +101,7 @@ class CiliumEksStack(Stack):
                     datapath=config.datapath,
                     network_policy=config.network_policy,
                     sample_app=config.sample_app,
+                    encryption=config.encryption,
                     # Every manifest it checks: the services', the sample's, and every CiliumEnvoyConfig.
                     after=(*self.mesh.manifests_after, *self.mesh.manifests.values(), *self.traffic.resources.values()),
                 ),

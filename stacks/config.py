@@ -392,7 +392,7 @@ def _sample_weights(value: Any) -> dict | None:
     return value
 
 
-def _services(context, metrics: bool) -> tuple[bool, tuple[MeshService, ...]]:
+def _services(context, metrics: bool, encryption: str) -> tuple[bool, tuple[MeshService, ...]]:
     """sample_app (its catalogdetail first, with the sample's traffic_weights and rollout), then the declared
     services; a rollout needs metrics, whoever declares it."""
     sample = _flag("sample_app", context("sample_app"))
@@ -418,7 +418,7 @@ def _services(context, metrics: bool) -> tuple[bool, tuple[MeshService, ...]]:
             raise ConfigError(f"services[{s.name}].rollout: needs metrics true (its gate reads the metrics' recording rules); set it to null")
     if metrics:
         try:
-            rule_file(declared)
+            rule_file(declared, encryption)
         except RuleFileError as error:
             raise ConfigError(f"services: {error}") from None
     return sample, declared
@@ -564,9 +564,10 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
             " own kubectl provider only); set it to null"
         )
     metrics = _flag("metrics", context("metrics"))
-    sample, declared = _services(context, metrics)
     datapath = _datapath(context("datapath"), cluster_name)
     cilium_version = _cilium_version(context("cilium_version"))
+    encryption = _encryption(_structured(context("encryption")), datapath, cilium_version)
+    sample, declared = _services(context, metrics, encryption)
     return MeshConfig(
         region=region,
         availability_zones=_zones(context("availability_zones"), region),
@@ -585,7 +586,7 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
         smoke_test=_flag("smoke_test", context("smoke_test")),
         existing_cluster=existing,
         sample_app=sample,
-        encryption=_encryption(_structured(context("encryption")), datapath, cilium_version),
+        encryption=encryption,
     )
 
 

@@ -24,14 +24,14 @@ from cilium_mesh.metrics_files import SCRAPER_RBAC_FILE
 from cilium_mesh.rollout_plan import STATE_ANNOTATION
 from cilium_mesh.policy import service_policies
 from cilium_mesh.rollout_load import LOAD_FILE
-from cilium_mesh.smoke_files import SMOKE_POLICY_FILE, SMOKE_SAMPLE_POLICY_FILE, SMOKE_TEST_FILE
+from cilium_mesh.smoke_files import SMOKE_POLICY_FILE, SMOKE_SAMPLE_POLICY_FILE, SMOKE_TEST_FILE, SMOKE_WIREGUARD_FILE
 from conftest import CONTEXT, manifest_documents, synth_of
 from tools.render_traffic_policy import render
 from checks.provider_dry_run import find_step
 from checks.schemas import InvalidObject, validate_object
 
 FILES = [NAMESPACE_FILE, MESH_NAMESPACE_FILE, *WORKLOAD_FILES, INGRESS_FILE, NETWORK_POLICY_FILE, *NETWORK_POLICY_DATAPATH_FILES.values(),
-         TRAFFIC_POLICY_FILE, SCRAPER_RBAC_FILE, SMOKE_TEST_FILE, SMOKE_POLICY_FILE, SMOKE_SAMPLE_POLICY_FILE, LOAD_FILE]
+         TRAFFIC_POLICY_FILE, SCRAPER_RBAC_FILE, SMOKE_TEST_FILE, SMOKE_POLICY_FILE, SMOKE_SAMPLE_POLICY_FILE, SMOKE_WIREGUARD_FILE, LOAD_FILE]
 # Not objects: a declaration, in cdk.json's form.
 DECLARATIONS = [SAMPLE_DECLARATION_FILE]
 

@@ -71,7 +71,7 @@ HUBBLE_METRIC_OPTION = {"hubble_http_requests_total": "httpV2", "hubble_http_req
 
 
 def rendered_rules(tmp_path, services=UNIT_TESTED):
-    (tmp_path / "rules.yaml").write_text(rule_file(services))
+    (tmp_path / "rules.yaml").write_text(rule_file(services, "wireguard"))
     return tmp_path / "rules.yaml"
 
 
@@ -87,9 +87,9 @@ def test_rule_file_passes_promtool(tmp_path):
     path = rendered_rules(tmp_path)
     result = promtool("check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
-    # Per service 15 rules of service-rules.yaml and a weight per version; 5 over the namespaces.
-    assert rule_file_usage(path.read_text()) == (path.stat().st_size, 2 * (15 + 2) + 5)
-    assert f"SUCCESS: {2 * (15 + 2) + 5} rules found" in result.stdout
+    # Per service 15 rules of service-rules.yaml and a weight per version; 5 over the namespaces; 4 of WireGuard.
+    assert rule_file_usage(path.read_text()) == (path.stat().st_size, 2 * (15 + 2) + 5 + 4)
+    assert f"SUCCESS: {2 * (15 + 2) + 5 + 4} rules found" in result.stdout
 
 
 @pytest.mark.prometheus
@@ -260,7 +260,7 @@ def test_stack_stores_metrics_in_amp_with_the_files(request, datapath):
     assert {s["Ref"] for s in source["SubnetIds"]} == {f"{i}" for i in private}
     rules = synth.resource(metrics.rules)["Properties"]
     assert rules["Name"] == RULES_NAMESPACE
-    assert rules["Data"] == rule_file(synth.stack.config.services)
+    assert rules["Data"] == rule_file(synth.stack.config.services, synth.stack.config.encryption)
     assert not synth.resources("AWS::Grafana::Workspace")
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from unittest.mock import ANY
 
 import pytest
+from stacks.network import NODE_CIDR
 from cilium_mesh.mesh import PROVIDER_LAMBDA_TIMEOUT, STEP_TIMEOUT
 from cilium_mesh.values import cilium_values
 from cilium_mesh.versions import CILIUM_HELM_REPOSITORY
@@ -192,7 +193,10 @@ def test_each_namespace_exists_before_its_objects_and_outlives_them(steps):
 def test_cilium_values_file_is_the_values_with_the_cluster_endpoint(request, datapath):
     synth, steps = synth_of(request, datapath), provider_steps_of(request, datapath)
     values = find_step(steps, synth.logical_id(synth.stack.mesh.cilium), "Create").values
-    assert values == cilium_values(API_SERVER_HOST, datapath, synth.stack.config.cluster_name, synth.stack.config.cilium_version)
+    config = synth.stack.config
+    strict = NODE_CIDR if config.encryption == "wireguard" else None
+    assert values == cilium_values(API_SERVER_HOST, datapath, config.cluster_name, config.cilium_version,
+                                   encryption=config.encryption, strict_mode_cidr=strict)  # fmt: skip
     assert values["k8sServiceHost"] == API_SERVER_HOST
 
 

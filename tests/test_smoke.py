@@ -229,6 +229,7 @@ def settings_for(envoy_port: int, ingress: str, products: str, denied: str, stan
         "denied_url": f"http://{denied}/",
         "deny_timeout_s": 0.5,
         "services": [checks],
+        "wireguard": False,
         "split_requests": split,
         "pin_requests": 5,
         "timeout_s": 0.5,
@@ -352,3 +353,24 @@ def test_without_callers_nothing_is_refused_and_without_the_sample_no_sample_che
     assert service_checks(POLICY, True)["refused"] is True
     env = env_of(job_of(smoke_documents([POLICY], "eni", True, sample_app=False)))
     assert (env["INGRESS_SERVICE"], env["PRODUCTS_URL"], env["DENIED_URL"]) == ("", "", "")
+
+
+def test_with_wireguard_every_node_must_have_published_its_key():
+    """The CiliumNodes as the API lists them: a node without network.cilium.io/wg-pub-key fails the check."""
+    keyed = {"metadata": {"name": "ip-10-0-128-10", "annotations": {"network.cilium.io/wg-pub-key": "q7bA..."}}}
+    bare = {"metadata": {"name": "ip-10-0-160-10", "annotations": {}}}
+    settings = {**SMOKE.settings_from({"WIREGUARD": "true"}), "deadline_s": 0.0, "retry_s": 0.0}
+    assert SMOKE.verdict(SMOKE.run_checks(settings, cilium_nodes=lambda: [keyed, keyed])) == "pass"
+    assert SMOKE.verdict(SMOKE.run_checks(settings, cilium_nodes=lambda: [keyed, bare])) == (
+        "wireguard: ip-10-0-160-10 of 2 nodes published no public key (network.cilium.io/wg-pub-key)")
+    assert SMOKE.verdict(SMOKE.run_checks(settings, cilium_nodes=lambda: [])) == "wireguard: no CiliumNode listed"
+    plain = {**settings, "wireguard": False}
+    assert SMOKE.verdict(SMOKE.run_checks(plain, cilium_nodes=lambda: [bare])) == "pass"
+
+
+def test_the_wireguard_check_comes_with_its_read_of_the_ciliumnodes_only_with_wireguard():
+    on, off = (smoke_documents([POLICY], "eni", True, True, encryption) for encryption in ("wireguard", "none"))
+    assert env_of(job_of(on))["WIREGUARD"] == "true" and env_of(job_of(off))["WIREGUARD"] == ""
+    (role,) = [d for d in on if d["kind"] == "ClusterRole"]
+    assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"], "verbs": ["list"]}]
+    assert not [d for d in off if d["kind"].startswith("ClusterRole")]

@@ -76,12 +76,15 @@ class MeshMetricsProps:
     private_subnets: the nodes' private subnets, where the collector runs.
     services:        the declared services: one rule group each (their split, failover, errors, alerts).
     alert_email:     an address subscribed to the alerts topic; None (default): no subscription.
+    encryption:      "wireguard" adds its rule group (manifests/metrics/prometheus/encryption-rules.yaml);
+                     default "none".
     """
 
     cluster: eks.ICluster
     private_subnets: Sequence[ec2.ISubnet]
     services: tuple[MeshService, ...]
     alert_email: str | None = None
+    encryption: str = "none"
 
 
 class MeshMetrics(Construct):
@@ -137,10 +140,10 @@ class MeshMetrics(Construct):
                 },
             )
         )
-        # Without services there is nothing to record (an empty rule groups namespace is not made).
+        # Without services or encryption there is nothing to record (an empty rule groups namespace is not made).
         self.rules = aps.CfnRuleGroupsNamespace(
-            self, "Rules", name=RULES_NAMESPACE, workspace=self.workspace.attr_arn, data=rule_file(props.services)
-        ) if props.services else None
+            self, "Rules", name=RULES_NAMESPACE, workspace=self.workspace.attr_arn, data=rule_file(props.services, props.encryption)
+        ) if props.services or props.encryption == "wireguard" else None
 
         self.scraper_security_group = ec2.SecurityGroup(
             self,

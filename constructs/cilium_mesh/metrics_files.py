@@ -19,6 +19,7 @@ METRICS_DIR = MANIFESTS_DIR / "metrics"
 SCRAPE_CONFIG_FILE = METRICS_DIR / "prometheus" / "scrape-config.yaml"
 SERVICE_RULES_FILE = METRICS_DIR / "prometheus" / "service-rules.yaml"
 NAMESPACE_RULES_FILE = METRICS_DIR / "prometheus" / "namespace-rules.yaml"
+ENCRYPTION_RULES_FILE = METRICS_DIR / "prometheus" / "encryption-rules.yaml"
 SCRAPER_RBAC_FILE = METRICS_DIR / "scraper-rbac.yaml"
 DASHBOARD_FILE = METRICS_DIR / "dashboards" / "mesh-services.json"
 # Cilium's metrics ports (chart defaults): agent 9962, operator 9963, cilium-envoy 9964, Hubble 9965.
@@ -129,12 +130,14 @@ def rule_file_usage(text: str) -> tuple[int, int]:
     return len(text.encode()), sum(len(group["rules"]) for group in document["groups"])
 
 
-def rule_file(services: Sequence[MeshService]) -> str:
+def rule_file(services: Sequence[MeshService], encryption: str = "none") -> str:
     """What AMP and the local Prometheus evaluate: one group per service, then one over their namespaces
-    (none without services); RuleFileError if AMP would refuse it."""
+    (none without services), and with encryption wireguard its group; RuleFileError if AMP would refuse it."""
     groups = [service_group(s) for s in services]
     if services:
         groups.append(namespace_group([s.namespace for s in services]))
+    if encryption == "wireguard":
+        groups += load_documents(ENCRYPTION_RULES_FILE)
     text = yaml.dump({"groups": groups}, Dumper=_BlockDumper, sort_keys=False, width=1000)
     size, rules = rule_file_usage(text)
     if size > AMP_RULE_FILE_MAX_BYTES:

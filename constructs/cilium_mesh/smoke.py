@@ -35,6 +35,7 @@ class SmokeTestProps:
     datapath:       the datapath (the services' policies carry its L7 rules).
     network_policy: whether policies are applied (without them the deny checks are left out).
     sample_app:     whether the sample app's Ingress and app are checked too.
+    encryption:     "wireguard": also every node's WireGuard key; default "none".
     after:          every manifest the Job checks, and what they wait for (Cilium ready, the namespaces).
     """
 
@@ -44,6 +45,7 @@ class SmokeTestProps:
     network_policy: bool
     sample_app: bool
     after: tuple[IConstruct, ...]
+    encryption: str = "none"
 
 
 class SmokeTest(Construct):
@@ -52,7 +54,7 @@ class SmokeTest(Construct):
     def __init__(self, scope: Construct, id: str, props: SmokeTestProps) -> None:
         super().__init__(scope, id)
         cluster = props.cluster
-        documents = smoke_documents(props.services, props.datapath, props.network_policy, props.sample_app)
+        documents = smoke_documents(props.services, props.datapath, props.network_policy, props.sample_app, props.encryption)
         self.documents = copy.deepcopy(documents)
         self.job = eks.KubernetesManifest(self, "Job", cluster=cluster, manifest=documents)
         self.job.node.add_dependency(*props.after)

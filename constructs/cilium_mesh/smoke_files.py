@@ -18,6 +18,7 @@ SMOKE_TEST_FILE = SMOKE_DIR / "smoke-test.yaml"
 SMOKE_SCRIPT_FILE = SMOKE_DIR / "smoke_test.py"
 SMOKE_POLICY_FILE = SMOKE_DIR / "network-policy.yaml"
 SMOKE_SAMPLE_POLICY_FILE = SMOKE_DIR / "network-policy-sample.yaml"
+SMOKE_WIREGUARD_FILE = SMOKE_DIR / "wireguard-rbac.yaml"
 # The environment of the sample app's own checks (its Ingress, its app, its refused frontend).
 SAMPLE_CHECKS = ("INGRESS_SERVICE", "PRODUCTS_URL", "DENIED_URL")
 # The Job's own deadline (activeDeadlineSeconds in smoke-test.yaml), below the stack's wait for its
@@ -60,11 +61,15 @@ def _egress_to_services(name: str, labels: dict, services: Sequence[MeshService]
     }  # fmt: skip
 
 
-def smoke_documents(services: Sequence[MeshService], datapath: str, network_policy: bool, sample_app: bool) -> list[dict]:
+def smoke_documents(services: Sequence[MeshService], datapath: str, network_policy: bool, sample_app: bool,
+                    encryption: str = "none") -> list[dict]:  # fmt: skip
     """manifests/smoke/ as the stack applies it: the script as a ConfigMap, the two Jobs with their
-    settings from the declarations and a name from their digest, and the smoke test's network policy."""
+    settings from the declarations and a name from their digest, and the smoke test's network policy;
+    with encryption wireguard, the check of every node's key and its read of the CiliumNodes."""
     del datapath  # the services' own policies carry the datapath's L7 rules; the smoke test's are the same in both
     documents = load_documents(SMOKE_TEST_FILE)
+    if encryption == "wireguard":
+        documents += load_documents(SMOKE_WIREGUARD_FILE)
     if network_policy:
         documents += load_documents(SMOKE_POLICY_FILE) + (load_documents(SMOKE_SAMPLE_POLICY_FILE) if sample_app else [])
         if services:
@@ -81,6 +86,7 @@ def smoke_documents(services: Sequence[MeshService], datapath: str, network_poli
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e for e in container["env"]}
     env["SERVICES"]["value"] = json.dumps([service_checks(s, network_policy) for s in services], sort_keys=True)
+    env["WIREGUARD"] = {"name": "WIREGUARD", "value": "true" if encryption == "wireguard" else ""}
     for key in SAMPLE_CHECKS:
         if not sample_app or (key == "DENIED_URL" and not network_policy):
             env[key]["value"] = ""  # no sample app; or nothing refuses the frontend probe
