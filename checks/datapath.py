@@ -833,6 +833,13 @@ def paths(deployed: Deployed) -> list[Hop]:
             for request in client.requests:
                 hops += _cec_hops(s, client.workload, request, client.any_headers)
         hops += _health_check_hops(s)
+        smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
+        if smoke:  # the smoke test's version check: each weighted version's pods, asked directly (smoke_files.py)
+            for v in s.weighted_versions:
+                hops.append(Hop(f"{smoke} -> DNS ({s.version_host(v)})", smoke, "direct", "kube-system/kube-dns",
+                                Request(53, "UDP", dns_name=s.version_host(v)), service=s.key))  # fmt: skip
+                hops.append(Hop(f"{smoke} -> {s.version_service(v)}:{s.pod_port} directly (its version check)", smoke, "direct",
+                                f"{s.namespace}/{s.version_service(v)}", Request(s.pod_port, path=s.check_path), service=s.key))  # fmt: skip
         if s.callers is not None:  # the outsider resolves the version Services it must be refused by (must_deny)
             outsider = deployed.find(MESH_NAMESPACE, OUTSIDER_LABELS)
             hops += [Hop(f"{outsider} -> DNS{over} ({s.version_host(v)})", outsider, "direct", "kube-system/kube-dns",

@@ -91,7 +91,7 @@ def test_every_shipped_path_delivers_and_every_must_deny_request_is_denied(datap
     hops = paths(model)
     one_placement = sum(1 for h in hops if h.via in ("probe", "nlb"))
     # Under eni productcatalog asks both requests its L7 rules allow (GET /catalogDetail, GET /ping).
-    assert len(outcomes) == 2 * (len(hops) - one_placement) + one_placement == {"chaining": 97, "eni": 121}[datapath]
+    assert len(outcomes) == 2 * (len(hops) - one_placement) + one_placement == {"chaining": 105, "eni": 129}[datapath]
     assert {o.hop.client for o in outcomes} >= {"smoke-test", "smoke-test-outsider", "productcatalog", "frontend", "ingress", "world"}
     assert {o.hop.client for o in evaluate_all(model, must_deny(model))} >= {"smoke-test-outsider", "frontend", "productcatalog"}
 
@@ -156,7 +156,7 @@ def test_l7_rules_fail_with_chaining():
     """Chained Cilium enforces no L7 rule: the model refuses to count on one."""
     eni_policies = list(deployed("eni").policies)
     broken = [line for line in failing(deployed("chaining", policies=eni_policies)) if "Ingress ->" not in line]
-    assert len(broken) == 56 and all("Cilium chained onto the VPC CNI does not enforce" in line for line in broken)
+    assert len(broken) == 60 and all("Cilium chained onto the VPC CNI does not enforce" in line for line in broken)
 
 
 def uncaught_cuts(model: Deployed) -> list[tuple]:

@@ -21,7 +21,7 @@ from conftest import provider_steps_of, synth_of
 from stacks.cilium_eks_stack import LOAD_BALANCER_CONTROLLER_VERSION
 from checks.deploy_graph import Graph, creation_order
 from checks.kubectl_layer import layer_kubectl
-from checks.provider_dry_run import CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run, find_step, kubectl_step
+from checks.provider_dry_run import without_option, CLUSTER_ENDPOINT, INGRESS_HOSTNAME, UnknownCommand, dry_run, find_step, kubectl_step
 from checks.schemas import validate_object
 
 # A step that waits must give up this long before the provider's Lambda is killed,
@@ -295,3 +295,15 @@ def test_dry_run_fails_on_a_command_it_cannot_answer(synth):
     }
     with pytest.raises(UnknownCommand, match=r"'kubectl', .*'patch', 'deployment/coredns'"):
         dry_run({"Resources": {"Patch": patch}}, synth.stack)
+
+
+def test_a_services_manifest_is_applied_so_existing_version_services_are_taken_over(synth_eni, provider_steps_eni):
+    """aws-cdk-lib's handler creates a manifest with `kubectl create` unless Overwrite: a service's version
+    Services may already exist (hand-written, or in an earlier stack's sample manifest). The others are created."""
+    mesh = synth_eni.stack.mesh
+    verbs = {}
+    for name, manifest in mesh.manifests.items():
+        step = find_step(provider_steps_eni, synth_eni.logical_id(manifest), "Create")
+        verbs[name] = {without_option(argv[1:], "--kubeconfig")[0] for argv in step.commands if argv[0] == "kubectl"}
+    assert verbs["Service-workshop-catalogdetail"] == {"apply"}
+    assert verbs["App"] == {"create"}

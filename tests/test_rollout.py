@@ -467,3 +467,41 @@ def test_the_policy_survives_its_trip_through_cloudformation():
                           "callers": [{"namespace": "web", "labels": {"app": "shop"}, "http": [{"method": "GET", "path": "/.*"}]}]}])[0]  # fmt: skip
     for policy in (plain, declared):
         assert MeshService.from_json(policy.to_json()) == policy
+
+
+class DeletingKubectl(RecordingKubectl):
+    """The kubectl provider answering the annotation of a CiliumEnvoyConfig, each delete recorded (kinds)."""
+
+    def __init__(self, state: dict):
+        super().__init__(state)
+        self.deleted = []
+
+    def delete(self, *documents):
+        self.deleted.append([d["kind"] for d in documents])
+
+
+@pytest.mark.parametrize(("owner", "deleted"), [("ServiceNew", []), ("ServiceOld", [["CiliumEnvoyConfig"]]), (None, [["CiliumEnvoyConfig"]])],
+                         ids=["a newer resource owns it", "its own", "written before owners"])  # fmt: skip
+def test_a_delete_removes_the_envoy_config_only_when_it_still_owns_it(monkeypatch, owner, deleted):
+    """An upgrade that gives a service's rollout a new logical ID creates the new resource (which applies the
+    CiliumEnvoyConfig) before it deletes the old one: the old one's Delete must not take the policy away."""
+    from checks.rollout_harness import event
+
+    state = {"request": "earlier", "step": 0, "since": 0, **({"owner": owner} if owner else {})}
+    with rollout_lambda() as module:
+        kubectl = DeletingKubectl(state)
+        monkeypatch.setattr(module, "Kubectl", kubectl)
+        delete = {**event("Delete", PREVIOUS, None, None, "https://aps.example/api/v1/query", "delete"), "LogicalResourceId": "ServiceOld"}
+        module.on_event(delete)
+    assert kubectl.deleted == deleted
+
+
+def test_every_state_the_rollout_writes_names_its_owner(monkeypatch):
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    with rollout_lambda() as module:
+        now = time.time()
+        kubectl = RecordingKubectl({"request": "rollout", "step": 0, "since": now - 60})
+        monkeypatch.setattr(module, "Kubectl", kubectl)
+        monkeypatch.setattr(module.Prometheus, "reading", lambda self, service, version: Reading(version, **HEALTHY))
+        module.is_complete(rollout_event(now + 600))
+    assert kubectl.applied and all(a["owner"] == rollout_event(0)["LogicalResourceId"] for a in kubectl.applied)

@@ -169,8 +169,11 @@ class CiliumMesh(Construct):
         for service in props.services:
             policies = service_policies(service, props.datapath) if props.network_policy else []
             manifests[f"Service-{service.namespace}-{service.name}"] = [*service.version_services(), *policies]
+        # A service's manifest is applied, not created: its version Services may exist already (written by
+        # hand, as the walkthrough did, or by an earlier version of this stack in the sample's manifest),
+        # and the stack takes them over rather than fail on "already exists".
         self.manifests = {
-            name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents)
+            name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents, overwrite=name.startswith("Service-") or None)
             for name, documents in manifests.items()
         }
         self.manifests_after = (*ready, self.namespace)

@@ -177,6 +177,14 @@ def _policy(properties: dict) -> MeshService:
     return MeshService.from_json(properties["Policy"])
 
 
+def _owner(kubectl: Kubectl, target: MeshService) -> str | None:
+    """The logical ID of the rollout resource that last applied the CiliumEnvoyConfig (None: none, or unknown)."""
+    try:
+        return json.loads(kubectl.annotation(target.cilium_envoy_config(), STATE_ANNOTATION)).get("owner")
+    except (KubectlFailed, ValueError):
+        return None
+
+
 def _load(properties: dict) -> list[dict]:
     """The rollout's synthetic load (rollout_load.py), if its settings ask for one."""
     return json.loads(properties.get("Load", "[]"))
@@ -216,7 +224,15 @@ def on_event(event: dict, _context=None) -> dict:
     target = _policy(properties)
     kubectl = Kubectl(properties["KubectlHandler"], properties["ClusterName"])
     if event["RequestType"] == "Delete":
-        kubectl.delete(target.cilium_envoy_config(), *_load(properties))
+        owner = _owner(kubectl, target)
+        if owner not in (None, event["LogicalResourceId"]):
+            # Another resource applied it since (a new logical ID for the same service, whose Create comes
+            # before this old one's Delete): it is that one's to delete.
+            _log(event="Delete", kept=f"the CiliumEnvoyConfig {target.cec_name} is owned by {owner}")
+            if _load(properties):
+                kubectl.delete(*_load(properties))
+        else:
+            kubectl.delete(target.cilium_envoy_config(), *_load(properties))
         return {"PhysicalResourceId": event["PhysicalResourceId"]}
     previous = None
     if event["RequestType"] == "Update" and not _rolling_back(event):
@@ -224,7 +240,8 @@ def on_event(event: dict, _context=None) -> dict:
     settings = _settings(properties)
     steps = plan(previous, target.weights, settings)
     started = time.time()
-    kubectl.apply(_document(target.with_weights(steps[0]), {"request": event["RequestId"], "step": 0, "since": started}))
+    kubectl.apply(_document(target.with_weights(steps[0]), {"request": event["RequestId"], "step": 0, "since": started,
+                                                            "owner": event["LogicalResourceId"]}))  # fmt: skip
     if len(steps) > 1 and _load(properties):
         kubectl.apply(*_load(properties))  # a gated rollout: the load runs until its last step or its stop
     _log(event=event["RequestType"], steps=steps, applied=0)
@@ -297,7 +314,8 @@ def is_complete(event: dict, _context=None) -> dict:
         return {"IsComplete": False}
     following = step + 1
     try:
-        kubectl.apply(_document(target.with_weights(steps[following]), {"request": event["RequestId"], "step": following, "since": time.time()}))
+        kubectl.apply(_document(target.with_weights(steps[following]), {"request": event["RequestId"], "step": following,
+                                                                         "since": time.time(), "owner": event["LogicalResourceId"]}))  # fmt: skip
     except KubectlFailed as error:
         if elapsed >= VOLUME_WAIT_FACTOR * settings.pause_s:
             stop(f"step {following + 1} was not applied by the end of the step's wait ({elapsed:.0f} s): {error}")
@@ -312,7 +330,7 @@ def is_complete(event: dict, _context=None) -> dict:
 def _stop(event: dict, kubectl: Kubectl, where: str, reason: str) -> NoReturn:
     """Restore the previous weights, then fail the update with the one line."""
     previous = _policy(event["OldResourceProperties"])
-    stopped = {"request": event["RequestId"], "step": -1, "since": time.time(), "stopped": reason}
+    stopped = {"request": event["RequestId"], "step": -1, "since": time.time(), "stopped": reason, "owner": event["LogicalResourceId"]}
     _stop_load(kubectl, event["ResourceProperties"])
     try:
         kubectl.apply(_document(previous, stopped))
