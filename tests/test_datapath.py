@@ -192,6 +192,8 @@ SMOKE_ONLY = [("smoke-test-outsider", "egress", 1, what) for what in ("rule", "t
 OUTSIDER_OUT_SAMPLE = [("smoke-test-outsider-to-services", "egress", 0, what) for what in ("rule", "toEndpoints", "toEndpoints", "port")]
 
 
+# Every cut of every policy, one model run each: seconds, so in the full tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_removing_any_policy_rule_or_peer_or_port_is_caught(datapath):
     """Each rule, each peer in it and each port is needed by a path, or keeps a must-deny request out.
@@ -203,6 +205,8 @@ def test_removing_any_policy_rule_or_peer_or_port_is_caught(datapath):
                                                         *SMOKE_ONLY, *to_frontend, *OUTSIDER_OUT_SAMPLE])  # fmt: skip
 
 
+# Every cut of every policy, one model run each: seconds, so in the full tier.
+@pytest.mark.slow
 @pytest.mark.parametrize("datapath", DATAPATHS)
 def test_removing_any_rule_of_the_declared_services_policies_is_caught(datapath):
     """The same of what the declarations render: each service's policies, ledger's namespace default deny (whose
