@@ -336,7 +336,8 @@ def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, prov
     (cec,) = created.manifests
     assert json.loads(cec["metadata"]["annotations"][STATE_ANNOTATION])["step"] == 0
     deleted = next(s for s in provider_steps if s.logical_id == rollout and s.request_type == "Delete")
-    assert [c[1] for c in deleted.commands if c[0] == "kubectl"] == ["delete"]
+    # The delete reads who owns the CiliumEnvoyConfig first (this resource: it deletes it).
+    assert [c[1] if c[1] != "--kubeconfig" else c[3] for c in deleted.commands if c[0] == "kubectl"] == ["get", "delete"]
 
 
 def test_local_settings_differ_from_the_stacks_only_in_time():
