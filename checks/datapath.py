@@ -24,7 +24,7 @@ any workload whose URL names it) through each route of its CiliumEnvoyConfig the
 can take, to each cluster and priority, the mirror, and each retry; DNS from the clients and from
 cilium-envoy; the kubelet's probes of its pods. A path delivers when every step does.
 ``must_deny`` lists requests the policy must refuse. What the model takes on trust is in ``RULES``
-with ``confirmed`` False: the README lists them as what a real cluster must still confirm.
+with ``confirmed`` False: docs/verification.md lists them as what a real cluster must still confirm.
 
     python -m checks.datapath        # every path of every service, both datapaths, both placements
 """
@@ -202,7 +202,7 @@ RULES = {
         "stack's manifests: the model places one pod per version and per caller with the declared labels in "
         "the declared namespace, ready on the declared port, probed by the kubelet on that port, and serving "
         "past the DNS staleness window once deleted (a preStop, as the sample's catalogdetail has).",
-        "the service's declaration (cdk.json services; README, \"Your services\")",
+        "the service's declaration (cdk.json services; docs/services.md)",
         confirmed=False,
     ),
     "wireguard": Rule(

@@ -133,7 +133,7 @@ class CiliumEksStack(Stack):
             # the VPC's resolver at .2), small subnets for the control plane's ENIs (and the kubectl
             # provider), space held free, and the nodes' and pods' subnets last, together one CIDR
             # (NODE_CIDR) that holds nothing else: WireGuard's strict mode drops unencrypted pod traffic
-            # to it, so the resolver and the API server must lie outside it (README, "Encryption").
+            # to it, so the resolver and the API server must lie outside it (docs/encryption.md).
             subnet_configuration=[
                 ec2.SubnetConfiguration(name="Public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=22),
                 ec2.SubnetConfiguration(name=CONTROL_PLANE_SUBNETS, subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=26),

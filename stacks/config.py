@@ -1,6 +1,6 @@
 """The app's configuration: cdk.json context (or `cdk ... -c key=value`), read and checked once.
 
-Every key is required and documented in README ("Configuration"); cdk.json
+Every key is required and documented in docs/configuration.md; cdk.json
 holds the defaults. A bad value raises ConfigError with one line that names
 the key and what is allowed; app.py prints it and exits before anything is
 synthesized. What is accepted comes back in one canonical form (a CIDR as
@@ -123,7 +123,7 @@ _VPC_CNI_VERSION = re.compile(r"v?([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})(-eksb
 
 @dataclass(frozen=True)
 class ExistingCluster:
-    """A cluster the user already runs, as the stack imports it (README, "An existing cluster")."""
+    """A cluster the user already runs, as the stack imports it (docs/existing-cluster.md)."""
 
     name: str
     kubernetes_version: str

@@ -43,7 +43,7 @@ SETTINGS = {
         "null (the stack creates the cluster), or the cluster you run, to import.",
     ),
     "sample_app": ({"type": ["boolean", "string"]}, "Apply the Product Catalog sample and declare its catalogdetail (default true)."),
-    "services": (None, "Your services in the mesh (README, Your services)."),
+    "services": (None, "Your services in the mesh (docs/services.md)."),
     "encryption": ({"enum": ["wireguard", "none", None]}, "Transparent encryption between nodes: null is the datapath's (eni: wireguard; chaining: none)."),
 }
 

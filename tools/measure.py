@@ -1,4 +1,4 @@
-"""The README's traffic figures in one run: a declared service's policy and the walkthrough's, side by side.
+"""The traffic figures of docs/traffic-policy.md in one run: a declared service's policy and the walkthrough's, side by side.
 
 Every figure comes from cilium-envoy's extension set for the configured Cilium
 (checks/cilium_envoy.py) and the resources as Cilium delivers them

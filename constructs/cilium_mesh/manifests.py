@@ -14,7 +14,7 @@ WORKLOAD_FILES = tuple(MANIFESTS_DIR / "app" / name for name in ("frontend.yaml"
 INGRESS_FILE = MANIFESTS_DIR / "app" / "ingress.yaml"
 NETWORK_POLICY_FILE = MANIFESTS_DIR / "policy" / "network-policy.yaml"
 CILIUM_VALUES_FILE = MANIFESTS_DIR / "cilium" / "values.yaml"
-# How pods get their network (README, "Two datapaths"):
+# How pods get their network (docs/datapaths.md):
 #   chaining: Cilium chained onto the AWS VPC CNI (the walkthrough); L3/L4 policy.
 #   eni:      Cilium as the only CNI, its operator assigning pod addresses from ENIs; L7 policy too.
 DATAPATHS = ("chaining", "eni")

@@ -212,7 +212,7 @@ class Caller:
 
 @dataclass(frozen=True)
 class MeshService:
-    """One Service of the mesh, across its version Services ``<name><version>`` (README, "Your services").
+    """One Service of the mesh, across its version Services ``<name><version>`` (docs/services.md).
 
     name, namespace:      the Service the callers already use (DNS labels).
     port:                 its port.
