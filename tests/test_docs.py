@@ -174,12 +174,14 @@ def generated(template) -> dict[str, str]:
     return pictures.generate(template)
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_every_picture_block_is_what_the_code_draws_now(generated):
     stale = pictures.stale(pictures.documents(ROOT), generated)
     assert not stale, (f"picture blocks that differ from what the code draws now (run `{pictures.COMMAND}` "
                        "and commit the result):\n" + "\n".join(stale))  # fmt: skip
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_every_picture_is_in_the_docs(generated):
     used = {b.name for path in pictures.documents(ROOT) for b in pictures.blocks(path.read_text(), str(path))}
     missing = sorted(set(generated) - used)
@@ -187,10 +189,12 @@ def test_every_picture_is_in_the_docs(generated):
         f"{name} (place {pictures.START.format(name=name)!r} ... {pictures.END!r}, then run `{pictures.COMMAND}`)" for name in missing)
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_drawing_twice_gives_the_same_text(template, generated):
     assert pictures.generate(template) == generated
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_the_generator_rewrites_stale_blocks_only(tmp_path, monkeypatch, generated, capsys):
     monkeypatch.setattr(pictures, "generate", lambda template=None: generated)
     page = tmp_path / "page.md"
@@ -207,6 +211,7 @@ def test_the_generator_rewrites_stale_blocks_only(tmp_path, monkeypatch, generat
     assert pictures.main([str(page)]) == 0 and page.read_text() == before
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_a_broken_or_unknown_block_is_refused(generated):
     start = pictures.START.format(name="architecture")
     with pytest.raises(ValueError, match="picture markers"):
@@ -221,6 +226,7 @@ def _nodes(mermaid: str) -> list[str]:
     return re.findall(r"^\s+(\w+)[\[(]{1,2}\"", mermaid, re.M)
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_the_architecture_groups_what_the_stack_builds(generated, template):
     drawing = generated["architecture"]
     for group in ("g_vpc", "g_eks", "g_cilium", "g_app", "g_traffic", "g_metrics", "g_smoke"):
@@ -233,6 +239,7 @@ def test_the_architecture_groups_what_the_stack_builds(generated, template):
     assert "other resource" not in drawing, "a resource of no part: give it one in tools/pictures.py PARTS"
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_the_deploy_order_bolds_the_longest_chain_after_the_node_group(generated, template):
     graph = Graph(template)
     (nodes,) = [k for k, r in template["Resources"].items() if r["Type"] == "AWS::EKS::Nodegroup"]
@@ -247,6 +254,7 @@ def test_the_deploy_order_bolds_the_longest_chain_after_the_node_group(generated
         assert not any(a in graph.after(m) and m in graph.after(b) for m in steps), (a, b)
 
 
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
 def test_the_request_paths_show_every_client_of_the_model(generated):
     from checks.datapath import Deployed, evaluate_all
     from stacks.config import load_config
