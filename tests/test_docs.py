@@ -265,3 +265,44 @@ def test_the_request_paths_show_every_client_of_the_model(generated):
     for client in sorted({o.hop.client for o in evaluate_all(deployed)}):
         assert f"w_{pictures._id(client)}" in drawing, client
     assert "denied" in drawing and "delivered" in drawing and "encrypted" in drawing
+
+
+# --- The declaration's reference, checked against the model ------------------------------------------
+
+
+def _reference_rows() -> dict[str, str]:
+    """docs/services.md's table of keys: each key of a row's first column -> the row (default and text)."""
+    rows = {}
+    for line in (ROOT / "docs" / "services.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("| `") else []
+        for key in re.findall(r"`([a-z_]+)`", cells[0]) if cells else []:
+            rows[key] = " | ".join(cells[1:])
+    return rows
+
+
+def test_the_services_reference_names_every_key_of_the_model_and_no_other():
+    """Every setting of MeshService, and of each setting that is an object, in docs/services.md; its default
+    as the model has it; nothing the model does not have (so the reference cannot drift from the model)."""
+    import dataclasses as dc
+
+    from cilium_mesh.rollout_plan import RolloutLoad, RolloutSettings
+    from cilium_mesh.traffic import Caller, HttpRule, MeshService, Mirror, Retries, Route
+
+    rows = _reference_rows()
+    fields = {f.name: f for f in dc.fields(MeshService)}
+    assert set(rows) == set(fields), (sorted(set(fields) - set(rows)), sorted(set(rows) - set(fields)))
+    for name, field in fields.items():
+        default = field.default
+        if default is dc.MISSING or not isinstance(default, (bool, int, str)) or default is None:
+            continue
+        shown = {True: "`true`", False: "`false`"}.get(default, str(default)) if isinstance(default, bool) else str(default)
+        assert shown in rows[name].split(" | ")[0], (name, default, rows[name])
+    nested = {"routes": Route, "mirror": Mirror, "retries": Retries, "callers": Caller}
+    for name, cls in nested.items():
+        for sub in dc.fields(cls):
+            assert f"{sub.name}" in rows[name], (name, sub.name)
+    text = (ROOT / "docs" / "services.md").read_text()
+    for cls in (HttpRule, RolloutLoad):
+        assert all(f"`{f.name}`" in text or f.name in rows["callers" if cls is HttpRule else "rollout"] for f in dc.fields(cls)), cls
+    configuration = (ROOT / "docs" / "configuration.md").read_text()
+    assert all(f"`{f.name}`" in configuration for f in dc.fields(RolloutSettings) if f.name not in ("min_pause_s", "load"))
