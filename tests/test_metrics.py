@@ -171,14 +171,17 @@ def many_services(count: int, versions: int, long_names: bool) -> list[MeshServi
             for name in names]  # fmt: skip
 
 
+# Hundreds of services rendered and counted: seconds, so in the full tier.
+@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("services", "quota"),
-    [(many_services(90, 2, long_names=True), "-byte rule groups namespace (quota L-C62641E3)"),
-     (many_services(60, 20, long_names=False), "rules per workspace (quota L-3D15CDB4, adjustable)")],
+    ("count", "versions", "long_names", "quota"),
+    [(90, 2, True, "-byte rule groups namespace (quota L-C62641E3)"),
+     (60, 20, False, "rules per workspace (quota L-3D15CDB4, adjustable)")],
     ids=["over the namespace's size", "over the workspace's rules"],
 )  # fmt: skip
-def test_the_rule_file_refuses_what_amp_would_refuse(services, quota):
+def test_the_rule_file_refuses_what_amp_would_refuse(count, versions, long_names, quota):
     """At synth, one line naming the quota, rather than a failed deploy."""
+    services = many_services(count, versions, long_names=long_names)
     with pytest.raises(RuleFileError) as refused:
         rule_file(services)
     message = str(refused.value)

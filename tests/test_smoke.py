@@ -332,7 +332,7 @@ def test_the_outsider_passes_only_when_no_version_answers_it(app_stand_ins):
     """The non-caller's check: each version's pods, asked directly, must not answer (a dropped SYN)."""
     apps = app_stand_ins
     checks = service_checks(POLICY, True)
-    settings = {**SMOKE.settings_from({"ROLE": "outsider"}), "deadline_s": 0.0, "retry_s": 0.0, "deny_timeout_s": 0.2}
+    settings = {**SMOKE.settings_from({"ROLE": "outsider"}), "deadline_s": 0.0, "retry_s": 0.0, "deny_timeout_s": 0.1}
     settings["services"] = [{**checks, "version_urls": {"v1": f"http://{apps['dropped_at']}/", "v2": f"http://{apps['dropped_at']}/"}}]
     assert run_script(settings, apps["addresses"]) == "pass"
     settings["services"][0]["version_urls"]["v2"] = f"http://{apps['answering']}/"
