@@ -27,12 +27,12 @@ from cdk_nag import AwsSolutionsChecks  # noqa: E402
 from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
 from stacks.config import load_config  # noqa: E402
 from checks.deploy_graph import logical_id  # noqa: E402
+from checks.template import TOKEN, manifest_documents, resolve_join  # noqa: E402, F401  (the tests import them from here)
 from checks.provider_dry_run import dry_run  # noqa: E402
 from checks.rollout_harness import SUITE_SCENARIOS as ROLLOUT_SCENARIOS  # noqa: E402
 
 CONTEXT = cdk_json_context()
 STACK_NAME = "CiliumMeshEks"
-TOKEN = "<TOKEN>"
 # The chaining synth's rollout setting (the eni synth keeps cdk.json's: none, weights at once).
 ROLLOUT = {"steps": [10, 50, 100], "pause_s": 300, "max_error_ratio": 0.05, "max_p99_ms": 500, "min_request_rate": 0.5}
 
@@ -343,20 +343,6 @@ def cli_synths(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedPr
         _, stderr = process.communicate(timeout=BACKGROUND_TIMEOUT_S)
         results[name] = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
     return directory, results
-
-
-def resolve_join(value) -> str:
-    """A string property that holds tokens, with every token replaced by <TOKEN>."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "Fn::Join" in value:
-        separator, parts = value["Fn::Join"]
-        return separator.join(resolve_join(part) for part in parts)
-    return TOKEN
-
-
-def manifest_documents(resource: dict) -> list[dict]:
-    return json.loads(resolve_join(resource["Properties"]["Manifest"]))
 
 
 def helm_values(resource: dict) -> dict:

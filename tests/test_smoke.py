@@ -3,7 +3,6 @@ aws-cdk-lib's own kubectl handler, the relay that fails the stack, and its scrip
 
 import importlib.util
 import json
-import re
 import threading
 from contextlib import ExitStack
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

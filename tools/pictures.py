@@ -30,7 +30,6 @@ holds no time or hash, so generating twice gives the same text.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from pathlib import Path
 from stacks import ROOT, cdk_json_context  # noqa: I001  (first: puts constructs/ on the import path)
 from checks.datapath import Deployed, Outcome, evaluate_all, must_deny
 from checks.deploy_graph import Graph
+from checks.template import json_property, manifest_documents
 from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
 from cilium_mesh.traffic import CLUSTER_DOMAIN, MESH_NAMESPACE
 from stacks import network
@@ -109,29 +109,6 @@ def synthesized_template() -> dict:
         app = cdk.App(context=cdk_json_context(), outdir=outdir)
         CiliumEksStack(app, STACK_NAME, config=load_config(app.node.get_all_context()))
         return app.synth().get_stack_by_name(STACK_NAME).template
-
-
-def _joined(value) -> str:
-    """A string property, each token in it as <TOKEN>."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and "Fn::Join" in value:
-        separator, pieces = value["Fn::Join"]
-        return separator.join(_joined(piece) for piece in pieces)
-    return "<TOKEN>"
-
-
-def _documents(resource: dict) -> list[dict]:
-    return json.loads(_joined(resource["Properties"]["Manifest"]))
-
-
-def _values(resource: dict) -> dict:
-    return json.loads(_joined(resource["Properties"].get("Values", "{}")))
-
-
-def _policy(resource: dict) -> dict:
-    """A traffic rollout's service declaration (its Policy property)."""
-    return json.loads(_joined(resource["Properties"]["Policy"]))
 
 
 def _bare(logical_id: str) -> str:
@@ -223,7 +200,7 @@ def parts(template: dict) -> dict[str, _Part]:
     """Every resource of the template in the part it belongs to (architecture's nodes)."""
     resources = template["Resources"]
     graph = Graph(template)
-    rollouts = {k: _policy(r) for k, r in resources.items() if r["Type"] == ROLLOUT_RESOURCE_TYPE}
+    rollouts = {k: json_property(r, "Policy") for k, r in resources.items() if r["Type"] == ROLLOUT_RESOURCE_TYPE}
     rules = [(f"CiliumMeshService{p['namespace']}{p['name']}", f"service:{p['namespace']}/{p['name']}") for p in rollouts.values()]
     rules += [(_bare(k), f"rollout:{p['namespace']}/{p['name']}") for k, p in rollouts.items()]
     rules += [("CiliumMeshTraffic", "rollout_provider")]
@@ -284,7 +261,7 @@ def _part_label(part: _Part, template: dict) -> str:
         return "ENI cleanup\n(Cilium's ENIs, on destroy)"
     if key == "cilium":
         chart = part.one(HELM_CHART)
-        values = _values(chart)
+        values = json_property(chart, "Values", "{}")
         features = [f"IPAM {values.get('ipam', {}).get('mode', 'cluster-pool')}"]
         if values.get("kubeProxyReplacement") is True:
             features.append("kube-proxy replacement")
@@ -299,33 +276,33 @@ def _part_label(part: _Part, template: dict) -> str:
         names = sorted(r["Properties"]["ObjectName"].split(".")[0] for r in part.of_type(OBJECT_VALUE))
         return "waits for Cilium:\n" + ", ".join(names)
     if key == "nlb":
-        values = _values(next(r for k, r in template["Resources"].items() if k.startswith("CiliumMeshCilium")))
+        values = json_property(next(r for k, r in template["Resources"].items() if k.startswith("CiliumMeshCilium")), "Values", "{}")
         scheme = values.get("ingressController", {}).get("service", {}).get("annotations", {}).get(
             "service.beta.kubernetes.io/aws-load-balancer-scheme", "")
         return f"NLB of Service cilium-ingress\n{scheme}"
     if key == "namespaces":
-        return "Namespaces: " + ", ".join(_names(_documents(part.one(MANIFEST)), "Namespace"))
+        return "Namespaces: " + ", ".join(_names(manifest_documents(part.one(MANIFEST)), "Namespace"))
     if key == "app":
-        documents = _documents(part.one(MANIFEST))
+        documents = manifest_documents(part.one(MANIFEST))
         return f"Sample app: {_kinds(documents, 'Deployment', 'Service')}\n" + ", ".join(_names(documents, "Deployment"))
     if key == "ingress":
-        (ingress,) = [d for d in _documents(part.one(MANIFEST)) if d["kind"] == "Ingress"]
+        (ingress,) = [d for d in manifest_documents(part.one(MANIFEST)) if d["kind"] == "Ingress"]
         backends = sorted({f"{h['path']} → {h['backend']['service']['name']}:{h['backend']['service']['port']['number']}"
                            for rule in ingress["spec"]["rules"] for h in rule["http"]["paths"]})  # fmt: skip
         return f"Ingress {ingress['metadata']['name']}\n{', '.join(backends)}"
     if key == "policies":
-        return "Network policies:\n" + _kinds(_documents(part.one(MANIFEST)))
+        return "Network policies:\n" + _kinds(manifest_documents(part.one(MANIFEST)))
     if key.startswith("service:"):
-        documents = _documents(part.one(MANIFEST))
+        documents = manifest_documents(part.one(MANIFEST))
         return f"Service {key.split(':', 1)[1]}: version Services\n{', '.join(_names(documents, 'Service'))}\n" + _kinds(
             documents, "CiliumNetworkPolicy")
     if key.startswith("rollout:"):
         resource = part.one(ROLLOUT_RESOURCE_TYPE)
-        policy = _policy(resource)
+        policy = json_property(resource, "Policy")
         weights = " / ".join(f"{v} {w}" for v, w in sorted((policy.get("weights") or {}).items()))
         how = "at once"
         if "Rollout" in resource["Properties"]:
-            steps = json.loads(_joined(resource["Properties"]["Rollout"])).get("steps", [])
+            steps = json_property(resource, "Rollout").get("steps", [])
             how = f"in steps {', '.join(f'{s}%' for s in steps)}, gated by AMP" + (", with a load" if "Load" in resource["Properties"] else "")
         return f"Rollout {key.split(':', 1)[1]}\nCiliumEnvoyConfig {weights}\n{how}"
     if key == "rollout_provider":
@@ -347,7 +324,7 @@ def _part_label(part: _Part, template: dict) -> str:
         subscribed = part.of_type("AWS::SNS::Subscription")
         return "SNS topic: alerts\n(KMS)" + (f", {_plural(len(subscribed), 'e-mail subscription')}" if subscribed else "")
     if key == "smoke_job":
-        documents = _documents(part.one(MANIFEST))
+        documents = manifest_documents(part.one(MANIFEST))
         jobs = [d["metadata"].get("labels", {}).get("app", "") for d in documents if d["kind"] == "Job"]
         return f"Smoke test: {_kinds(documents, 'Job')}\n" + ", ".join(sorted(jobs))
     if key == "smoke_verdict":
@@ -355,7 +332,7 @@ def _part_label(part: _Part, template: dict) -> str:
         return f"waits for its verdict\n{value['ObjectType']} {value['ObjectName']}"
     if key == "smoke_result":
         return "the verdict kept:\n" + ", ".join(
-            f"{d['kind']} {d['metadata']['name']}" for d in _documents(part.one(MANIFEST)))
+            f"{d['kind']} {d['metadata']['name']}" for d in manifest_documents(part.one(MANIFEST)))
     if key == "other":
         return f"{_plural(len(part.resources), 'other resource')}\n" + ", ".join(sorted({_bare(k) for k in part.resources}))
     return key
@@ -411,12 +388,12 @@ def architecture(template: dict) -> str:
             edges += [_edge("nlb", "cilium", "NodePort → Ingress Envoy")]
         if "ingress" in found:
             edges += [_edge("ingress", "cilium", "configures", "-.->")]
-            ingresses = [d for d in _documents(found["ingress"].one(MANIFEST)) if d["kind"] == "Ingress"]
+            ingresses = [d for d in manifest_documents(found["ingress"].one(MANIFEST)) if d["kind"] == "Ingress"]
             backends = {h["backend"]["service"]["name"] for d in ingresses for rule in d["spec"]["rules"] for h in rule["http"]["paths"]}
-            if "app" in found and backends & set(_names(_documents(found["app"].one(MANIFEST)), "Service")):
+            if "app" in found and backends & set(_names(manifest_documents(found["app"].one(MANIFEST)), "Service")):
                 edges += [_edge("cilium", "app", "to " + ", ".join(sorted(backends)))]
     if "cilium" in found:  # with ENI IPAM: the subnets whose tags Cilium's operator takes pods' ENIs from
-        filters = _values(found["cilium"].one(HELM_CHART)).get("eni", {}).get("subnetTagsFilter", [])
+        filters = json_property(found["cilium"].one(HELM_CHART), "Values", "{}").get("eni", {}).get("subnetTagsFilter", [])
         wanted = dict(f.split("=", 1) for f in filters)
         for key in sorted(k for k in subnet_names if k in found):
             tags = [_tags(r) for r in found[key].of_type("AWS::EC2::Subnet")]
@@ -468,9 +445,9 @@ def step_label(logical_id: str, resource: dict) -> str:
     if type_ == OBJECT_VALUE:
         return f"wait: {properties['ObjectType']} {properties['ObjectName']}\n{DIGEST.sub('', properties['JsonPath'])}"
     if type_ == ROLLOUT_RESOURCE_TYPE:
-        policy = _policy(resource)
+        policy = json_property(resource, "Policy")
         return f"rollout {policy['namespace']}/{policy['name']}\nCiliumEnvoyConfig"
-    documents = _documents(resource)
+    documents = manifest_documents(resource)
     if bare.startswith("CiliumMeshService"):
         services = [d for d in documents if d["kind"] == "Service"]
         name = f"Service {services[0]['metadata'].get('namespace')}/{services[0]['metadata']['labels'].get('cilium-mesh.eks/service', '')}"

@@ -166,14 +166,18 @@ class CiliumMesh(Construct):
                 manifests["NetworkPolicy"] = replaced_by_name(
                     load_documents(NETWORK_POLICY_FILE), load_documents(NETWORK_POLICY_DATAPATH_FILES[props.datapath])
                 )
-        for service in props.services:
-            policies = service_policies(service, props.datapath) if props.network_policy else []
-            manifests[f"Service-{service.namespace}-{service.name}"] = [*service.version_services(), *policies]
+        service_manifests = {
+            service.key: (f"Service-{service.namespace}-{service.name}",
+                          [*service.version_services(), *(service_policies(service, props.datapath) if props.network_policy else [])])
+            for service in props.services
+        }  # fmt: skip
+        manifests |= dict(service_manifests.values())
         # A service's manifest is applied, not created: its version Services may exist already (written by
         # hand, as the walkthrough did, or by an earlier version of this stack in the sample's manifest),
         # and the stack takes them over rather than fail on "already exists".
+        applied = {name for name, _ in service_manifests.values()}
         self.manifests = {
-            name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents, overwrite=name.startswith("Service-") or None)
+            name: eks.KubernetesManifest(self, name, cluster=cluster, manifest=documents, overwrite=(name in applied) or None)
             for name, documents in manifests.items()
         }
         self.manifests_after = (*ready, self.namespace)
@@ -188,7 +192,7 @@ class CiliumMesh(Construct):
         )  # fmt: skip
         for service in props.services:
             # After its version Services (the CiliumEnvoyConfig's backends) and, with the sample, the app.
-            before = [self.manifests[f"Service-{service.namespace}-{service.name}"], *self.manifests_after]
+            before = [self.manifests[service_manifests[service.key][0]], *self.manifests_after]
             if "App" in self.manifests:
                 before.append(self.manifests["App"])
             self.traffic.resources[service.key].node.add_dependency(*before)

@@ -33,6 +33,18 @@ def load_labels(service: MeshService) -> dict[str, str]:
     return {**LOAD_LABELS, "cilium-mesh.eks/service": f"{service.namespace}.{service.name}"}
 
 
+def dns_egress() -> dict:
+    """An egress rule to kube-dns on UDP and TCP 53."""
+    return {"toEndpoints": [{"matchLabels": {NAMESPACE_LABEL: "kube-system", "k8s:k8s-app": "kube-dns"}}],
+            "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}]}]}  # fmt: skip
+
+
+def egress_to_pods(service: MeshService) -> dict:
+    """An egress rule to every version's pods of the service, on their port (from any namespace)."""
+    return {"toEndpoints": [{"matchLabels": {**dict(labels), NAMESPACE_LABEL: service.namespace}} for labels in service.versions.values()],
+            "toPorts": [{"ports": [{"port": str(service.pod_port), "protocol": "TCP"}]}]}  # fmt: skip
+
+
 def _peer(labels, namespace: str, service: MeshService) -> dict:
     """A selector of pods by labels; the namespace named only when it is not the policy's own."""
     selector = dict(labels)
@@ -142,7 +154,6 @@ def service_policies(service: MeshService, datapath: str) -> list[dict]:
 def _namespace_default_deny(service: MeshService) -> list[dict]:
     """Deny by default in the service's namespace, DNS allowed, and each caller there let out to the pods."""
     namespace = service.namespace
-    versions = [{"matchLabels": dict(labels)} for labels in service.versions.values()]
     policies = [
         {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
          "metadata": _metadata(f"mesh-{service.name}-default-deny", namespace, service),
@@ -150,9 +161,7 @@ def _namespace_default_deny(service: MeshService) -> list[dict]:
                   "endpointSelector": {}, "ingress": [{}], "egress": [{}]}},
         {"apiVersion": "cilium.io/v2", "kind": "CiliumNetworkPolicy",
          "metadata": _metadata(f"mesh-{service.name}-dns", namespace, service),
-         "spec": {"description": "DNS to kube-dns only (UDP and TCP 53).", "endpointSelector": {},
-                  "egress": [{"toEndpoints": [{"matchLabels": {NAMESPACE_LABEL: "kube-system", "k8s:k8s-app": "kube-dns"}}],
-                              "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}]}]}]}},
+         "spec": {"description": "DNS to kube-dns only (UDP and TCP 53).", "endpointSelector": {}, "egress": [dns_egress()]}},
     ]  # fmt: skip
     for i, caller in enumerate(service.callers):
         if (caller.namespace or namespace) != namespace:
@@ -162,7 +171,7 @@ def _namespace_default_deny(service: MeshService) -> list[dict]:
             "metadata": _metadata(f"mesh-{service.name}-caller-{i}", namespace, service),
             "spec": {"description": f"Caller {i} of {service.name} reaches its pods.",
                      "endpointSelector": {"matchLabels": dict(caller.labels)},
-                     "egress": [{"toEndpoints": versions, "toPorts": [{"ports": [{"port": str(service.pod_port), "protocol": "TCP"}]}]}]},
+                     "egress": [egress_to_pods(service)]},
         })  # fmt: skip
     return policies
 

@@ -10,13 +10,11 @@ import hashlib
 import json
 
 from .manifests import MANIFESTS_DIR, load_documents
-from .policy import NAMESPACE_LABEL, load_labels
+from .policy import dns_egress, egress_to_pods, load_labels
 from .traffic import LOAD_HEADER, MESH_NAMESPACE, MeshService
 
 LOAD_FILE = MANIFESTS_DIR / "mesh" / "rollout-load.yaml"
 LOAD_SCRIPT_FILE = MANIFESTS_DIR / "mesh" / "rollout_load.py"
-DNS = {"toEndpoints": [{"matchLabels": {NAMESPACE_LABEL: "kube-system", "k8s:k8s-app": "kube-dns"}}],
-       "toPorts": [{"ports": [{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}]}]}  # fmt: skip
 
 
 def load_name(service: MeshService) -> str:
@@ -44,13 +42,11 @@ def load_documents_of(service: MeshService, network_policy: bool) -> list[dict]:
         env["value"] = values[env["name"]]
     if not network_policy:
         return [deployment]
-    egress = {"toEndpoints": [{"matchLabels": {**dict(v), NAMESPACE_LABEL: service.namespace}} for v in service.versions.values()],
-              "toPorts": [{"ports": [{"port": str(service.pod_port), "protocol": "TCP"}]}]}  # fmt: skip
     policy = {
         "apiVersion": "cilium.io/v2",
         "kind": "CiliumNetworkPolicy",
         "metadata": {"name": name, "namespace": MESH_NAMESPACE},
         "spec": {"description": f"The rollout load of {service.key} reaches DNS and the service's pods.",
-                 "endpointSelector": {"matchLabels": labels}, "egress": [DNS, egress]},
+                 "endpointSelector": {"matchLabels": labels}, "egress": [dns_egress(), egress_to_pods(service)]},
     }  # fmt: skip
     return [policy, deployment]

@@ -57,6 +57,11 @@ RESOURCE_TYPE = "Custom::CiliumTrafficRollout"
 STATE_ANNOTATION = "cilium-mesh.eks/rollout"
 
 
+# An HTTP header name as the mesh matches it: an RFC 9110 token in lower case (HTTP/2 header names are
+# lower case, and Envoy matches them so). traffic.py checks the declaration's headers with it too.
+HTTP_HEADER_NAME = re.compile(r"[a-z0-9!#$%&'*+.^_`|~-]+")
+
+
 class RolloutError(ValueError):
     """Rollout settings that cannot work."""
 
@@ -87,7 +92,7 @@ class RolloutLoad:
         if self.method not in ("GET", "HEAD"):
             raise RolloutError(f"load.method {self.method!r} must be GET or HEAD (the load repeats its request)")
         for name, value in self.headers.items():
-            if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name) or not isinstance(value, str):
+            if not isinstance(name, str) or not HTTP_HEADER_NAME.fullmatch(name) or not isinstance(value, str):
                 raise RolloutError(f"load.headers.{name}: must be a lower-case HTTP header name with a string value")
 
 

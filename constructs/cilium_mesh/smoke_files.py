@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 
 from .manifests import MANIFESTS_DIR, load_documents
-from .policy import NAMESPACE_LABEL, smoke_probes
+from .policy import egress_to_pods, smoke_probes
 from .traffic import MESH_NAMESPACE, OUTSIDER_LABELS, SMOKE_TEST_LABELS, MeshService
 
 SMOKE_DIR = MANIFESTS_DIR / "smoke"
@@ -52,11 +52,7 @@ def _egress_to_services(name: str, labels: dict, services: Sequence[MeshService]
         "spec": {
             "description": f"{name} reaches every declared service's pods on their port.",
             "endpointSelector": {"matchLabels": dict(labels)},
-            "egress": [
-                {"toEndpoints": [{"matchLabels": {**labels_, NAMESPACE_LABEL: s.namespace}} for labels_ in s.versions.values()],
-                 "toPorts": [{"ports": [{"port": str(s.pod_port), "protocol": "TCP"}]}]}
-                for s in services
-            ],
+            "egress": [egress_to_pods(s) for s in services],
         },
     }  # fmt: skip
 

@@ -32,13 +32,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 if __package__:
-    from .rollout_plan import RolloutSettings
+    from .rollout_plan import HTTP_HEADER_NAME, RolloutSettings
 else:  # in the rollout Lambda, where this file is the top-level module traffic
-    from rollout_plan import RolloutSettings
+    from rollout_plan import HTTP_HEADER_NAME, RolloutSettings
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-# RFC 9110 token, lower case (HTTP/2 header names are lower case, and Envoy matches them so).
-_HTTP_HEADER = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 # Kubernetes label keys (an optional DNS prefix and '/') and values.
 _LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -418,7 +416,7 @@ class MeshService:
             self._fail(path, f"version {version} is not declared (versions: {', '.join(self.versions)})")
 
     def _check_header(self, path: str, name) -> None:
-        if not isinstance(name, str) or not _HTTP_HEADER.fullmatch(name):
+        if not isinstance(name, str) or not HTTP_HEADER_NAME.fullmatch(name):
             self._fail(path, f"{name!r} is not an HTTP header name in lower case (an RFC 9110 token)")
 
     def _check_labels(self, path: str, labels: Mapping) -> None:
@@ -445,7 +443,7 @@ class MeshService:
         for name, value in route.headers.items():
             self._check_header(f"{path}.headers", name)
             if name == self.pin_header:
-                self._fail(f"{path}.headers.{name}", f"is the pin header (pin_header), whose routes come first: this route would never see it")
+                self._fail(f"{path}.headers.{name}", "is the pin header (pin_header), whose routes come first: this route would never see it")
             if name.startswith(":"):
                 self._fail(f"{path}.headers.{name}", "pseudo-headers are not matched; use path or methods")
             if not isinstance(value, str):
