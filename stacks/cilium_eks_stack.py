@@ -12,6 +12,7 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_logs as logs
 from cilium_mesh import CiliumMesh, CiliumMeshProps, MeshService
+from cilium_mesh.declaration import sample_service
 from cilium_mesh.eni import EniCleanup
 from cilium_mesh.mesh import STEP_TIMEOUT
 from cilium_mesh.metrics import MeshMetrics, MeshMetricsProps
@@ -60,7 +61,8 @@ class CiliumEksStack(Stack):
                 self,
                 "Metrics",
                 MeshMetricsProps(cluster=self.cluster, private_subnets=self.private_subnets, services=config.services,
-                                 alert_email=config.alert_email, encryption=config.encryption),
+                                 alert_email=config.alert_email, encryption=config.encryption,
+                                 node_security_group=self._node_security_group()),
             )  # fmt: skip
         self.mesh = CiliumMesh(
             self,
@@ -244,6 +246,11 @@ class CiliumEksStack(Stack):
         )
         return vpc, subnets, cluster
 
+    def _node_security_group(self) -> ec2.ISecurityGroup | None:
+        """An existing cluster's nodes' own security group, when the setting names one (else the cluster's)."""
+        group = self.existing and self.existing.node_security_group_id
+        return ec2.SecurityGroup.from_security_group_id(self, "NodeSecurityGroup", group) if group else None
+
     def _kubernetes_steps_after_the_access_entry(self) -> None:
         """Every resource whose requests run kubectl (the chart, manifests, object values, and the rollout,
         whose Lambda calls the provider) comes after the access entry, and so is deleted before it: a
@@ -354,7 +361,7 @@ class CiliumEksStack(Stack):
             value="kubectl -n kube-system port-forward svc/hubble-ui 12000:80  # then open http://localhost:12000",
         )
         if config.sample_app:
-            CfnOutput(self, "CheckTrafficSplit", value=_traffic_check_command(config.service("workshop/catalogdetail")))
+            CfnOutput(self, "CheckTrafficSplit", value=_traffic_check_command(config.service(sample_service().key)))
         if config.metrics:
             CfnOutput(self, "PrometheusEndpoint", value=self.metrics.workspace.attr_prometheus_endpoint)
             CfnOutput(self, "AlertsTopic", value=self.metrics.alerts_topic.topic_arn)
@@ -525,9 +532,10 @@ def _managed_policy(name: str) -> str:
 
 
 def _traffic_check_command(policy: MeshService) -> str:
-    """Shows the policy at work, which the plain Service cannot imitate: the split next to the
-    configured weights, and requests pinned by header going only to their version."""
-    url = f"{policy.name}:{policy.port}/catalogDetail"
+    """Shows the sample's policy at work, which the plain Service cannot imitate: the split next to the
+    configured weights, and requests pinned by header going only to their version, sent from a pod of
+    its first caller (the sample's answers name their version)."""
+    url = f"{policy.name}:{policy.port}{policy.check_path}"
     count = 'grep -o "\\"version\\":\\"[0-9]*\\"" | sort | uniq -c'
     weights = " ".join(f"{v}={w}" for v, w in policy.weights.items())
     script = f'echo "configured weights: {weights}"; for i in $(seq 200); do curl -s {url}; echo; done | {count}'
@@ -536,5 +544,9 @@ def _traffic_check_command(policy: MeshService) -> str:
             f"; for v in {' '.join(policy.versions)}; do echo \"pinned to $v:\"; for i in $(seq 20); do "
             f"curl -s -H \"{policy.pin_header}: $v\" {url}; echo; done | {count}; done"
         )
-    return f"kubectl -n {policy.namespace} exec deploy/productcatalog -- sh -c '{script}'"
+    caller = policy.callers[0]
+    namespace = caller.namespace or policy.namespace
+    selector = ",".join(f"{key}={value}" for key, value in caller.labels.items())
+    pod = f'"$(kubectl -n {namespace} get pod -l {selector} -o name | head -n 1)"'
+    return f"kubectl -n {namespace} exec {pod} -- sh -c '{script}'"
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import botocore
 from cilium_mesh import DeclarationError, MeshService
-from cilium_mesh.declaration import ServicesError, check_unique, sample_service, services
+from cilium_mesh.declaration import ServicesError, check_list, sample_service, services
 from cilium_mesh.manifests import DATAPATHS
 from cilium_mesh.metrics_files import RuleFileError, rule_file
 from cilium_mesh.rollout_plan import RolloutError, RolloutSettings
@@ -56,7 +56,8 @@ KEYS = (
 )
 
 # Keys whose null is a value (none), not a missing key.
-OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout", "existing_cluster", "traffic_weights", "services", "encryption")
+OPTIONAL_KEYS = ("admin_principal_arn", "alert_email", "rollout", "existing_cluster", "traffic_weights", "services", "encryption",
+                 "datapath")
 
 # Keys this app once read, with why they are gone: a leftover `-c kube_proxy=true` says so.
 REMOVED_KEYS = {
@@ -109,9 +110,14 @@ EXISTING_CLUSTER_KEYS = {
     "private_subnet_ids": "its nodes' private subnets, 2 to 16 subnet-<hex> (AMP's collector, and the kubectl provider with private access)",
     "cluster_security_group_id": "the cluster security group EKS made, sg-<hex>",
     "endpoint_access": "public, private or public_and_private",
-    "public_access_cidrs": 'with public access, the CIDRs it admits, like ["0.0.0.0/0"]',
+    "public_access_cidrs": 'with public access, the CIDRs it admits, like ["0.0.0.0/0"] (not needed with private)',
     "authentication_mode": "API or API_AND_CONFIG_MAP (access entries)",
     "vpc_cni_version": "the amazon-vpc-cni add-on's version, like v1.19.2-eksbuild.1",
+}
+# ...and the one key that may be left out (or null).
+EXISTING_CLUSTER_OPTIONAL_KEYS = {
+    "node_security_group_id": "the nodes' security group, sg-<hex>, when they are not in the cluster security group"
+    " (terraform-aws-eks gives its node groups one); null: the cluster security group, as EKS managed node groups use",
 }
 ENDPOINT_ACCESS = ("public", "private", "public_and_private")
 AUTHENTICATION_MODES = ("API", "API_AND_CONFIG_MAP", "CONFIG_MAP")
@@ -135,6 +141,7 @@ class ExistingCluster:
     public_access_cidrs: tuple[str, ...]
     authentication_mode: str
     vpc_cni_version: str
+    node_security_group_id: str | None = None
 
     @property
     def provider_in_vpc(self) -> bool:
@@ -227,8 +234,11 @@ def _cluster_name(value: Any) -> str:
     return value
 
 
-def _datapath(value: Any, cluster_name: str) -> str:
-    """The datapath; eni also names Cilium's cluster (ENI tags), so the cluster name must suit Cilium's chart."""
+def _datapath(value: Any, cluster_name: str, existing: bool) -> str:
+    """The datapath, null being eni for a created cluster and chaining for an existing one (the only one it can
+    take); eni also names Cilium's cluster (ENI tags), so the cluster name must suit Cilium's chart."""
+    if value is None:
+        value = "chaining" if existing else "eni"
     if value not in DATAPATHS:
         raise ConfigError(f"datapath: {_shown(value)} must be one of {', '.join(DATAPATHS)}")
     if value == "eni" and not (
@@ -410,7 +420,7 @@ def _services(context, metrics: bool, encryption: str) -> tuple[bool, tuple[Mesh
                 declared = (sample_service(weights, rollout), *declared)
             except (ServicesError, DeclarationError) as error:  # the sample's declaration is the code's: its weights are wrong
                 raise ConfigError(f"traffic_weights: {str(error).split(': ', 1)[1]}") from None
-        check_unique(declared)
+        check_list(declared)
     except (ServicesError, DeclarationError) as error:
         raise ConfigError(str(error)) from None
     for s in declared:
@@ -462,15 +472,18 @@ def _existing_cluster(value: Any, region: str, datapath: Any) -> ExistingCluster
     prefix = "existing_cluster"
     if not isinstance(value, dict):
         raise ConfigError(f'{prefix}: {_shown(value)} must be null or an object with {", ".join(EXISTING_CLUSTER_KEYS)}')
-    unknown = sorted(set(value) - set(EXISTING_CLUSTER_KEYS))
+    keys = {**EXISTING_CLUSTER_KEYS, **EXISTING_CLUSTER_OPTIONAL_KEYS}
+    unknown = sorted(set(value) - set(keys))
     if unknown:
-        raise ConfigError(f"{prefix}.{_key_shown(unknown[0])}: not a key of existing_cluster (keys: {', '.join(EXISTING_CLUSTER_KEYS)})")
-    missing = [key for key in EXISTING_CLUSTER_KEYS if value.get(key) is None]
+        raise ConfigError(f"{prefix}.{_key_shown(unknown[0])}: not a key of existing_cluster (keys: {', '.join(keys)})")
+    # A private-only endpoint admits no public CIDRs, so it needs none.
+    missing = [key for key in EXISTING_CLUSTER_KEYS if value.get(key) is None
+               and not (key == "public_access_cidrs" and value.get("endpoint_access") == "private")]  # fmt: skip
     if missing:
         raise ConfigError(f"{prefix}.{missing[0]}: missing; {EXISTING_CLUSTER_KEYS[missing[0]]}")
-    if datapath != "chaining":
+    if datapath not in (None, "chaining"):
         raise ConfigError(
-            f"{prefix}: needs datapath chaining (-c datapath=chaining), not {_shown(datapath)}: eni needs nodes that run"
+            f"{prefix}: needs datapath chaining (or null, which is chaining here), not {_shown(datapath)}: eni needs nodes that run"
             " no aws-node, and Cilium documents no in-place move from the VPC CNI to ENI mode"
         )
     name = value["name"]
@@ -493,7 +506,7 @@ def _existing_cluster(value: Any, region: str, datapath: Any) -> ExistingCluster
     access = value["endpoint_access"]
     if access not in ENDPOINT_ACCESS:
         raise ConfigError(f"{prefix}.endpoint_access: {_shown(access)} must be one of {', '.join(ENDPOINT_ACCESS)}")
-    public_cidrs = _cidrs(value["public_access_cidrs"], f"{prefix}.public_access_cidrs")
+    public_cidrs = () if access == "private" else _cidrs(value["public_access_cidrs"], f"{prefix}.public_access_cidrs")
     if access == "public" and public_cidrs != ("0.0.0.0/0",):
         raise ConfigError(
             f"{prefix}.endpoint_access: public, limited to {', '.join(public_cidrs)}: the kubectl provider's Lambda has no"
@@ -528,6 +541,8 @@ def _existing_cluster(value: Any, region: str, datapath: Any) -> ExistingCluster
         public_access_cidrs=public_cidrs,
         authentication_mode=mode,
         vpc_cni_version=cni,
+        node_security_group_id=None if value.get("node_security_group_id") is None else _aws_id(
+            f"{prefix}.node_security_group_id", value["node_security_group_id"], "sg"),
     )
 
 
@@ -564,7 +579,7 @@ def load_config(settings: Mapping[str, Any]) -> MeshConfig:
             " own kubectl provider only); set it to null"
         )
     metrics = _flag("metrics", context("metrics"))
-    datapath = _datapath(context("datapath"), cluster_name)
+    datapath = _datapath(context("datapath"), cluster_name, existing is not None)
     cilium_version = _cilium_version(context("cilium_version"))
     encryption = _encryption(_structured(context("encryption")), datapath, cilium_version)
     sample, declared = _services(context, metrics, encryption)

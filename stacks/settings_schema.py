@@ -15,7 +15,7 @@ from cilium_mesh.declaration import services_schema
 from cilium_mesh.manifests import DATAPATHS
 
 from . import ROOT
-from .config import EXISTING_CLUSTER_KEYS, KEYS
+from .config import EXISTING_CLUSTER_KEYS, EXISTING_CLUSTER_OPTIONAL_KEYS, KEYS
 
 SCHEMA_FILE = ROOT / "cdk.schema.json"
 _NULLABLE_OBJECT = {"type": ["object", "null"]}
@@ -32,14 +32,14 @@ SETTINGS = {
     "endpoint_public_cidrs": ({**_STRINGS, "minItems": 1, "maxItems": 40}, "IPv4 CIDRs admitted to the public API endpoint."),
     "traffic_weights": (_NULLABLE_OBJECT, "The sample app's catalogdetail weights, version -> weight (null: its declaration's)."),
     "network_policy": ({"type": ["boolean", "string"]}, "Apply each service's policy and the sample's (default true)."),
-    "datapath": ({"enum": list(DATAPATHS)}, "eni (Cilium as the only CNI) or chaining (onto the VPC CNI)."),
+    "datapath": ({"enum": [*DATAPATHS, None]}, "eni (Cilium as the only CNI) or chaining (onto the VPC CNI); null: eni, or chaining with existing_cluster."),
     "metrics": ({"type": ["boolean", "string"]}, "AMP workspace, collector, rules and alerts (default true)."),
     "alert_email": ({"type": ["string", "null"]}, "null, or an address subscribed to the alerts; needs metrics."),
     "smoke_test": ({"type": ["boolean", "string"]}, "The deploy's smoke test (default true)."),
     "rollout": (_NULLABLE_OBJECT, "The sample app's catalogdetail rollout settings (null: weights apply at once)."),
     "existing_cluster": (
-        {"type": ["object", "null"], "properties": {key: {"description": text} for key, text in EXISTING_CLUSTER_KEYS.items()},
-         "additionalProperties": False},  # fmt: skip
+        {"type": ["object", "null"], "properties": {key: {"description": text} for key, text in {**EXISTING_CLUSTER_KEYS, **EXISTING_CLUSTER_OPTIONAL_KEYS}.items()},
+         "required": list(EXISTING_CLUSTER_KEYS), "additionalProperties": False},  # fmt: skip
         "null (the stack creates the cluster), or the cluster you run, to import.",
     ),
     "sample_app": ({"type": ["boolean", "string"]}, "Apply the Product Catalog sample and declare its catalogdetail (default true)."),

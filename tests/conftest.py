@@ -138,13 +138,16 @@ EXISTING_CLUSTER = {
     "authentication_mode": "API_AND_CONFIG_MAP",
     "vpc_cni_version": "v1.19.2-eksbuild.1",
 }
+NODE_SECURITY_GROUP = "sg-0a1b2c3d4e5f6071b"
+PRIVATE_EXISTING_CLUSTER = {**{k: v for k, v in EXISTING_CLUSTER.items() if k != "public_access_cidrs"},
+                            "endpoint_access": "private", "node_security_group_id": NODE_SECURITY_GROUP}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
 def synth_existing(tmp_path_factory) -> Synth:
-    """An existing cluster with private access (the provider in its subnets); weights rolled out."""
-    return synthesize(tmp_path_factory.mktemp("cdk.out.existing"), datapath="chaining", existing_cluster=EXISTING_CLUSTER,
-                      rollout=ROLLOUT)  # fmt: skip
+    """An existing cluster as terraform-aws-eks makes one, private access only (the provider in its subnets)
+    and the nodes in their own security group, set with the one key (the datapath follows); weights rolled out."""
+    return synthesize(tmp_path_factory.mktemp("cdk.out.existing"), existing_cluster=PRIVATE_EXISTING_CLUSTER, rollout=ROLLOUT)
 
 
 @pytest.fixture(scope="session")
@@ -327,7 +330,7 @@ def cli_synths(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedPr
     runs = {
         "chaining": ["-c", "datapath=chaining"],
         "eni": ["-c", "datapath=eni"],
-        "existing": ["-c", "datapath=chaining", "-c", f"existing_cluster={json.dumps(EXISTING_CLUSTER)}"],
+        "existing": ["-c", f"existing_cluster={json.dumps(PRIVATE_EXISTING_CLUSTER)}"],
     }
     processes = {
         name: subprocess.Popen(

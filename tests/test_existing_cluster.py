@@ -9,7 +9,7 @@ import pytest
 from cilium_mesh.manifests import CILIUM_EXISTING_CLUSTER_FILE, load_documents
 from cilium_mesh.metrics_files import METRICS_PORTS
 from cilium_mesh.values import cilium_values
-from conftest import CONTEXT, EXISTING_CLUSTER, ROOT, manifest_documents, normalize_assets, update_requested
+from conftest import CONTEXT, EXISTING_CLUSTER, NODE_SECURITY_GROUP, ROOT, manifest_documents, normalize_assets, update_requested
 from stacks.config import ConfigError, load_config
 
 from checks.cilium_chart import chart_values, dead_keys, render, supported_charts
@@ -72,14 +72,17 @@ def test_every_kubernetes_step_comes_after_the_access_entry_which_is_deleted_las
     assert not set(steps) & graph.after(entry)
 
 
-def test_the_collector_opens_only_the_metrics_ports_and_the_api_on_the_users_group(existing):
-    """The user's cluster security group gets exactly two ingress rules, both from the collector's own group."""
+def test_the_collector_opens_only_the_metrics_ports_and_the_api_on_the_users_groups(existing):
+    """The user's groups get exactly two ingress rules, both from the collector's own group: the API (443) on
+    the cluster security group, the metrics ports on the nodes' (their own group when the setting names one)."""
     scraper_group = existing.logical_id(existing.stack.metrics.scraper_security_group)
-    on_users = [r["Properties"] for r in existing.resources("AWS::EC2::SecurityGroupIngress").values()
-                if r["Properties"]["GroupId"] == USERS_GROUP]  # fmt: skip
-    assert sorted((r["FromPort"], r["ToPort"]) for r in on_users) == [(443, 443), METRICS_PORTS]
-    assert all(r["SourceSecurityGroupId"] == {"Fn::GetAtt": [scraper_group, "GroupId"]} for r in on_users)
-    assert not [r for r in existing.resources("AWS::EC2::SecurityGroupEgress").values() if r["Properties"]["GroupId"] == USERS_GROUP]
+    nodes = existing.stack.config.existing_cluster.node_security_group_id or USERS_GROUP
+    ingress = [r["Properties"] for r in existing.resources("AWS::EC2::SecurityGroupIngress").values()
+               if r["Properties"]["GroupId"] in (USERS_GROUP, nodes)]  # fmt: skip
+    assert sorted((r["GroupId"], r["FromPort"], r["ToPort"]) for r in ingress) == sorted([(USERS_GROUP, 443, 443), (nodes, *METRICS_PORTS)])
+    assert all(r["SourceSecurityGroupId"] == {"Fn::GetAtt": [scraper_group, "GroupId"]} for r in ingress)
+    egress = existing.resources("AWS::EC2::SecurityGroupEgress").values()
+    assert not [r for r in egress if r["Properties"]["GroupId"] in (USERS_GROUP, nodes)]
     scraper = existing.resource(existing.stack.metrics.scraper)["Properties"]["Source"]["EksConfiguration"]
     assert scraper["SubnetIds"] == EXISTING_CLUSTER["private_subnet_ids"]
 
@@ -151,7 +154,9 @@ def test_the_charts_wait_workloads_and_admission_are_ready_on_the_running_cluste
 # --- bad settings: one line each, naming the key ------------------------------------------------------
 
 BAD_EXISTING = [
-    ({"datapath": "eni"}, {}, "existing_cluster: needs datapath chaining (-c datapath=chaining), not 'eni': eni needs nodes"),
+    ({"datapath": "eni"}, {}, "existing_cluster: needs datapath chaining (or null, which is chaining here), not 'eni': eni needs nodes"),
+    ({}, {"node_security_group_id": "nodes"}, "existing_cluster.node_security_group_id: 'nodes' is not a sg ID"),
+    ({}, {"public_access_cidrs": None}, "existing_cluster.public_access_cidrs: missing; with public access"),
     ({}, {"authentication_mode": "CONFIG_MAP"}, "existing_cluster.authentication_mode: CONFIG_MAP has no access entries"),
     ({}, {"authentication_mode": "IAM"}, "existing_cluster.authentication_mode: 'IAM' must be one of API, API_AND_CONFIG_MAP"),
     ({}, {"vpc_id": None}, "existing_cluster.vpc_id: missing; its VPC"),
@@ -182,6 +187,22 @@ def test_a_bad_existing_cluster_setting_is_one_line_naming_it(context, attribute
         load_config(settings)
     assert str(raised.value).startswith(line), str(raised.value)
     assert "\n" not in str(raised.value)
+
+
+def test_the_one_key_is_enough_the_datapath_following_it():
+    """cdk.json's datapath null is eni for a created cluster and chaining, the only one it can take, for an
+    existing one: `cdk deploy -c existing_cluster=...` needs no other flag; a private endpoint no public CIDRs."""
+    assert CONTEXT["datapath"] is None and load_config(CONTEXT).datapath == "eni"
+    private = {k: v for k, v in EXISTING_CLUSTER.items() if k != "public_access_cidrs"} | {"endpoint_access": "private"}
+    config = load_config({**CONTEXT, "existing_cluster": json.dumps(private)})
+    assert (config.datapath, config.encryption, config.existing_cluster.public_access_cidrs) == ("chaining", "none", ())
+
+
+def test_the_nodes_own_security_group_gets_the_metrics_ports(synth_existing):
+    """terraform-aws-eks puts node groups in a group of their own: the collector must reach the nodes there."""
+    rules = [r["Properties"] for r in synth_existing.resources("AWS::EC2::SecurityGroupIngress").values()
+             if r["Properties"]["GroupId"] == NODE_SECURITY_GROUP]  # fmt: skip
+    assert [(r["FromPort"], r["ToPort"]) for r in rules] == [METRICS_PORTS]
 
 
 def test_the_existing_clusters_name_and_version_are_the_stacks():

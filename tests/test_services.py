@@ -111,10 +111,11 @@ def test_the_sample_is_one_declaration_with_the_walkthroughs_names():
 
 
 def test_without_the_sample_its_keys_say_what_replaces_them():
-    bare = load_config({**CONTEXT, "sample_app": False, "traffic_weights": None, "services": declared()})
+    # cdk.json leaves the sample's own keys null, so turning the sample off is one key.
+    bare = load_config({**CONTEXT, "sample_app": False, "services": declared()})
     assert [s.key for s in bare.services] == ["shop/payments"] and not bare.sample_app
     with pytest.raises(ConfigError, match=r"^traffic_weights: sets the sample app's catalogdetail, and sample_app is false; declare your services' weights in services\[\]"):
-        load_config({**CONTEXT, "sample_app": False, "services": declared()})
+        load_config({**CONTEXT, "sample_app": False, "traffic_weights": {"v1": 50, "v2": 50}, "services": declared()})
     with pytest.raises(ConfigError, match=r"^rollout: sets the sample app's catalogdetail"):
         load_config({**CONTEXT, "sample_app": False, "traffic_weights": None, "rollout": {}})
     with pytest.raises(ConfigError, match=r"^services\[payments\]\.rollout: needs metrics true"):
@@ -178,3 +179,17 @@ def test_a_rollout_needs_the_failover_clusters_its_gate_reads():
     with pytest.raises(ServicesError, match=r"^services\[payments\]\.rollout: needs failover \(not false\)"):
         services(declared(failover=False, rollout={}))
     assert services(declared(failover=["v2", "v1"], rollout={}))[0].rollout is not None
+
+
+def test_the_construct_checks_the_list_as_the_setting_does():
+    """A CDK app that writes CiliumMesh(..., services=[...]) gets the same lines as cdk.json's services."""
+    import aws_cdk as cdk
+    from cilium_mesh import CiliumMesh, CiliumMeshProps
+
+    many = services([{**PAYMENTS, "name": f"s{i}"} for i in range(MAX_SERVICES)])
+    props = CiliumMeshProps(cluster=None, nodes=None, load_balancer_controller=None, cilium_version="1.19.6",
+                            cluster_name="mesh", services=(*many, sample_service()))  # fmt: skip
+    with pytest.raises(ServicesError, match=rf"^services: {MAX_SERVICES + 1} services, more than the {MAX_SERVICES} one deploy carries"):
+        CiliumMesh(cdk.Stack(), "Mesh", props)
+    with pytest.raises(ServicesError, match=r"^services\[s0\]: shop/s0 is also declared by services\[s0\]"):
+        CiliumMesh(cdk.Stack(), "Mesh", dataclasses.replace(props, services=(many[0], many[0])))

@@ -220,7 +220,10 @@ def test_outputs_tell_how_to_reach_and_check_the_mesh(synth):
     assert hostname["JsonPath"] == ".status.loadBalancer.ingress[0].hostname"
     assert outputs["UpdateKubeconfig"]["Value"] == "aws eks update-kubeconfig --region us-west-2 --name cilium-mesh"
     assert "hubble-ui" in outputs["HubbleUi"]["Value"]
-    assert "deploy/productcatalog" in outputs["CheckTrafficSplit"]["Value"]
+    # From a pod of the sample's caller, to the path its declaration checks.
+    check = outputs["CheckTrafficSplit"]["Value"]
+    assert check.startswith('kubectl -n workshop exec "$(kubectl -n workshop get pod -l app=productcatalog -o name | head -n 1)" --')
+    assert "curl -s catalogdetail:3000/catalogDetail" in check
 
 
 def test_traffic_check_shows_the_split_beside_the_weights_and_pinned_requests(synth, tmp_path):

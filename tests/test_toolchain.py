@@ -10,7 +10,7 @@ import constructs
 import pytest
 from aws_cdk import aws_iam as iam
 from cdk_nag import AwsSolutionsChecks
-from conftest import CDK_CLI, EXISTING_CLUSTER, ROOT, STACK_NAME
+from conftest import CDK_CLI, EXISTING_CLUSTER, PRIVATE_EXISTING_CLUSTER, ROOT, STACK_NAME
 
 
 def test_constructs_folder_does_not_shadow_the_constructs_library():
@@ -135,7 +135,7 @@ def test_every_supported_kubernetes_version_maps_to_its_own_kubectl_layer(tmp_pa
 NAG_SYNTHS = {
     "synth": {"datapath": "chaining"},
     "synth_eni": {"datapath": "eni"},
-    "synth_existing": {"datapath": "chaining", "existing_cluster": EXISTING_CLUSTER},
+    "synth_existing": {"existing_cluster": PRIVATE_EXISTING_CLUSTER},
     "synth_existing_public": {"datapath": "chaining", "existing_cluster": {**EXISTING_CLUSTER, "endpoint_access": "public"}},
 }
 

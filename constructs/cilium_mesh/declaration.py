@@ -97,17 +97,22 @@ def services(value: Any, prefix: str = "services") -> tuple[MeshService, ...]:
     more than a deploy carries)."""
     if not isinstance(value, list):
         raise ServicesError(f"{prefix}: must be a list of services (name, namespace, port, versions, ...)")
-    if len(value) > MAX_SERVICES:
-        raise ServicesError(f"{prefix}: {len(value)} services, more than the {MAX_SERVICES} one deploy carries"
-                            " (CloudFormation's 500 resources, AMP's rules); split them across stacks")  # fmt: skip
+    check_count(len(value), prefix)
     declared = [service(entry, i, prefix) for i, entry in enumerate(value)]
-    check_unique(declared, prefix)
+    check_list(declared, prefix)
     return tuple(declared)
 
 
-def check_unique(declared: Sequence[MeshService], prefix: str = "services") -> None:
-    """One CiliumEnvoyConfig per Service: Cilium 1.18/1.19 keeps one L7 redirect per Service (cilium#45949),
-    a second config silently wins; and one set of version Services per name."""
+def check_count(count: int, prefix: str = "services") -> None:
+    if count > MAX_SERVICES:
+        raise ServicesError(f"{prefix}: {count} services, more than the {MAX_SERVICES} one deploy carries"
+                            " (CloudFormation's 500 resources, AMP's rules); split them across stacks")  # fmt: skip
+
+
+def check_list(declared: Sequence[MeshService], prefix: str = "services") -> None:
+    """No more than a deploy carries; one CiliumEnvoyConfig per Service: Cilium 1.18/1.19 keeps one L7
+    redirect per Service (cilium#45949), a second config silently wins; and one set of version Services per name."""
+    check_count(len(declared), prefix)
     seen: dict[str, str] = {}
     for s in declared:
         for name in (s.name, *(s.version_service(v) for v in s.versions)):

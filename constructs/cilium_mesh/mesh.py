@@ -44,7 +44,7 @@ from aws_cdk import Duration, Fn
 from aws_cdk import aws_eks_v2 as eks
 from constructs import Construct, IConstruct
 
-from .declaration import check_unique
+from .declaration import check_list
 from .eni import CiliumOperatorIdentity
 from .manifests import (
     INGRESS_FILE,
@@ -117,7 +117,7 @@ class CiliumMesh(Construct):
 
     def __init__(self, scope: Construct, id: str, props: CiliumMeshProps) -> None:
         super().__init__(scope, id)
-        check_unique(props.services)
+        check_list(props.services)
         if props.encryption == "wireguard" and props.datapath != "eni":
             raise ValueError("encryption wireguard needs datapath eni: Cilium does not support transparent encryption"
                              " while it chains onto another CNI (cilium/cilium#15596)")  # fmt: skip

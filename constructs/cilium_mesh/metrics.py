@@ -78,6 +78,8 @@ class MeshMetricsProps:
     alert_email:     an address subscribed to the alerts topic; None (default): no subscription.
     encryption:      "wireguard" adds its rule group (manifests/metrics/prometheus/encryption-rules.yaml);
                      default "none".
+    node_security_group: the nodes' security group, opened to the collector on the metrics ports only;
+                     None (default): the cluster security group, which EKS managed node groups use.
     """
 
     cluster: eks.ICluster
@@ -85,6 +87,7 @@ class MeshMetricsProps:
     services: tuple[MeshService, ...]
     alert_email: str | None = None
     encryption: str = "none"
+    node_security_group: ec2.ISecurityGroup | None = None
 
 
 class MeshMetrics(Construct):
@@ -152,12 +155,14 @@ class MeshMetrics(Construct):
             description="AMP managed collector: the API server and the Cilium metrics ports on the nodes",
             allow_all_outbound=False,
         )
-        nodes = cluster.cluster_security_group
-        metrics_ports = ec2.Port.tcp_range(*METRICS_PORTS)
-        api_server = ec2.Port.tcp(443)
-        for port, purpose in ((metrics_ports, "Cilium metrics"), (api_server, "the Kubernetes API (pod discovery)")):
-            self.scraper_security_group.add_egress_rule(nodes, port, f"AMP collector to {purpose}")
-            nodes.add_ingress_rule(self.scraper_security_group, port, f"{purpose} from the AMP collector")
+        # The API server's ENIs are in the cluster security group; the nodes in theirs (often the same one).
+        nodes = props.node_security_group or cluster.cluster_security_group
+        for group, port, purpose in (
+            (nodes, ec2.Port.tcp_range(*METRICS_PORTS), "Cilium metrics"),
+            (cluster.cluster_security_group, ec2.Port.tcp(443), "the Kubernetes API (pod discovery)"),
+        ):
+            self.scraper_security_group.add_egress_rule(group, port, f"AMP collector to {purpose}")
+            group.add_ingress_rule(self.scraper_security_group, port, f"{purpose} from the AMP collector")
 
         # The collector lists pods through the API server as `aps-collector-user`, whose access entry
         # AMP creates for its service-linked role; this is all that user may do.
