@@ -209,3 +209,23 @@ def test_the_existing_clusters_name_and_version_are_the_stacks():
     config = load_config({**CONTEXT, "datapath": "chaining", "existing_cluster": json.dumps(EXISTING_CLUSTER)})
     assert (config.cluster_name, config.kubernetes_version) == (EXISTING_CLUSTER["name"], EXISTING_CLUSTER["kubernetes_version"])
     assert config.existing_cluster.provider_in_vpc and config.existing_cluster.private_subnet_ids == tuple(EXISTING_CLUSTER["private_subnet_ids"])
+
+
+def test_the_datapath_model_holds_on_what_the_imported_stack_applies(synth_existing):
+    """checks/datapath.py run on the imported stack's own template: its manifests' workloads, Services and
+    policies, and the chart values it installs. Every chained path delivers, every must-deny request is
+    refused, and the paths are the created chaining stack's."""
+    from checks.datapath import Deployed, evaluate_all, must_deny, paths
+    from checks.template import json_property
+
+    applied = [d for r in synth_existing.resources("Custom::AWSCDK-EKS-KubernetesResource").values() for d in manifest_documents(r)]
+    policy_kinds = ("CiliumNetworkPolicy", "CiliumClusterwideNetworkPolicy", "NetworkPolicy")
+    (chart,) = synth_existing.resources("Custom::AWSCDK-EKS-HelmChart").values()
+    config = synth_existing.stack.config
+    model = Deployed.of(config.datapath, config.services, True, config.cilium_version,
+                        documents=[d for d in applied if d["kind"] not in policy_kinds],
+                        policies=[d for d in applied if d["kind"] in policy_kinds], values=json_property(chart, "Values"))  # fmt: skip
+    assert [o.line() for o in evaluate_all(model) if not o.delivered] == []
+    assert [o.line() for o in evaluate_all(model, must_deny(model)) if o.delivered] == []
+    created = Deployed.of("chaining", config.services, True, config.cilium_version)
+    assert sorted(h.name for h in paths(model)) == sorted(h.name for h in paths(created))
