@@ -1,7 +1,7 @@
 """The documentation: its pictures are what the code draws now (tools/pictures.py), and its links lead somewhere.
 
-The pictures are drawn from the session's eni synth (cdk.json's configuration, which is datapath eni): no
-synth of their own, so these tests are in the fast tier; drawing all three takes a fraction of a second.
+The pictures are drawn from the session's eni synth (cdk.json's configuration, which is datapath eni) and
+the datapath model, so their tests are in the full tier; drawing them takes a few seconds.
 A stale picture is fixed by `python -m tools.pictures`, never by hand.
 """
 
@@ -15,6 +15,7 @@ import pytest
 from conftest import CONTEXT, ROOT
 from checks.deploy_graph import Graph
 from tools import pictures
+from stacks.config import load_config
 
 # --- Links ---------------------------------------------------------------------------------------
 
@@ -164,7 +165,7 @@ def test_the_link_checker_finds_broken_links_and_anchors(tmp_path):
 @pytest.fixture(scope="module")
 def template(request) -> dict:
     """cdk.json's template: the session's eni synth when cdk.json says eni (the same template), else a synth here."""
-    if CONTEXT["datapath"] == "eni":
+    if load_config(CONTEXT).datapath == "eni":
         return request.getfixturevalue("synth_eni").template
     return pictures.synthesized_template()
 
@@ -255,16 +256,41 @@ def test_the_deploy_order_bolds_the_longest_chain_after_the_node_group(generated
 
 
 @pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
-def test_the_request_paths_show_every_client_of_the_model(generated):
+def test_the_creation_graph_holds_every_resource_in_order_with_the_kubernetes_steps_shaded(generated, template):
+    drawing, resources = generated["creation-graph"], template["Resources"]
+    boxes = _nodes(drawing)
+    singles = [k for k, r in resources.items() if r["Type"] in pictures.SINGLE]
+    assert set(singles) <= set(boxes), "each EKS resource and Kubernetes step is a box of its own"
+    assert f"%% {len(resources)} resources;" in drawing
+    (shaded,) = re.findall(r"^  class (\S+) kubernetes$", drawing, re.M)
+    assert set(shaded.split(",")) == {k for k, r in resources.items() if r["Type"] in pictures.KUBERNETES_STEP}
+    graph = Graph(template)
+    (nodes,) = [k for k, r in resources.items() if r["Type"] == "AWS::EKS::Nodegroup"]
+    steps = {k for k, r in resources.items() if r["Type"] in pictures.KUBERNETES_STEP and nodes in graph.after(k)}
+    (bold,) = re.findall(r"^  class (\S+) chain$", drawing, re.M)
+    assert len(bold.split(",")) == len(graph.longest_chain(steps))
+    edges = re.findall(r"^  (\w+) [-=]=?-?> (\w+)$", drawing, re.M)
+    for a, b in edges:  # between single resources: created in that order, with nothing drawn between
+        if a in singles and b in singles:
+            assert a in graph.after(b), (a, b)
+    later = {b for _, b in edges}
+    assert [b for b in boxes if b not in later] == sorted(b for b in boxes if b not in later)
+    assert "part_vpc" in boxes and "part_vpc" not in later, "the VPC is created first"
+
+
+@pytest.mark.slow  # the pictures draw from a synth and the model: the full tier's
+@pytest.mark.parametrize(("picture", "datapath"), [("request-paths", "eni"), ("request-paths-chaining", "chaining")])
+def test_the_request_paths_show_every_client_of_the_model(generated, picture, datapath):
     from checks.datapath import Deployed, evaluate_all
-    from stacks.config import load_config
 
     config = load_config(CONTEXT)
-    deployed = Deployed.of("eni", config.services, config.sample_app, config.cilium_version)
-    drawing = generated["request-paths"]
+    deployed = Deployed.of(datapath, config.services, config.sample_app, config.cilium_version)
+    drawing = generated[picture]
+    assert drawing.startswith(f"flowchart LR\n  %% datapath {datapath}: {len(evaluate_all(deployed))} paths")
     for client in sorted({o.hop.client for o in evaluate_all(deployed)}):
         assert f"w_{pictures._id(client)}" in drawing, client
-    assert "denied" in drawing and "delivered" in drawing and "encrypted" in drawing
+    assert "denied" in drawing and "delivered" in drawing
+    assert (", encrypted" in drawing) == (datapath == "eni"), "WireGuard encrypts between nodes in eni only"
 
 
 # --- The declaration's reference, checked against the model ------------------------------------------

@@ -6,11 +6,15 @@ code builds for cdk.json's configuration; nothing in one is written by hand:
 - ``architecture``: the synthesized stack's resources, grouped by what they are (the VPC's subnet groups,
   EKS, Cilium, the sample app and each declared service, the traffic rollouts, the metrics, the smoke test),
   IAM, logs and the providers' plumbing folded into what they serve;
+- ``creation-graph``: every resource of the template in creation order, the EKS resources and each
+  Kubernetes step a box of its own, the rest folded into its part, the Kubernetes steps shaded and the
+  longest chain of them after the node group bold;
 - ``deploy-order``: the Kubernetes steps around the node group, from the template's dependency graph
   (checks/deploy_graph.py), direct edges only, the longest chain of steps that run one after the other
   highlighted (tests/test_order.py bounds its length);
-- ``request-paths``: every request the datapath model (checks/datapath.py) follows for the sample, one line
-  per client and workload, with the identity the backend sees and the policy and encryption verdicts.
+- ``request-paths`` (eni) and ``request-paths-chaining``: every request the datapath model (checks/datapath.py)
+  follows, one line per client and workload, with the identity the backend sees and the policy and
+  encryption verdicts.
 
 A picture sits in a Markdown file between markers that name it, and only there:
 
@@ -513,6 +517,86 @@ def deploy_order(template: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The creation graph's boxes for what it folds, by part (parts()); the EKS resources and Kubernetes steps
+# are drawn one by one.
+PART_TITLES = {
+    "vpc": "VPC, flow logs", "public": "public subnets, NAT gateways", "controlplane": "control plane subnets",
+    "private": "node subnets", "cluster": "cluster's IAM role, KMS key, logs", "nodes": "node role, launch template",
+    "kubectl": "kubectl provider (Lambda, layer, IAM)", "lbc": "load balancer controller's IAM",
+    "eni_cleanup": "ENI cleanup (Lambda)", "operator_identity": "Cilium operator's IAM, pod identity",
+    "rollout_provider": "traffic rollout provider (Lambdas, waiter)", "workspace": "AMP workspace, its logs",
+    "scraper": "AMP collector, its security group", "rules": "AMP rule groups", "alerts": "alert manager, SNS topic, KMS key",
+}  # fmt: skip
+# Drawn one by one: each Kubernetes step, and what the steps wait for in EKS.
+SINGLE = (*KUBERNETES_STEP, "AWS::EKS::Cluster", "AWS::EKS::Nodegroup", "AWS::EKS::Addon")
+
+
+def _single_label(logical_id: str, resource: dict) -> str:
+    properties, type_ = resource["Properties"], resource["Type"]
+    if type_ == "AWS::EKS::Cluster":
+        return f"EKS cluster {properties['Name']}\nKubernetes {properties['Version']}"
+    if type_ == "AWS::EKS::Nodegroup":
+        return f"node group\n{properties['ScalingConfig']['DesiredSize']} × {', '.join(properties['InstanceTypes'])}"
+    if type_ == "AWS::EKS::Addon":
+        return f"add-on {properties['AddonName']}"
+    return step_label(logical_id, resource)
+
+
+def creation_graph(template: dict) -> str:
+    """Every resource of the template in creation order (top first): the EKS resources and each Kubernetes
+    step a box of its own, the rest folded into its part (what creates each other's in a circle shares a box);
+    the Kubernetes steps shaded, the longest chain of them after the node group bold (as in deploy-order)."""
+    graph, resources = Graph(template), template["Resources"]
+    box_of = {k: k if r["Type"] in SINGLE else f"part_{_id(part.key)}" for part in parts(template).values()
+              for k, r in part.resources.items()}  # fmt: skip
+    direct: dict[str, set[str]] = {}  # box -> the boxes it directly comes after
+    for k, deps in graph.direct.items():
+        direct.setdefault(box_of[k], set()).update(box_of[d] for d in deps)
+
+    @cache
+    def reach(box: str) -> frozenset[str]:
+        seen, todo = set(), [box]
+        while todo:
+            for earlier in direct[todo.pop()] - seen:
+                seen.add(earlier)
+                todo.append(earlier)
+        return frozenset(seen)
+
+    # Boxes each created after the other (a part with resources on both sides of another box) become one.
+    merged = {b: min(c for c in direct if c == b or (c in reach(b) and b in reach(c))) for b in direct}
+    members: dict[str, list[str]] = {}
+    for k in sorted(resources):
+        members.setdefault(merged[box_of[k]], []).append(k)
+    after = {m: {merged[b] for b in reach(m)} - {m} for m in members}
+
+    def label(box: str) -> str:
+        singles = [k for k in members[box] if resources[k]["Type"] in SINGLE]
+        folded = sorted({box_of[k] for k in members[box] if resources[k]["Type"] not in SINGLE})
+        texts = [_single_label(k, resources[k]) for k in singles]
+        texts += [PART_TITLES.get(f.removeprefix("part_"), f.removeprefix("part_")) for f in folded]
+        count = len(members[box])
+        return "\n+ ".join(texts) + (f"\n({_plural(count, 'resource')})" if folded else "")
+
+    nodes = [k for k, r in resources.items() if r["Type"] == "AWS::EKS::Nodegroup"]
+    steps = {k for k, r in resources.items() if r["Type"] in KUBERNETES_STEP}
+    after_nodes = {s for s in steps if all(n in graph.after(s) for n in nodes)}
+    chain = [merged[box_of[k]] for k in longest_chain(graph, after_nodes)]
+    chained = set(zip(chain[1:], chain)) | ({(merged[box_of[n]], chain[-1]) for n in nodes} if chain else set())
+    lines = ["flowchart TB"]
+    for box in sorted(members):
+        lines.append(f"  {_node(box, label(box), 'round' if box.startswith('part_') else 'box')}")
+    for later in sorted(members):
+        for earlier in sorted(after[later]):
+            if not any(earlier in after[middle] for middle in after[later] - {earlier}):
+                lines.append(f"  {_edge(earlier, later, arrow='==>' if (earlier, later) in chained else '-->')}")
+    kubernetes = sorted(b for b in members if any(resources[k]["Type"] in KUBERNETES_STEP for k in members[b]))
+    lines += ["  classDef kubernetes fill:#e3f2fd", f"  class {','.join(kubernetes)} kubernetes",
+              "  classDef chain stroke-width:3px,font-weight:bold", f"  class {','.join(sorted(set(chain)))} chain",
+              f"  %% {len(resources)} resources; shaded: the Kubernetes steps (kubectl provider, rollouts); bold: the longest"
+              f" chain of them after the node group, {len(chain)} steps, each after the one before"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 # --- request-paths -------------------------------------------------------------------------------
 
 # Who sends, when the model's client is no pod.
@@ -594,13 +678,13 @@ def _where(deployed: Deployed, name: str) -> str:
     return f"namespace {namespace}" if namespace else "outside the cluster"
 
 
-def request_paths(deployed: Deployed | None = None) -> str:
-    """Client -> workload for every path of the sample (cdk.json) under datapath eni."""
+def request_paths(deployed: Deployed | None = None, datapath: str = "eni") -> str:
+    """Client -> workload for every path of the sample and the declared services (cdk.json) under datapath."""
     if deployed is None:
         from stacks.config import load_config
 
         config = load_config(cdk_json_context())
-        deployed = Deployed.of("eni", config.services, config.sample_app, config.cilium_version)
+        deployed = Deployed.of(datapath, config.services, config.sample_app, config.cilium_version)
     delivered, refused = evaluate_all(deployed), evaluate_all(deployed, must_deny(deployed))
     lines = path_lines(delivered + refused, deployed)
     names = sorted({n for line in lines for n in (line.client, line.target)})
@@ -628,8 +712,10 @@ def request_paths(deployed: Deployed | None = None) -> str:
 
 PICTURES: dict[str, Callable[[dict], str]] = {
     "architecture": architecture,
+    "creation-graph": creation_graph,
     "deploy-order": deploy_order,
     "request-paths": lambda template: request_paths(),
+    "request-paths-chaining": lambda template: request_paths(datapath="chaining"),
 }
 
 
