@@ -14,7 +14,8 @@ from the rule in ``RULES`` (with its source):
    the node, or the Ingress IP) and as masquerading rewrites it;
 3. the destination identity in an ipcache: pods by labels, ClusterIPs as world,
    nodes as host or remote-node;
-4. whether the VPC carries it: EC2's source/destination check, and a route back;
+4. whether the VPC carries it: EC2's source/destination check, and a route back; whether WireGuard
+   encrypts it, and whether strict mode lets it and its reply out;
 5. the verdict of the CiliumNetworkPolicies: the client's egress (for an Envoy
    L7 load balancer, enforced by Envoy on the address it dialled) and the
    backend's ingress, L7 rules included where Cilium enforces them.
@@ -22,7 +23,8 @@ from the rule in ``RULES`` (with its source):
 The paths of a service: each of its clients (its callers, the smoke test, the rollout's load, and
 any workload whose URL names it) through each route of its CiliumEnvoyConfig the client's request
 can take, to each cluster and priority, the mirror, and each retry; DNS from the clients and from
-cilium-envoy; the kubelet's probes of its pods. A path delivers when every step does.
+cilium-envoy; the kubelet's probes of its pods. Besides, Cilium's own between nodes: hubble-relay to
+every agent's Hubble server, and cilium-health's probes. A path delivers when every step does.
 ``must_deny`` lists requests the policy must refuse. What the model takes on trust is in ``RULES``
 with ``confirmed`` False: docs/verification.md lists them as what a real cluster must still confirm.
 
@@ -209,16 +211,34 @@ RULES = {
         "With WireGuard, a packet from a pod, or from Cilium's Envoy (the L7 proxy and the Ingress) for a pod, "
         "to a pod or an Ingress IP of another node leaves through cilium_wg0, encrypted to that node's key; "
         "on one node nothing is encrypted (it never reaches the wire); without node encryption a node's own "
-        "traffic, to or from its address, is not.",
+        "traffic, to or from its address, is not: a host process (the kubelet, cilium-envoy's DNS and active "
+        "health checks, cilium-health) sends with the host identity and no L7 proxy mark, and a node's address "
+        "has no key.",
         "Cilium docs, \"WireGuard Transparent Encryption\" (Documentation/security/network/encryption-wireguard.rst, "
-        "1.18-1.20): pod-to-pod, L7 proxy and Ingress traffic; nodeEncryption (beta) for the rest",
+        "1.18-1.20, \"Which traffic is encrypted\": pod to remote pod by default, pod to remote node and node to "
+        "remote pod only with node-to-node); cilium/cilium bpf/lib/wireguard.h wg_maybe_redirect_to_encrypt "
+        "(without ENABLE_NODE_ENCRYPTION a HOST_ID source is not encrypted unless marked by the L7 proxy)",
         confirmed=False,
     ),
     "strict-mode": Rule(
-        "With strict mode, a pod's packet to its CIDR that would leave unencrypted is dropped "
-        "(DROP_UNENCRYPTED_TRAFFIC), except one to another node's own address with allowRemoteNodeIdentities.",
-        "cilium/cilium bpf/lib/encrypt.h (strict mode), encryption.strictMode.* (1.18) and .egress.* (1.19, 1.20)",
+        "With strict mode, on a node's own device (after WireGuard took what it encrypts), a packet whose source "
+        "and destination both lie in its CIDR is dropped (DROP_UNENCRYPTED_TRAFFIC), unless it leaves from the "
+        "node's own address (IPV4_ENCRYPT_IFACE, or cilium_host's) or, with allowRemoteNodeIdentities, goes to "
+        "another node's address. It keeps no state: a reply is judged as a packet of its own. With a node's address "
+        "in the CIDR the agent refuses to start unless allowRemoteNodeIdentities is true.",
+        "cilium/cilium bpf/lib/wireguard.h strict_allow (ENCRYPTION_STRICT_MODE: 1.18's encryption.strictMode.*), "
+        "bpf/lib/encrypt.h strict_allow (ENCRYPTION_STRICT_MODE_EGRESS: .egress.* of 1.19, 1.20), called in "
+        "bpf/bpf_host.c cil_to_netdev; pkg/datapath/linux/config/config.go WriteNodeConfig (node address in the "
+        "CIDR: refused without allow-remote-node-identities, else STRICT_IPV4_OVERLAPPING_CIDR)",
         confirmed=False,
+    ),
+    "cilium-internal": Rule(
+        "Cilium's own connections between nodes: hubble-relay (a pod) keeps one to every agent's Hubble server, "
+        "on the node's address, port 4244, in Hubble's mTLS; each agent's cilium-health probes every node's address "
+        "and its health endpoint (an address of the node's IPAM) on 4240, HTTP and ICMP, from its node's address.",
+        "cilium/cilium Documentation/internals/hubble.rst (Hubble Relay: every peer, port 4244, mTLS), "
+        "pkg/health/server/prober.go (each node's addresses and health IP, HTTPPathPort: cluster-health-port 4240); "
+        "the values' hubble.relay.enabled; healthChecking and endpointHealthChecking.enabled (the chart's default: true)",
     ),
     "outside-wireguard": Rule(
         "The NLB's packets to a node's NodePort, and whatever leaves the VPC, are not WireGuard's: the VPC "
@@ -239,9 +259,12 @@ PLACEMENTS = ("same node", "other node")
 CLIENT_NODE = "a"
 ENTITIES_IN_CLUSTER = {"host", "remote-node", "ingress", "health", "init", "kube-apiserver", "unmanaged"}
 LINGER_KEY = "envoy-http-upstream-linger-timeout"
-# Where on its node's subnet a pod's address is: coredns, then the workloads one by one; the Ingress IP
-# (ENI IPAM) below them all.
-COREDNS_OFFSET, FIRST_POD_OFFSET, INGRESS_IP_OFFSET = 30, 40, -5
+# Where on its node's subnet a pod's address is: coredns, hubble-relay, then the workloads one by one; the
+# Ingress IP and the health endpoint's (ENI IPAM) below them all.
+COREDNS_OFFSET, HUBBLE_RELAY_OFFSET, FIRST_POD_OFFSET, INGRESS_IP_OFFSET, HEALTH_IP_OFFSET = 30, 31, 40, -5, -6
+# Cilium's own (rule "cilium-internal"): hubble.listenAddress, and the agent's cluster-health-port.
+HUBBLE_PORT, HEALTH_PORT = 4244, 4240
+CILIUM_AGENT, HEALTH_ENDPOINT = "kube-system/cilium-agent", "kube-system/cilium-health"
 
 
 def _node_address(node: str, offset: int) -> str:
@@ -252,7 +275,7 @@ def _node_address(node: str, offset: int) -> str:
 class Endpoint:
     """Something with an address: a pod, a node, an Ingress IP, a ClusterIP, or the internet."""
 
-    kind: str  # pod | node | ingress-ip | cluster-ip | world
+    kind: str  # pod | node | ingress-ip | health-ip | cluster-ip | world | api-server
     address: str
     node: str | None = None
     workload: str | None = None
@@ -262,9 +285,10 @@ class Endpoint:
 
     def owned_by_eni(self, datapath: str) -> bool:
         """Whether the node's ENIs own the address (rule "vpc"): pod addresses are ENI secondary addresses
-        in both datapaths (the VPC CNI's, or Cilium's ENI IPAM); the Ingress IP only with ENI IPAM."""
+        in both datapaths (the VPC CNI's, or Cilium's ENI IPAM); the Ingress IP and the health endpoint's only
+        with ENI IPAM."""
         in_vpc = ipaddress.ip_address(self.address) in VPC_CIDR
-        return in_vpc and (self.kind in ("pod", "node") or (self.kind == "ingress-ip" and datapath == "eni"))
+        return in_vpc and (self.kind in ("pod", "node") or (self.kind in ("ingress-ip", "health-ip") and datapath == "eni"))
 
     def __str__(self) -> str:
         return f"{self.kind} {self.workload or ''} {self.address}".replace("  ", " ")
@@ -272,7 +296,7 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class Identity:
-    entity: str  # pod | host | remote-node | ingress | world
+    entity: str  # pod | host | remote-node | ingress | health | kube-apiserver | world
     labels: tuple = ()
 
     def __str__(self) -> str:
@@ -287,6 +311,8 @@ def ipcache(address: Endpoint, viewer_node: str) -> Identity:
         return Identity("host" if address.node == viewer_node else "remote-node")
     if address.kind == "ingress-ip":
         return Identity("ingress")
+    if address.kind == "health-ip":
+        return Identity("health")
     if address.kind == "api-server":
         return Identity("kube-apiserver")
     return Identity("world")
@@ -579,9 +605,11 @@ class Hop:
     """One connection as a client makes it, and what it asks for."""
 
     name: str
-    client: str  # a workload, "ingress" (Cilium's Ingress Envoy), "kubelet", "cilium-envoy", "world"
-    via: str  # direct | nlb | ingress | cec-eds | cec-dns | envoy-dns | probe | health-check
-    target: str  # "namespace/service" (an EDS cluster's name too), a DNS name (cec-dns, envoy-dns), a workload (probe)
+    client: str  # a workload, "ingress" (Cilium's Ingress Envoy), "kubelet", "cilium-envoy", "world", "hubble-relay",
+    #              "cilium-agent"
+    via: str  # direct | nlb | ingress | cec-eds | cec-dns | envoy-dns | probe | health-check | cilium
+    target: str  # "namespace/service" (an EDS cluster's name too), a DNS name (cec-dns, envoy-dns), a workload (probe),
+    #              CILIUM_AGENT or HEALTH_ENDPOINT (cilium)
     request: Request
     retry_after_timeout: bool = False
     datapaths: tuple = DATAPATHS
@@ -792,6 +820,24 @@ def _health_check_hops(service: MeshService) -> list[Hop]:
     return hops
 
 
+def _cilium_hops(deployed: Deployed) -> list[Hop]:
+    """Cilium's own connections between nodes, as the values run them (rule "cilium-internal"): hubble-relay to every
+    agent's Hubble server, and cilium-health's probes of every node's address and health endpoint (eni only: with
+    chaining that endpoint's address is of Cilium's pool, which the VPC does not route, cilium/cilium#9260)."""
+    values, hops = deployed.values, []
+    hubble = values.get("hubble", {})
+    if hubble.get("enabled") and hubble.get("relay", {}).get("enabled"):
+        hops.append(Hop(f"hubble-relay -> each agent's Hubble server (a node's address:{HUBBLE_PORT})", "hubble-relay", "cilium",
+                        CILIUM_AGENT, Request(HUBBLE_PORT)))  # fmt: skip
+    if values.get("healthChecking", True):
+        hops.append(Hop(f"cilium-health -> each node's address:{HEALTH_PORT} (HTTP, ICMP)", "cilium-agent", "cilium",
+                        CILIUM_AGENT, Request(HEALTH_PORT)))  # fmt: skip
+        if values.get("endpointHealthChecking", {}).get("enabled", True):
+            hops.append(Hop(f"cilium-health -> each node's health endpoint:{HEALTH_PORT} (HTTP, ICMP)", "cilium-agent", "cilium",
+                            HEALTH_ENDPOINT, Request(HEALTH_PORT), datapaths=("eni",)))  # fmt: skip
+    return hops
+
+
 def _version_of(deployed: Deployed, workload: Workload) -> str | None:
     """The declared service whose version ``workload``'s pods are, if any."""
     return next((s.key for s in deployed.services for labels in s.versions.values()
@@ -800,7 +846,7 @@ def _version_of(deployed: Deployed, workload: Workload) -> str | None:
 
 def paths(deployed: Deployed) -> list[Hop]:
     """Every path the stack ships: Ingress, the sample's own calls, every declared service's clients through its
-    CiliumEnvoyConfig, DNS from the pods and from cilium-envoy, and the kubelet's probes."""
+    CiliumEnvoyConfig, DNS from the pods and from cilium-envoy, Cilium's own between nodes, and the kubelet's probes."""
     hops = []
     if deployed.kind("Ingress"):
         hops.append(Hop("the internet -> NLB -> a node's NodePort -> Cilium's Ingress Envoy", "world", "nlb",
@@ -855,6 +901,7 @@ def paths(deployed: Deployed) -> list[Hop]:
     smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
     if smoke:
         hops.append(Hop(f"{smoke} -> the API server (its verdict)", smoke, "direct", "api-server", Request(443)))
+    hops += _cilium_hops(deployed)
     for workload in deployed.pod_kinds:
         key = _version_of(deployed, workload)
         for probe, port, path in workload.probes:
@@ -874,13 +921,17 @@ def _refused_method(rules: Sequence[HttpRule], path: str) -> str | None:
 
 
 def _sample_must_deny(deployed: Deployed) -> list[Hop]:
-    """The sample app's call graph: what its own policies refuse."""
+    """The sample app's call graph (manifests/app/, its declaration for the declared service): what its own
+    policies refuse."""
     smoke = deployed.find(MESH_NAMESPACE, SMOKE_TEST_LABELS)
+    s = deployed.mesh_service(sample_service().key)
+    version = next(iter(s.versions))
+    direct = s.version_service(version)
     return [
-        Hop("frontend -> catalogdetailv1:3000, skipping productcatalog", "frontend", "direct", "workshop/catalogdetailv1",
-            Request(3000, path="/catalogDetail")),
+        Hop(f"frontend -> {direct}:{s.pod_port}, skipping productcatalog", "frontend", "direct", f"{s.namespace}/{direct}",
+            Request(s.pod_port, path=s.check_path)),
         Hop("productcatalog -> frontend:9000, against the call graph", "productcatalog", "direct", "workshop/frontend", Request(9000)),
-        Hop("catalogdetail -> the internet:443", "catalogdetail", "direct", "world", Request(443)),
+        Hop(f"{s.name} -> the internet:443", deployed.find(s.namespace, s.versions[version]), "direct", "world", Request(443)),
         Hop("the internet -> frontend:9000, around the Ingress", "world", "direct", "workshop/frontend", Request(9000)),
         Hop("smoke test -> frontend:9000 (its deny check)", smoke, "direct", "workshop/frontend", Request(9000)),
     ]  # fmt: skip
@@ -949,28 +1000,47 @@ def _masqueraded(deployed: Deployed, source: Endpoint, destination: Endpoint) ->
     return source
 
 
-def _carried(outcome: Outcome, deployed: Deployed, source: Endpoint, target: Endpoint, sender: str) -> bool:
-    """Across nodes, whether the VPC carries the packet and its reply (rules "vpc", "reply"), and whether it
-    is encrypted, or dropped by strict mode for not being (rules "wireguard", "strict-mode")."""
+def _carried(outcome: Outcome, deployed: Deployed, source: Endpoint, target: Endpoint, sender: str, carries: str = "") -> bool:
+    """Across nodes, whether the VPC carries the packet and its reply (rules "vpc", "reply"), whether it is
+    encrypted, and whether strict mode lets it and the reply out (rules "wireguard", "strict-mode"); ``carries``
+    says what the connection holds, where that is not a request's data."""
     if target.node == sender:
         outcome.legs.append((str(source), str(target), "same node", "one node: never on the wire, never encrypted"))
         return outcome.check("vpc", True, "same node: never on the VPC")
     owned = source.owned_by_eni(deployed.datapath)
     carried = outcome.check("vpc", owned, f"source {source} {'is' if owned else 'is not'} an address of node {sender}'s ENIs")
     encrypted, why = _wireguard(deployed, source, target)
-    outcome.legs.append((str(source), str(target), "encrypted" if encrypted else "not encrypted", why))
+    held = f"{why}; {carries}" if carries else why
+    outcome.legs.append((str(source), str(target), "encrypted" if encrypted else "not encrypted", held))
     outcome.check("wireguard", True, why)
-    strict = deployed.strict_mode
-    if strict is not None and source.kind == "pod" and ipaddress.ip_address(target.address) in strict[0] and not encrypted:
-        allowed = strict[1] and target.kind == "node"
-        outcome.check("strict-mode", allowed, f"{target} is in strict mode's {strict[0]} and the packet is not encrypted"
-                      + ("; allowRemoteNodeIdentities lets it out to a node's own address" if allowed else ""))  # fmt: skip
+    _strict_mode(outcome, deployed, source, target, encrypted)
+    if target.node is not None:  # the reply leaves a Cilium node too, and strict mode judges it there
+        _strict_mode(outcome, deployed, target, source, _wireguard(deployed, target, source)[0], reply=True)
     return carried
+
+
+def _strict_mode(outcome: Outcome, deployed: Deployed, sender: Endpoint, receiver: Endpoint, encrypted: bool,
+                 reply: bool = False) -> None:  # fmt: skip
+    """Strict mode on the sending node's device, for a packet WireGuard left plain (rule "strict-mode")."""
+    strict = deployed.strict_mode
+    if strict is None or encrypted:
+        return
+    cidr, allow_remote_nodes = strict
+    if not all(ipaddress.ip_address(e.address) in cidr for e in (sender, receiver)):
+        return
+    what = f"{'the reply ' if reply else ''}{sender} -> {receiver}: not encrypted, both ends in strict mode's {cidr}"
+    if sender.kind == "node":
+        outcome.check("strict-mode", True, f"{what}; from the node's own address (IPV4_ENCRYPT_IFACE): let out")
+        return
+    allowed = allow_remote_nodes and receiver.kind == "node"
+    outcome.check("strict-mode", allowed, what + ("; allowRemoteNodeIdentities lets it out to a node's own address" if allowed
+                                                  else "; dropped (DROP_UNENCRYPTED_TRAFFIC)"))  # fmt: skip
 
 
 # What WireGuard encrypts between two nodes (rule "wireguard"): from a pod, or from Cilium's Envoy for one
 # (its upstream leaves from the client's or the Ingress IP), to a pod or an Ingress IP.
 _WIREGUARD_ENDS = ("pod", "ingress-ip")
+_ON_A_NODE = (*_WIREGUARD_ENDS, "health-ip", "node")
 
 
 def _wireguard(deployed: Deployed, source: Endpoint, target: Endpoint) -> tuple[bool, str]:
@@ -978,7 +1048,7 @@ def _wireguard(deployed: Deployed, source: Endpoint, target: Endpoint) -> tuple[
         return False, "encryption none: plain on the VPC"
     if source.kind in _WIREGUARD_ENDS and target.kind in _WIREGUARD_ENDS:
         return True, f"{source} to {target} on another node: WireGuard (cilium_wg0)"
-    if target.kind not in ("pod", "ingress-ip", "node"):
+    if target.kind not in _ON_A_NODE:
         return False, f"{target} is no WireGuard peer (not a node of the cluster)"
     return False, f"{source} to {target}: a node's own address, not encrypted without node encryption"
 
@@ -1050,15 +1120,38 @@ def _from_envoy(outcome: Outcome, deployed: Deployed, hop: Hop, client: Endpoint
         outcome.check("policy", ok, saw, "denied")
 
 
+def _cilium_internal(outcome: Outcome, deployed: Deployed, hop: Hop, node: str) -> None:
+    """Cilium's own connection to ``node`` (rule "cilium-internal"): hubble-relay's pod, or the agent from its node's
+    address, to the node's address or its health endpoint; no policy selects the agents' host (no host firewall)."""
+    if hop.client == "hubble-relay":
+        source = Endpoint("pod", _node_address(CLIENT_NODE, HUBBLE_RELAY_OFFSET), CLIENT_NODE, "hubble-relay", "kube-system",
+                          (("k8s-app", "hubble-relay"),))  # fmt: skip
+        carries = "Hubble's flows, in Hubble's own mTLS"
+    else:
+        source, carries = Endpoint("node", NODES[CLIENT_NODE], CLIENT_NODE), "a probe: no application data"
+    target = Endpoint("node", NODES[node], node)
+    if hop.target == HEALTH_ENDPOINT:
+        target = Endpoint("health-ip", _node_address(node, HEALTH_IP_OFFSET), node)
+    outcome.check("cilium-internal", True, f"{source} -> {target}:{hop.request.port}")
+    if source.kind == "pod":
+        ok, saw = verdict(deployed, source, "egress", ipcache(target, CLIENT_NODE), hop.request)
+        outcome.check("policy", ok, saw, "denied")
+    _carried(outcome, deployed, source, target, CLIENT_NODE, carries)
+
+
 def evaluate(deployed: Deployed, hop: Hop, placement: str) -> Outcome:
     """One path in one placement: the client on node a, its backend on node a or b."""
     outcome = Outcome(hop, deployed.datapath, placement)
     backend_node = CLIENT_NODE if placement == "same node" or hop.via == "probe" else "b"
     if hop.via == "health-check":  # rule "host-source": from the node, no downstream connection
+        node = Endpoint("node", NODES[CLIENT_NODE], CLIENT_NODE)
         for target in _targets(deployed, hop, backend_node, outcome):
-            node = Endpoint("node", NODES[CLIENT_NODE], CLIENT_NODE)
+            _carried(outcome, deployed, node, target, CLIENT_NODE, "an active health check: no application data")
             ok, saw = verdict(deployed, target, "ingress", ipcache(node, target.node), hop.request)
             outcome.check("host-source", ok, saw, "denied")
+        return outcome
+    if hop.via == "cilium":
+        _cilium_internal(outcome, deployed, hop, backend_node)
         return outcome
     if hop.via == "nlb":
         service = deployed.values.get("ingressController", {})

@@ -85,13 +85,13 @@ def test_every_shipped_path_delivers_and_every_must_deny_request_is_denied(datap
     model = deployed(datapath)
     outcomes = evaluate_all(model)
     kinds = {hop.via for hop in paths(model)}
-    assert kinds == {"nlb", "ingress", "direct", "cec-eds", "cec-dns", "envoy-dns", "probe"}
+    assert kinds == {"nlb", "ingress", "direct", "cec-eds", "cec-dns", "envoy-dns", "probe", "cilium"}
     assert {o.placement for o in outcomes} == set(PLACEMENTS)
     assert failing(model) == []
-    hops = paths(model)
+    hops = [h for h in paths(model) if datapath in h.datapaths]  # cilium-health's endpoint probes are eni's
     one_placement = sum(1 for h in hops if h.via in ("probe", "nlb"))
     # Under eni productcatalog asks both requests its L7 rules allow (GET /catalogDetail, GET /ping).
-    assert len(outcomes) == 2 * (len(hops) - one_placement) + one_placement == {"chaining": 105, "eni": 129}[datapath]
+    assert len(outcomes) == 2 * (len(hops) - one_placement) + one_placement == {"chaining": 109, "eni": 135}[datapath]
     assert {o.hop.client for o in outcomes} >= {"smoke-test", "smoke-test-outsider", "productcatalog", "frontend", "ingress", "world"}
     assert {o.hop.client for o in evaluate_all(model, must_deny(model))} >= {"smoke-test-outsider", "frontend", "productcatalog"}
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 from cilium_mesh.declaration import services
+from cilium_mesh.traffic import MeshService
 from checks import datapath as model
 from checks.datapath import Deployed, evaluate_all, must_deny
 from conftest import CONTEXT, TWO_SERVICES
@@ -56,11 +57,13 @@ def test_the_nlbs_hop_is_outside_wireguard_and_what_a_node_sends_is_not_encrypte
 
 def test_strict_mode_drops_nothing_that_must_be_delivered():
     """Strict mode is on by default with eni: every path still delivers, and the VPC's own addresses a pod
-    reaches (the resolver, the API server's ENIs) lie outside its CIDR."""
+    reaches (the resolver, the API server's ENIs) lie outside its CIDR. What it judges, each packet and each
+    reply, has a node's own address at one end (cilium-envoy's DNS, Cilium's own paths), never pod to pod."""
     results = outcomes("eni")
     assert results and all(o.delivered for o in results), [o.line() for o in results if not o.delivered]
     judged = [o for o in results if any(rule == "strict-mode" for rule, _, _ in o.steps)]
-    assert not judged  # nothing unencrypted went to the node subnets from a pod
+    assert {o.hop.via for o in judged} == {"envoy-dns", "cilium"} and {o.placement for o in judged} == {"other node"}
+    assert all(ok for o in judged for rule, ok, _ in o.steps if rule == "strict-mode")
     vpc = [o for o in results if o.hop.target in ("vpc-resolver", "api-server")]
     assert len(vpc) == 4 and all(o.delivered for o in vpc)
     for address in (VPC_RESOLVER, model.API_SERVER_ENI):
@@ -87,6 +90,72 @@ def test_unencrypted_pod_traffic_between_nodes_would_be_dropped(monkeypatch):
     failed = [o for o in results if not o.delivered]
     assert failed and all(o.placement == "other node" for o in failed)
     assert all(any(rule == "strict-mode" and not ok for rule, ok, _ in o.steps) for o in failed)
+
+
+def test_without_allow_remote_node_identities_strict_mode_would_drop_hubble_relay_and_replies_to_a_node():
+    """Why allowRemoteNodeIdentities is true: in ENI mode pods and nodes share the node subnets, strict mode's CIDR,
+    and without node encryption a pod's packet to another node's address is plain. With false (which the agent
+    refuses anyway, its own address being in the CIDR: pkg/datapath/linux/config/config.go), strict mode would
+    drop hubble-relay's connection to every other agent, and the replies of coredns (to cilium-envoy's DNS) and of
+    the health endpoint (to cilium-health) to the asking node."""
+    assert all(ipaddress.ip_address(address) in ipaddress.ip_network(NODE_CIDR) for address in model.NODES.values())
+    eni = Deployed.of("eni", SERVICES)
+    values = json.loads(json.dumps(eni.values))
+    values["encryption"]["strictMode"]["egress"]["allowRemoteNodeIdentities"] = False
+    results = evaluate_all(dataclasses.replace(eni, values=values))
+    dropped = [o for o in results if not o.delivered]
+    assert ("hubble-relay", model.CILIUM_AGENT) in {(o.hop.client, o.hop.target) for o in dropped}
+    assert ("cilium-agent", model.HEALTH_ENDPOINT) in {(o.hop.client, o.hop.target) for o in dropped}
+    assert {o.hop.via for o in dropped} == {"envoy-dns", "cilium"} and {o.placement for o in dropped} == {"other node"}
+    assert all(any(rule == "strict-mode" and not ok for rule, ok, _ in o.steps) for o in dropped)
+    # node to node (cilium-health's probe of another agent) leaves from a node's own address both ways
+    assert not [o for o in dropped if (o.hop.client, o.hop.target) == ("cilium-agent", model.CILIUM_AGENT)]
+
+
+class _WithHealthChecks(MeshService):
+    """The sample with active health checks on its failover clusters (none ships)."""
+
+    def envoy_resources(self):
+        resources = super().envoy_resources()
+        for resource in resources:
+            if resource.get("type") == "STRICT_DNS":
+                resource["health_checks"] = [{"timeout": "1s", "interval": "5s", "http_health_check": {"path": "/ping"}}]
+        return resources
+
+
+def test_active_health_checks_go_unencrypted_and_strict_mode_lets_them_and_their_replies_through():
+    """cilium-envoy's active health checks leave from the node's address (no original source): across nodes not
+    encrypted without node encryption, carrying no application data; strict mode lets the check out (the node's own
+    address) and the pod's reply (allowRemoteNodeIdentities). Only the backend's policy may refuse them."""
+    sample = CONFIG.service("workshop/catalogdetail")
+    checked = _WithHealthChecks(**{f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)})
+    checks = [o for o in evaluate_all(Deployed.of("eni", (checked,))) if o.hop.via == "health-check"]
+    across = [o for o in checks if o.placement == "other node"]
+    assert across and {o.encryption for o in across} == {"not encrypted"}
+    assert {o.encryption for o in checks if o.placement == "same node"} == {"same node"}
+    assert all("no application data" in why for o in across for _, _, _, why in o.legs)
+    assert all([ok for rule, ok, _ in o.steps if rule == "strict-mode"] == [True, True] for o in across)
+    assert {rule for o in checks for rule, ok, _ in o.steps if not ok} <= {"host-source"}
+
+
+def test_cilium_own_paths_between_nodes_go_unencrypted_and_strict_mode_lets_them_through():
+    """hubble-relay (a pod) to every agent's Hubble server on its node's address, and cilium-health from a node's
+    address to every node's address and health endpoint: pod to node and node to node or pod, so not WireGuard's
+    without node encryption (Hubble has its own mTLS; the probes carry no application data); strict mode lets
+    each packet and its reply out, from a node's own address or, with allowRemoteNodeIdentities, to one."""
+    results = [o for o in outcomes("eni") if o.hop.via == "cilium"]
+    assert {(o.hop.client, o.hop.target) for o in results} == {
+        ("hubble-relay", model.CILIUM_AGENT), ("cilium-agent", model.CILIUM_AGENT), ("cilium-agent", model.HEALTH_ENDPOINT)}
+    assert all(o.delivered for o in results)
+    across = [o for o in results if o.placement == "other node"]
+    assert len(across) == 3 and {o.encryption for o in across} == {"not encrypted"}
+    assert {o.encryption for o in results if o.placement == "same node"} == {"same node"}
+    assert all([ok for rule, ok, _ in o.steps if rule == "strict-mode"] == [True, True] for o in across)
+    (relay,) = [o for o in across if o.hop.client == "hubble-relay"]
+    assert "Hubble's own mTLS" in relay.legs[0][3]
+    assert all("no application data" in o.legs[0][3] for o in across if o.hop.client == "cilium-agent")
+    chaining = [o for o in outcomes("chaining") if o.hop.via == "cilium"]
+    assert chaining and all(o.delivered for o in chaining) and model.HEALTH_ENDPOINT not in {o.hop.target for o in chaining}
 
 
 def test_chaining_encrypts_nothing_and_has_no_strict_mode():

@@ -354,22 +354,41 @@ def test_without_callers_nothing_is_refused_and_without_the_sample_no_sample_che
     assert (env["INGRESS_SERVICE"], env["PRODUCTS_URL"], env["DENIED_URL"]) == ("", "", "")
 
 
+def node(name: str, key: str | None = None) -> dict:
+    """A Node, or with ``key`` a CiliumNode, as the API lists it (CiliumNodes are named after their Nodes)."""
+    return {"metadata": {"name": name, "annotations": {} if key is None else {"network.cilium.io/wg-pub-key": key}}}
+
+
 def test_with_wireguard_every_node_must_have_published_its_key():
     """The CiliumNodes as the API lists them: a node without network.cilium.io/wg-pub-key fails the check."""
-    keyed = {"metadata": {"name": "ip-10-0-128-10", "annotations": {"network.cilium.io/wg-pub-key": "q7bA..."}}}
-    bare = {"metadata": {"name": "ip-10-0-160-10", "annotations": {}}}
+    nodes = [node("ip-10-0-128-10"), node("ip-10-0-160-10")]
+    keyed, also_keyed, bare = node("ip-10-0-128-10", "q7bA..."), node("ip-10-0-160-10", "Zx9c..."), node("ip-10-0-160-10", "")
     settings = {**SMOKE.settings_from({"WIREGUARD": "true"}), "deadline_s": 0.0, "retry_s": 0.0}
-    assert SMOKE.verdict(SMOKE.run_checks(settings, cilium_nodes=lambda: [keyed, keyed])) == "pass"
-    assert SMOKE.verdict(SMOKE.run_checks(settings, cilium_nodes=lambda: [keyed, bare])) == (
+    assert SMOKE.verdict(SMOKE.run_checks(settings, list_nodes=lambda: (nodes, [keyed, also_keyed]))) == "pass"
+    assert SMOKE.verdict(SMOKE.run_checks(settings, list_nodes=lambda: (nodes, [keyed, bare]))) == (
         "wireguard: ip-10-0-160-10 of 2 nodes published no public key (network.cilium.io/wg-pub-key)")
-    assert SMOKE.verdict(SMOKE.run_checks(settings, cilium_nodes=lambda: [])) == "wireguard: no CiliumNode listed"
+    assert SMOKE.verdict(SMOKE.run_checks(settings, list_nodes=lambda: (nodes, []))) == "wireguard: no CiliumNode listed"
     plain = {**settings, "wireguard": False}
-    assert SMOKE.verdict(SMOKE.run_checks(plain, cilium_nodes=lambda: [bare])) == "pass"
+    assert SMOKE.verdict(SMOKE.run_checks(plain, list_nodes=lambda: (nodes, [bare]))) == "pass"
 
 
-def test_the_wireguard_check_comes_with_its_read_of_the_ciliumnodes_only_with_wireguard():
+def test_with_wireguard_every_node_must_have_a_ciliumnode():
+    """The Nodes against the CiliumNodes: a node no agent registered is no one's WireGuard peer, though every
+    CiliumNode listed has its key; the failure names the node."""
+    nodes = [node("ip-10-0-128-10"), node("ip-10-0-160-10"), node("ip-10-0-192-10")]
+    cilium_nodes = [node("ip-10-0-128-10", "q7bA..."), node("ip-10-0-160-10", "Zx9c...")]
+    settings = {**SMOKE.settings_from({"WIREGUARD": "true"}), "deadline_s": 0.0, "retry_s": 0.0}
+    assert SMOKE.verdict(SMOKE.run_checks(settings, list_nodes=lambda: (nodes, cilium_nodes))) == (
+        "wireguard: ip-10-0-192-10 of 3 nodes have no CiliumNode (no agent registered them)")
+    cilium_nodes.append(node("ip-10-0-192-10", ""))
+    assert SMOKE.verdict(SMOKE.run_checks(settings, list_nodes=lambda: (nodes, cilium_nodes))) == (
+        "wireguard: ip-10-0-192-10 of 3 nodes published no public key (network.cilium.io/wg-pub-key)")
+
+
+def test_the_wireguard_check_comes_with_its_read_of_the_nodes_only_with_wireguard():
     on, off = (smoke_documents([POLICY], "eni", True, True, encryption) for encryption in ("wireguard", "none"))
     assert env_of(job_of(on))["WIREGUARD"] == "true" and env_of(job_of(off))["WIREGUARD"] == ""
     (role,) = [d for d in on if d["kind"] == "ClusterRole"]
-    assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"], "verbs": ["list"]}]
+    assert role["rules"] == [{"apiGroups": ["cilium.io"], "resources": ["ciliumnodes"], "verbs": ["list"]},
+                             {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list"]}]  # fmt: skip
     assert not [d for d in off if d["kind"].startswith("ClusterRole")]

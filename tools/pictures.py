@@ -44,7 +44,7 @@ from functools import cache
 from pathlib import Path
 
 from stacks import ROOT, cdk_json_context  # noqa: I001  (first: puts constructs/ on the import path)
-from checks.datapath import Deployed, Outcome, evaluate_all, must_deny
+from checks.datapath import CILIUM_AGENT, HEALTH_ENDPOINT, Deployed, Outcome, evaluate_all, must_deny
 from checks.deploy_graph import Graph
 from checks.template import json_property, manifest_documents
 from cilium_mesh.rollout_plan import RESOURCE_TYPE as ROLLOUT_RESOURCE_TYPE
@@ -600,7 +600,10 @@ def creation_graph(template: dict) -> str:
 # --- request-paths -------------------------------------------------------------------------------
 
 # Who sends, when the model's client is no pod.
-CLIENTS = {"world": "the internet", "ingress": "Cilium's Ingress\n(cilium-envoy)", "kubelet": "kubelet", "cilium-envoy": "cilium-envoy"}
+CLIENTS = {"world": "the internet", "ingress": "Cilium's Ingress\n(cilium-envoy)", "kubelet": "kubelet", "cilium-envoy": "cilium-envoy",
+           "cilium-agent": "Cilium's agent\n(the node's address)", "cilium-health": "Cilium's health endpoint"}  # fmt: skip
+# Clients on the node's own address (the host network), as the backend sees them.
+HOST_CLIENTS = ("kubelet", "cilium-envoy", "cilium-agent")
 OUTSIDE = {"world": "the internet", "vpc-resolver": "the VPC's resolver", "api-server": "the API server"}
 # The worst first (Outcome.encryption's order); "no leg": the request is refused before a packet leaves.
 ENCRYPTION = ("not encrypted", "outside WireGuard", "encrypted", "same node", "no leg")
@@ -613,6 +616,8 @@ def _target_workloads(deployed: Deployed, outcome: Outcome) -> list[str]:
         return ["ingress"]
     if hop.target in OUTSIDE:
         return [hop.target]
+    if hop.target in (CILIUM_AGENT, HEALTH_ENDPOINT):
+        return [hop.target.split("/", 1)[1]]
     if hop.via == "probe":
         return [hop.target]
     if hop.target.endswith(f".{CLUSTER_DOMAIN}"):
@@ -631,7 +636,7 @@ def _identity(outcome: Outcome) -> str:
     client = outcome.hop.client
     if client == "world":
         return "world"
-    if client in ("kubelet", "cilium-envoy"):
+    if client in HOST_CLIENTS:
         return "host" if outcome.placement == "same node" else "remote-node"
     return f"pod {client}"
 
@@ -672,7 +677,7 @@ def _where(deployed: Deployed, name: str) -> str:
         return "outside the cluster"
     if name in CLIENTS:
         return "on every node"
-    if name == "coredns":
+    if name in ("coredns", "hubble-relay"):
         return "namespace kube-system"
     namespace = next((w.namespace for w in deployed.pod_kinds if w.name == name), None)
     return f"namespace {namespace}" if namespace else "outside the cluster"

@@ -61,7 +61,7 @@ def smoke_documents(services: Sequence[MeshService], datapath: str, network_poli
                     encryption: str = "none") -> list[dict]:  # fmt: skip
     """manifests/smoke/ as the stack applies it: the script as a ConfigMap, the two Jobs with their
     settings from the declarations and a name from their digest, and the smoke test's network policy;
-    with encryption wireguard, the check of every node's key and its read of the CiliumNodes."""
+    with encryption wireguard, the check of every node's key and its read of the Nodes and CiliumNodes."""
     del datapath  # the services' own policies carry the datapath's L7 rules; the smoke test's are the same in both
     documents = load_documents(SMOKE_TEST_FILE)
     if encryption == "wireguard":

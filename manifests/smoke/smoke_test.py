@@ -18,10 +18,10 @@ NLB up, so each check is retried every RETRY_S until it passes or DEADLINE_S run
            answers within SIGMAS binomial standard deviations of its weight), each pin (PIN_REQUESTS,
            every answer from that version), each route a GET or HEAD reaches (every answer from its
            version). An answer counts with a status below 400.
-  wireguard with WIREGUARD set: every CiliumNode has published its WireGuard public key (annotation
-           network.cilium.io/wg-pub-key), so every node's agent runs WireGuard and is every other's
-           peer; handshakes and per-peer state are the agent's own (`cilium-dbg status`), which a pod
-           cannot see.
+  wireguard with WIREGUARD set: every Node has its CiliumNode, and every CiliumNode has published its
+           WireGuard public key (annotation network.cilium.io/wg-pub-key), so every node's agent runs
+           WireGuard and is every other's peer; handshakes and per-peer state are the agent's own
+           (`cilium-dbg status`), which a pod cannot see.
   outsider the outsider Job's line (OUTSIDER_KEY in the verdict ConfigMap).
 The outsider Job (ROLE=outsider, an identity no service admits) asks each version's pods of each
 service with callers directly: none may answer. It writes its own line under its VERDICT_KEY.
@@ -171,12 +171,21 @@ def check_refused(settings: dict) -> list:
 WG_KEY_ANNOTATION = "network.cilium.io/wg-pub-key"
 
 
-def check_wireguard(nodes: list) -> list:
-    """Each CiliumNode (the API's list) has its WireGuard public key; at least one node."""
-    if not nodes:
+def check_wireguard(nodes: list, cilium_nodes: list) -> list:
+    """Each Node (the API's list) has its CiliumNode, named after it: a node whose agent never registered is no
+    one's WireGuard peer, and the CiliumNodes alone would not show it; each CiliumNode has its WireGuard public
+    key; at least one."""
+    if not cilium_nodes:
         return ["wireguard: no CiliumNode listed"]
-    missing = [n["metadata"]["name"] for n in nodes if not (n["metadata"].get("annotations") or {}).get(WG_KEY_ANNOTATION)]
-    return [f"wireguard: {', '.join(missing)} of {len(nodes)} nodes published no public key ({WG_KEY_ANNOTATION})"] if missing else []
+    registered = {n["metadata"]["name"] for n in cilium_nodes}
+    failures = []
+    unregistered = [n["metadata"]["name"] for n in nodes if n["metadata"]["name"] not in registered]
+    if unregistered:
+        failures.append(f"wireguard: {', '.join(unregistered)} of {len(nodes)} nodes have no CiliumNode (no agent registered them)")
+    missing = [n["metadata"]["name"] for n in cilium_nodes if not (n["metadata"].get("annotations") or {}).get(WG_KEY_ANNOTATION)]
+    if missing:
+        failures.append(f"wireguard: {', '.join(missing)} of {len(cilium_nodes)} nodes published no public key ({WG_KEY_ANNOTATION})")
+    return failures
 
 
 def check_deny(settings: dict) -> str | None:
@@ -188,10 +197,10 @@ def check_deny(settings: dict) -> str | None:
     return None
 
 
-def run_checks(settings: dict, resolve=None, ingress_host=None, outsider=None, cilium_nodes=None) -> list:
+def run_checks(settings: dict, resolve=None, ingress_host=None, outsider=None, list_nodes=None) -> list:
     """Every check, each retried every RETRY_S until it passes or DEADLINE_S runs out (policies and the
     NLB may still be on their way); the failures' lines. ``outsider`` reads the outsider Job's line,
-    ``cilium_nodes`` lists the CiliumNodes (with WIREGUARD)."""
+    ``list_nodes`` lists the Nodes and the CiliumNodes (with WIREGUARD)."""
     resolve = resolve or (lambda host: {info[4][0] for info in socket.getaddrinfo(host, 80, socket.AF_INET, socket.SOCK_STREAM)})
     deadline = time.monotonic() + settings["deadline_s"]
     if settings["role"] == "outsider":
@@ -208,8 +217,8 @@ def run_checks(settings: dict, resolve=None, ingress_host=None, outsider=None, c
         if settings["products_url"]:
             checks.append(lambda: [check_app(settings)])
         checks += [lambda: [check_deny(settings)], *probe_checks(settings)]
-        if settings["wireguard"] and cilium_nodes is not None:
-            checks.append(lambda: check_wireguard(cilium_nodes()))
+        if settings["wireguard"] and list_nodes is not None:
+            checks.append(lambda: check_wireguard(*list_nodes()))
         if outsider is not None:
             checks.append(lambda: outsider())
     failures = []
@@ -293,8 +302,9 @@ def outsider_line(environ) -> list:
 def main() -> int:
     settings = settings_from(os.environ)
     outsider = (lambda: outsider_line(os.environ)) if settings["role"] == "main" and os.environ.get("OUTSIDER_KEY") else None
-    nodes = lambda: api_request("GET", "/apis/cilium.io/v2/ciliumnodes").get("items", [])  # noqa: E731
-    line = verdict(run_checks(settings, ingress_host=lambda: service_hostname(os.environ), outsider=outsider, cilium_nodes=nodes))
+    lists = ("/api/v1/nodes", "/apis/cilium.io/v2/ciliumnodes")
+    nodes = lambda: tuple(api_request("GET", path).get("items", []) for path in lists)  # noqa: E731
+    line = verdict(run_checks(settings, ingress_host=lambda: service_hostname(os.environ), outsider=outsider, list_nodes=nodes))
     print(line, flush=True)
     publish(line, os.environ)
     return 0 if line == "pass" else 1
