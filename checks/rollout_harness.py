@@ -14,7 +14,8 @@ What is real:
   the gate             a real Prometheus scraping that Envoy and evaluating the stack's rule file,
                        served under an AMP workspace's path, queried with SigV4-signed POSTs;
   the AWS calls        botocore clients with the services' real models (Lambda Invoke, CloudFormation
-                       DescribeStacks), answered in process.
+                       DescribeStacks), answered in process; Invoke's own errors (answer_aws's
+                       failures) raised as the model's exceptions.
 
 What differs from AWS: the framework's waiter is this module's loop (framework.js semantics: on_event,
 then is_complete at once and every interval; an error fails the resource with its message; MaxAttempts
@@ -114,13 +115,15 @@ def rollout_lambda():
 
 def _answering(service: str, operation: str, answer):
     """A botocore client of ``service`` (its real model validates every call) whose ``operation`` is
-    answered by ``answer(params) -> parsed response`` instead of AWS."""
+    answered by ``answer(params) -> parsed response`` instead of AWS (an error answer, as ``invoke_error``
+    makes one, raises the model's exception for it; an exception ``answer`` raises, the client raises)."""
     client = botocore.session.get_session().create_client(
         service, region_name=REGION, aws_access_key_id="AKIDLOCALHARNESS", aws_secret_access_key="local"
     )
 
     def before_call(params, **_):
-        return AWSResponse(None, 200, {}, None), answer(params)
+        parsed = answer(params)
+        return AWSResponse(None, parsed.get("ResponseMetadata", {}).get("HTTPStatusCode", 200), {}, None), parsed
 
     client.meta.events.register(f"before-call.{service}.{operation}", before_call)
     return client
@@ -510,15 +513,32 @@ class LoadProcesses:
         return {"started": self.started, "stopped": self.stopped, "still_running": len(self.running), "counted_apart": counted}
 
 
-def answer_aws(module, cluster: LiveCluster, stack_status) -> None:
-    """The Lambda's AWS calls answered here: Invoke by aws-cdk-lib's kubectl handler on ``cluster``,
-    DescribeStacks with ``stack_status()``."""
+def answer_aws(module, cluster: LiveCluster, stack_status, failures: list | None = None) -> None:
+    """The Lambda's AWS calls answered here: Invoke by aws-cdk-lib's kubectl handler on ``cluster`` (or by
+    anything with its ``invoke(event)``), DescribeStacks with ``stack_status()``. While ``failures`` has
+    any, each Invoke takes the first instead: Invoke's own error as the Lambda meets it after the client's
+    retries, an error answer (``invoke_error``) or an exception (botocore's, e.g. ReadTimeoutError)."""
+    pending = failures if failures is not None else []
+
+    def invoked(params: dict) -> dict:
+        if not pending:
+            return _invoked(cluster, params)
+        failure = pending.pop(0)
+        if isinstance(failure, Exception):
+            raise failure
+        return failure
+
     module.CLIENTS.update(
         {
-            "lambda": _answering("lambda", "Invoke", lambda params: _invoked(cluster, params)),
+            "lambda": _answering("lambda", "Invoke", invoked),
             "cloudformation": _answering("cloudformation", "DescribeStacks", lambda _: _stack(stack_status())),
         }
     )
+
+
+def invoke_error(code: str, status: int, message: str) -> dict:
+    """Lambda's error answer to an Invoke, as botocore parses it: the model's exception for ``code``."""
+    return {"Error": {"Code": code, "Message": message}, "ResponseMetadata": {"HTTPStatusCode": status}}
 
 
 def dry_run_step(modules: dict, cluster: Cluster, name: str, resource: dict, request_type: str,

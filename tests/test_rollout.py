@@ -18,6 +18,7 @@ import urllib.request
 
 import pytest
 import yaml
+from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 from cilium_mesh.rollout import HANDLER_TIMEOUT, LAMBDA_FILES, PACKAGE_DIR
 from cilium_mesh.rollout_plan import (
     GET_TIMEOUT_S,
@@ -39,12 +40,14 @@ from cilium_mesh.rollout_plan import (
     gate_queries,
     plan,
     step_weights,
+    with_state,
 )
 from cilium_mesh.declaration import sample_service, services
 from cilium_mesh.traffic import MeshService
 from conftest import ROLLOUT
 
 from checks.rollout_harness import (
+    KUBECTL_HANDLER,
     LOCAL_INTERVAL_S,
     LOCAL_SETTINGS,
     PREVIOUS,
@@ -52,6 +55,10 @@ from checks.rollout_harness import (
     SCENARIOS,
     SUITE_SCENARIOS,
     TARGET,
+    answer_aws,
+    event,
+    invoke_error,
+    policy_of,
     rollout_lambda,
 )
 
@@ -244,21 +251,21 @@ class FailingKubectl:
 
 
 def rollout_event(deadline: float) -> dict:
-    from checks.rollout_harness import event
-
     return {**event("Update", TARGET, PREVIOUS, LOCAL_SETTINGS, "https://aps.example/api/v1/query", "rollout"),
             "Data": {"Steps": json.dumps(plan(PREVIOUS.weights, TARGET.weights, LOCAL_SETTINGS)), "Gaining": '["v2"]',
-                     "Deadline": json.dumps(deadline)}}  # fmt: skip
+                     "Deadline": json.dumps(deadline), "Applied": "true"}}  # fmt: skip
 
 
-def test_a_failing_kubectl_provider_is_waited_out_until_the_rollouts_deadline(monkeypatch):
+def test_a_failing_kubectl_provider_is_waited_out_at_most_until_the_rollouts_deadline(monkeypatch):
     with rollout_lambda() as module:
         monkeypatch.setattr(module, "Kubectl", FailingKubectl(module))
         assert module.is_complete(rollout_event(time.time() + 60)) == {"IsComplete": False}
         with pytest.raises(module.RolloutStopped) as stopped:
             module.is_complete(rollout_event(time.time() - 1))
-    assert str(stopped.value) == ("rollout stopped: the kubectl provider still fails at the rollout's deadline"
-                                  " (kubectl provider: Unable to connect to the server: dial tcp: i/o timeout)")  # fmt: skip
+    assert str(stopped.value) == (
+        "rollout stopped at an unknown step of 3: its state was not read by the rollout's deadline: kubectl provider:"
+        " Unable to connect to the server: dial tcp: i/o timeout; could not restore v1 100%, v2 0% (kubectl provider:"
+        " error: You must be logged in to the server (Unauthorized)): CloudFormation's rollback applies them")  # fmt: skip
 
 
 def test_a_stop_that_cannot_restore_says_so_and_leaves_it_to_cloudformations_rollback(monkeypatch):
@@ -325,6 +332,234 @@ def test_a_next_step_that_cannot_be_applied_waits_only_until_the_end_of_the_step
     assert str(stopped.value).startswith(
         "rollout stopped at step 1 of 3 (v1 90%, v2 10%): step 2 was not applied by the end of the step's wait (60 s):"
         " kubectl provider: error: You must be logged in to the server (Unauthorized); could not restore v1 100%, v2 0%")
+
+
+class Handler:
+    """The kubectl provider's handler behind Lambda's Invoke (answer_aws: botocore's Lambda model), over
+    CiliumEnvoyConfigs by namespace and name: an apply puts its documents (each one recorded), a get
+    answers the state annotation. A call whose resource type is in ``failing`` (module.GET: a read,
+    module.APPLY: an apply) fails, as the handler's exception reaches Kubectl: a FunctionError."""
+
+    def __init__(self, *documents: dict):
+        self.objects = {(d["metadata"]["namespace"], d["metadata"]["name"]): d for d in documents}
+        self.applied: list[dict] = []
+        self.failing: set[str] = set()
+
+    def invoke(self, event: dict) -> dict | None:
+        properties = event["ResourceProperties"]
+        if event["ResourceType"] in self.failing:
+            raise RuntimeError("Unable to connect to the server: dial tcp: i/o timeout")
+        if "ObjectName" in properties:
+            document = self.objects[properties["ObjectNamespace"], properties["ObjectName"]]
+            return {"Data": {"Value": document["metadata"]["annotations"][STATE_ANNOTATION]}}
+        for document in json.loads(properties["Manifest"]):
+            self.objects[document["metadata"]["namespace"], document["metadata"]["name"]] = document
+            self.applied.append(document)
+        return None
+
+    def states(self) -> list[dict]:
+        return [json.loads(d["metadata"]["annotations"][STATE_ANNOTATION]) for d in self.applied]
+
+
+def deployed(service: MeshService) -> dict:
+    """The service's CiliumEnvoyConfig as the last deploy left it."""
+    return with_state(service.cilium_envoy_config(), {"request": "previous-deploy", "step": 0, "since": 0})
+
+
+class Clock:
+    """The Lambda's time.time(), which the test moves on: a step's wait in no time."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def time(self) -> float:
+        return self.now
+
+
+QUERY_URL = "https://aps.example/api/v1/query"
+THROTTLED = invoke_error("TooManyRequestsException", 429, "Rate Exceeded.")
+DENIED = invoke_error("AccessDeniedException", 403, "User is not authorized to perform: lambda:InvokeFunction")
+
+
+def started(module, monkeypatch, handler: Handler, failures: list | None = None):
+    """The Lambda answered by ``handler`` (Invoke's ``failures`` first), its clock, and PREVIOUS -> TARGET's
+    on_event done: the event its polls get (the framework's: on_event's result merged in)."""
+    monkeypatch.setenv("AWS_REGION", "us-west-2")
+    answer_aws(module, handler, lambda: "UPDATE_IN_PROGRESS", failures)
+    clock = Clock()
+    monkeypatch.setattr(module, "time", clock)
+    monkeypatch.setattr(module.Prometheus, "reading", lambda self, service, version: Reading(version, **HEALTHY))
+    update = event("Update", TARGET, PREVIOUS, LOCAL_SETTINGS, QUERY_URL, "rollout")
+    return {**update, **module.on_event(update)}, clock
+
+
+NOT_INVOKED = "kubectl provider not invoked: An error occurred ({}) when calling the Invoke operation: {}"
+
+
+@pytest.mark.parametrize(
+    ("failure", "kind", "line"),
+    [
+        (THROTTLED, "KubectlFailed", NOT_INVOKED.format("TooManyRequestsException", "Rate Exceeded.")),
+        (invoke_error("ServiceException", 500, "Internal error"), "KubectlFailed", NOT_INVOKED.format("ServiceException", "Internal error")),
+        (ReadTimeoutError(endpoint_url="https://lambda.us-west-2.amazonaws.com/x"), "KubectlFailed",
+         'kubectl provider not invoked: Read timeout on endpoint URL: "https://lambda.us-west-2.amazonaws.com/x"'),
+        (EndpointConnectionError(endpoint_url="https://lambda.us-west-2.amazonaws.com/x"), "KubectlFailed",
+         'kubectl provider not invoked: Could not connect to the endpoint URL: "https://lambda.us-west-2.amazonaws.com/x"'),
+        (DENIED, "KubectlRefused", NOT_INVOKED.format("AccessDeniedException", "User is not authorized to perform: lambda:InvokeFunction")),
+        (invoke_error("ResourceNotFoundException", 404, f"Function not found: {KUBECTL_HANDLER}"), "KubectlRefused",
+         NOT_INVOKED.format("ResourceNotFoundException", f"Function not found: {KUBECTL_HANDLER}")),
+    ],
+    ids=["429", "500", "read timeout", "no connection", "403", "404"],
+)  # fmt: skip
+def test_invoke_failures_are_told_apart_as_retried_or_final(failure, kind, line):
+    """Invoke's own errors, after the client's retries: throttling, Lambda's faults and no answer are waited
+    out as a failing handler is; a refusal will not heal. Either is one line, never botocore's traceback."""
+    with rollout_lambda() as module:
+        answer_aws(module, Handler(), lambda: "UPDATE_IN_PROGRESS", [failure])
+        with pytest.raises(getattr(module, kind)) as raised:
+            module.Kubectl(KUBECTL_HANDLER, "cilium-mesh").apply(PREVIOUS.cilium_envoy_config())
+    assert str(raised.value) == line
+
+
+@pytest.mark.parametrize(
+    ("failure", "stop"),
+    [(THROTTLED, " by the end of the step's wait (11 s): {}; restored v1 100%, v2 0%"),
+     (DENIED, ": {}; could not restore v1 100%, v2 0%: CloudFormation's rollback applies them")],
+    ids=["throttled: waited out", "refused: at once"],
+)  # fmt: skip
+def test_an_invoke_that_fails_in_a_step_is_waited_out_as_the_handler_is_and_a_refused_one_stops_at_once(monkeypatch, failure, stop):
+    """Throttled, the two reads of the step's wait; refused, the read and the restore (it refuses every call)."""
+    with rollout_lambda() as module:
+        handler = Handler(deployed(PREVIOUS))
+        failures = []
+        polled, clock = started(module, monkeypatch, handler, failures)
+        clock.now += 1
+        assert module.is_complete(polled) == {"IsComplete": False}  # step 1's pause
+        failures += [failure, failure]
+        with pytest.raises(module.RolloutStopped) as stopped:
+            if failure is THROTTLED:
+                clock.now += 5
+                assert module.is_complete(polled) == {"IsComplete": False}
+                clock.now += 5
+            module.is_complete(polled)
+    error = NOT_INVOKED.format(failure["Error"]["Code"], failure["Error"]["Message"])
+    assert str(stopped.value) == "rollout stopped at step 1 of 3 (v1 90%, v2 10%): its state was not read" + stop.format(error)
+    assert not failures
+    restored = [dict(policy_of(d, PREVIOUS).weights) for d in handler.applied[1:]]
+    assert restored == ([dict(PREVIOUS.weights)] if failure is THROTTLED else [])
+
+
+@pytest.mark.parametrize("known", [True, False], ids=["the step read before", "a Lambda new to the rollout"])
+def test_a_state_that_cannot_be_read_is_waited_out_only_until_the_end_of_the_steps_wait(monkeypatch, known):
+    """Not the rollout's deadline: the read fails as a next step's apply or AMP does, and stops as they do.
+    A Lambda that has not read the step counts from its first failed read (the step began before it)."""
+    with rollout_lambda() as module:
+        handler = Handler(deployed(PREVIOUS))
+        polled, clock = started(module, monkeypatch, handler)
+        clock.now += 1
+        if known:
+            assert module.is_complete(polled) == {"IsComplete": False}
+        handler.failing.add(module.GET)
+        assert module.is_complete(polled) == {"IsComplete": False}
+        clock.now += 8
+        assert module.is_complete(polled) == {"IsComplete": False}
+        clock.now += 2
+        with pytest.raises(module.RolloutStopped) as stopped:
+            module.is_complete(polled)
+    where, waited = ("step 1 of 3 (v1 90%, v2 10%)", 11) if known else ("an unknown step of 3", 10)
+    assert str(stopped.value) == (
+        f"rollout stopped at {where}: its state was not read by the end of the step's wait ({waited} s):"
+        " kubectl provider: Unable to connect to the server: dial tcp: i/o timeout; restored v1 100%, v2 0%")  # fmt: skip
+    assert dict(policy_of(handler.applied[-1], PREVIOUS).weights) == dict(PREVIOUS.weights)
+
+
+def test_a_first_apply_that_fails_is_tried_again_by_the_polls(monkeypatch):
+    """on_event returns at once (the framework's waiter does the waiting); the first poll applies step 1."""
+    with rollout_lambda() as module:
+        handler = Handler(deployed(PREVIOUS))
+        handler.failing.add(module.APPLY)
+        polled, clock = started(module, monkeypatch, handler)
+        assert not handler.applied and polled["Data"]["Applied"] == "false"
+        handler.failing.clear()
+        clock.now += 1
+        assert module.is_complete(polled) == {"IsComplete": False}
+        clock.now += 1
+        assert module.is_complete(polled) == {"IsComplete": False}  # it reads step 1, in its pause
+    assert [dict(policy_of(d, PREVIOUS).weights) for d in handler.applied] == [PROMOTED[0]]
+    assert [(s["request"], s["step"]) for s in handler.states()] == [("rollout", 0)]
+
+
+def test_a_first_apply_that_keeps_failing_stops_at_the_end_of_the_steps_wait(monkeypatch):
+    with rollout_lambda() as module:
+        handler = Handler(deployed(PREVIOUS))
+        handler.failing.add(module.APPLY)
+        polled, clock = started(module, monkeypatch, handler)
+        clock.now += 1
+        assert module.is_complete(polled) == {"IsComplete": False}
+        clock.now += 10
+        with pytest.raises(module.RolloutStopped) as stopped:
+            module.is_complete(polled)
+    assert str(stopped.value) == (
+        "rollout stopped at step 1 of 3 (v1 90%, v2 10%): step 1 was not applied by the end of the step's wait (10 s):"
+        " kubectl provider: Unable to connect to the server: dial tcp: i/o timeout; could not restore v1 100%, v2 0%:"
+        " CloudFormation's rollback applies them")  # fmt: skip
+    assert not handler.applied
+
+
+def test_a_first_apply_that_lambda_refuses_fails_the_update_at_once(monkeypatch):
+    with rollout_lambda() as module:
+        with pytest.raises(module.RolloutStopped) as stopped:
+            started(module, monkeypatch, Handler(deployed(PREVIOUS)), [DENIED])
+    assert str(stopped.value) == ("rollout stopped at step 1 of 3 (v1 90%, v2 10%): step 1 was not applied: "
+                                  + NOT_INVOKED.format("AccessDeniedException", DENIED["Error"]["Message"]))  # fmt: skip
+
+
+def test_two_services_rolling_out_in_one_deploy_are_judged_apart(monkeypatch):
+    """Each service has its own resource, polled side by side against one AMP: each reads only its own series
+    (its namespace and service labels) and writes only its own CiliumEnvoyConfig. catalogdetail's v2 fails
+    30% and stops, restoring catalogdetail's previous weights; payments' v2 is healthy and completes."""
+    payments = dataclasses.replace(PREVIOUS, name="payments", namespace="shop")
+    rollouts = {"CatalogdetailRollout": (PREVIOUS, TARGET), "PaymentsRollout": (payments, payments.with_weights(TARGET.weights))}
+    series = {("workshop", "catalogdetail"): {**HEALTHY, "error_ratio": 0.3}, ("shop", "payments"): HEALTHY}
+    recorded = {expr.split("{")[0]: name for name, expr in gate_queries("n", "s", "v").items()}
+
+    def amp(self, expr):
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', expr))
+        return series[labels["namespace"], labels["service"]][recorded[expr.split("{")[0]]]
+
+    with rollout_lambda() as module:
+        handler = Handler(*(deployed(old) for old, _ in rollouts.values()))
+        monkeypatch.setenv("AWS_REGION", "us-west-2")
+        answer_aws(module, handler, lambda: "UPDATE_IN_PROGRESS")
+        clock = Clock()
+        monkeypatch.setattr(module, "time", clock)
+        monkeypatch.setattr(module.Prometheus, "value", amp)
+        running = {}
+        for logical_id, (old, new) in rollouts.items():
+            update = {**event("Update", new, old, LOCAL_SETTINGS, QUERY_URL, f"request-{logical_id}"), "LogicalResourceId": logical_id}
+            running[logical_id] = {**update, **module.on_event(update)}
+        outcomes = {}
+        for _ in range(len(PROMOTED)):  # polls after each pause, both resources in each
+            clock.now += LOCAL_SETTINGS.pause_s + 1
+            for logical_id, polled in list(running.items()):
+                try:
+                    outcomes[logical_id] = module.is_complete(polled)["IsComplete"] or None
+                except module.RolloutStopped as stopped:
+                    outcomes[logical_id] = str(stopped)
+                if outcomes[logical_id] is not None:
+                    del running[logical_id]
+    assert outcomes == {
+        "CatalogdetailRollout": "rollout stopped at step 1 of 3 (v1 90%, v2 10%): v2 failed 30.0% of its requests"
+                                " (budget 5.0%); restored v1 100%, v2 0%",
+        "PaymentsRollout": True,
+    }  # fmt: skip
+    for logical_id, (old, _) in rollouts.items():
+        mine = [(d, s) for d, s in zip(handler.applied, handler.states()) if s["owner"] == logical_id]
+        assert {(d["metadata"]["namespace"], d["metadata"]["name"]) for d, _ in mine} == {(old.namespace, old.cec_name)}
+        assert {s["request"] for _, s in mine} == {f"request-{logical_id}"}
+    applied = {name: [dict(policy_of(d, old).weights) for d in handler.applied if d["metadata"]["name"] == old.cec_name]
+               for name, (old, _) in rollouts.items()}  # fmt: skip
+    assert applied == {"CatalogdetailRollout": [PROMOTED[0], dict(PREVIOUS.weights)], "PaymentsRollout": PROMOTED}
 
 
 def test_the_dry_run_creates_the_envoy_config_at_once_and_deletes_it(synth, provider_steps):
@@ -486,8 +721,6 @@ class DeletingKubectl(RecordingKubectl):
 def test_a_delete_removes_the_envoy_config_only_when_it_still_owns_it(monkeypatch, owner, deleted):
     """An upgrade that gives a service's rollout a new logical ID creates the new resource (which applies the
     CiliumEnvoyConfig) before it deletes the old one: the old one's Delete must not take the policy away."""
-    from checks.rollout_harness import event
-
     state = {"request": "earlier", "step": 0, "since": 0, **({"owner": owner} if owner else {})}
     with rollout_lambda() as module:
         kubectl = DeletingKubectl(state)

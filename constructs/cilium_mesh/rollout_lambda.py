@@ -7,7 +7,8 @@ on_event    Create, Update: plans the steps (rollout_plan.plan) and applies the 
             Create, without rollout settings, when the split stays the same, or in CloudFormation's
             rollback (the stack's status says so): then the new weights are applied at once.
             A gated rollout of a service with rollout.load also applies its load Deployment
-            (rollout_load.py), which runs until the last step is applied or the rollout stops.
+            (rollout_load.py, in the same apply), which runs until the last step is applied or the
+            rollout stops. If that apply fails, on_event still returns: is_complete applies it.
             Delete: deletes the CiliumEnvoyConfig (and any load).
 is_complete reads the step and its start from the CiliumEnvoyConfig's annotation, asks AMP (SigV4)
             for the gate, and applies the next step, waits, or stops: it applies the previous
@@ -18,9 +19,13 @@ timeout as it is): AMP answering 429 or 5xx, or not at all, makes the poll wait 
 a pass), and the first such poll notes the time on the annotation; a step whose AMP has still not
 answered when its own wait (VOLUME_WAIT_FACTOR pauses) is over stops as a breach stops. AMP
 refusing a query (any other 4xx) stops at once. A failed kubectl provider call makes the poll wait
-too: an apply of the next step until the step's own wait is over (then it stops), a read of the
-rollout's state (which says which step it is) until the rollout's own deadline (its longest run
-plus KUBECTL_GRACE_S, set by on_event).
+too: its handler failing, or Lambda's Invoke throttled (429), failing (5xx) or unanswered. It is
+tried again until the step's own wait is over (or the rollout's deadline, its longest run plus
+KUBECTL_GRACE_S, set by on_event, if that comes first), then the rollout stops as a breach stops.
+The wait counts from the step's start: for a read of the rollout's state, which is where the step
+is written, the start as this Lambda last read it (KNOWN), or else its first failed call. on_event's
+first apply, if it failed, is tried again by each poll so. Invoke refused (any other error, e.g.
+access denied) stops the rollout at once.
 
 Every Kubernetes call is a call of the cluster's kubectl provider handler (aws-cdk-lib's own code, with
 its access to the cluster), made with the event CloudFormation would send it: an Update of a
@@ -40,6 +45,7 @@ import urllib.request
 from typing import NoReturn
 
 import boto3
+import botocore.exceptions
 import botocore.session
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
@@ -73,14 +79,27 @@ AMP_UNANSWERED = "amp_unanswered_since"
 
 # boto3 clients by service, made on first use (tests put their own here).
 CLIENTS: dict = {}
+# Each rollout's state as this Lambda last read or applied it, by request (else only the time of its
+# first failed call): the step a failed read of the annotation names and counts its wait from. A Lambda
+# kept warm answers a rollout's polls; one new to the rollout knows nothing of it.
+KNOWN: dict[str, dict] = {}
 
 
 class RolloutStopped(RuntimeError):
     """The one line CloudFormation shows for the failed update."""
 
 
-class KubectlFailed(RuntimeError):
-    """The kubectl provider's handler failed this call (its first line)."""
+class KubectlError(RuntimeError):
+    """A kubectl provider call that did not succeed."""
+
+
+class KubectlFailed(KubectlError):
+    """The kubectl provider's handler failed this call (its first line), or Lambda did not invoke it this
+    time (throttled, its own fault, no answer in time): a later call may succeed."""
+
+
+class KubectlRefused(KubectlError):
+    """Lambda refused to invoke the kubectl provider's handler: it will not however often it is asked."""
 
 
 class AmpUnavailable(RuntimeError):
@@ -103,6 +122,15 @@ def _first_line(text: str | None) -> str:
     return lines[0] if lines else "no message"
 
 
+def _transient(error: Exception) -> bool:
+    """Invoke's errors (after the client's own retries) that a later call may not meet: throttling (429),
+    Lambda's own faults (5xx), no connection or no answer in time; as AMP's are told apart."""
+    if isinstance(error, botocore.exceptions.ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return status == 429 or status >= 500
+    return isinstance(error, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError))
+
+
 class Kubectl:
     """The cluster's kubectl provider handler, invoked as CloudFormation would invoke it."""
 
@@ -115,7 +143,11 @@ class Kubectl:
             "ResourceType": resource_type,
             "ResourceProperties": {"ClusterName": self.cluster_name, **properties},
         }
-        response = _client("lambda").invoke(FunctionName=self.function, Payload=json.dumps(event).encode())
+        try:
+            response = _client("lambda").invoke(FunctionName=self.function, Payload=json.dumps(event).encode())
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
+            line = f"kubectl provider not invoked: {_first_line(str(error))}"
+            raise (KubectlFailed if _transient(error) else KubectlRefused)(line) from None
         payload = json.loads(response["Payload"].read() or b"null")
         if response.get("FunctionError"):
             raise KubectlFailed(f"kubectl provider: {_first_line((payload or {}).get('errorMessage'))}")
@@ -195,7 +227,7 @@ def _stop_load(kubectl: Kubectl, properties: dict) -> None:
     if _load(properties):
         try:
             kubectl.delete(*_load(properties))
-        except KubectlFailed as error:
+        except KubectlError as error:
             _log(load_not_deleted=str(error))
 
 
@@ -213,6 +245,23 @@ def _rolling_back(event: dict) -> bool:
 def _document(policy: MeshService, state: dict) -> dict:
     """The CiliumEnvoyConfig rendered from the policy, with the rollout's progress as an annotation."""
     return with_state(policy.cilium_envoy_config(), state)
+
+
+def _state(event: dict, step: int, **notes) -> dict:
+    """The progress this request writes: its step, since now, and the resource that owns the CiliumEnvoyConfig."""
+    return {"request": event["RequestId"], "step": step, "since": time.time(), **notes, "owner": event["LogicalResourceId"]}
+
+
+def _first(event: dict, target: MeshService, steps: list, state: dict) -> list[dict]:
+    """Step 1's CiliumEnvoyConfig, and a gated rollout's load, which runs until its last step or its stop."""
+    load = _load(event["ResourceProperties"]) if len(steps) > 1 else []
+    return [_document(target.with_weights(steps[0]), state), *load]
+
+
+def _where(steps: list, step: int | None) -> str:
+    if step is None:
+        return f"rollout stopped at an unknown step of {len(steps)}"
+    return f"rollout stopped at step {step + 1} of {len(steps)} ({describe(steps[step])})"
 
 
 def _log(**fields) -> None:
@@ -239,19 +288,23 @@ def on_event(event: dict, _context=None) -> dict:
         previous = _policy(event["OldResourceProperties"]).weights
     settings = _settings(properties)
     steps = plan(previous, target.weights, settings)
-    started = time.time()
-    kubectl.apply(_document(target.with_weights(steps[0]), {"request": event["RequestId"], "step": 0, "since": started,
-                                                            "owner": event["LogicalResourceId"]}))  # fmt: skip
-    if len(steps) > 1 and _load(properties):
-        kubectl.apply(*_load(properties))  # a gated rollout: the load runs until its last step or its stop
-    _log(event=event["RequestType"], steps=steps, applied=0)
+    first, applied = _state(event, 0), True
+    try:
+        kubectl.apply(*_first(event, target, steps, first))
+        _log(event=event["RequestType"], steps=steps, applied=0)
+    except KubectlFailed as error:  # on_event returns at once: is_complete's polls apply it
+        applied = False
+        _log(event=event["RequestType"], steps=steps, kubectl_failed=str(error))
+    except KubectlRefused as error:
+        raise RolloutStopped(f"{_where(steps, 0)}: step 1 was not applied: {error}") from None
     longest = settings.worst_case_s if len(steps) > 1 else 0
     return {
         "PhysicalResourceId": f"{target.namespace}/{target.cec_name}",
         "Data": {
             "Steps": json.dumps(steps),
             "Gaining": json.dumps(gaining_versions(previous, target.weights) if previous else []),
-            "Deadline": json.dumps(started + longest + KUBECTL_GRACE_S),
+            "Deadline": json.dumps(first["since"] + longest + KUBECTL_GRACE_S),
+            "Applied": json.dumps(applied),
         },
     }
 
@@ -263,14 +316,18 @@ def is_complete(event: dict, _context=None) -> dict:
     target = _policy(properties)
     kubectl = Kubectl(properties["KubectlHandler"], properties["ClusterName"])
     steps = json.loads(event["Data"]["Steps"])
+    request = event["RequestId"]
     try:
         state = json.loads(kubectl.annotation(target.cilium_envoy_config(), STATE_ANNOTATION))
-    except KubectlFailed as error:
-        return _wait_for_kubectl(event, error)
-    if state.get("request") != event["RequestId"]:
+    except KubectlError as error:
+        return _wait_for_kubectl(event, kubectl, steps, KNOWN.get(request, {}).get("step"), "its state was not read", error)
+    if state.get("request") != request:
+        if not json.loads(event["Data"]["Applied"]):  # on_event's apply failed: until it shows, each poll applies it
+            return _apply_first(event, kubectl, target, steps)
         raise RolloutStopped(f"rollout: the CiliumEnvoyConfig {target.cec_name} was applied by another request ({state.get('request')})")
     if "stopped" in state:
         raise RolloutStopped(f"rollout stopped: {state['stopped']}")
+    KNOWN[request] = state
     step = state["step"]
     if step == len(steps) - 1:
         _stop_load(kubectl, properties)
@@ -278,10 +335,9 @@ def is_complete(event: dict, _context=None) -> dict:
     settings = _settings(properties)
     now = time.time()
     elapsed = now - state["since"]
-    where = f"rollout stopped at step {step + 1} of {len(steps)} ({describe(steps[step])})"
 
     def stop(reason: str) -> NoReturn:
-        _stop(event, kubectl, where, reason)
+        _stop(event, kubectl, _where(steps, step), reason)
 
     current = _document(target.with_weights(steps[step]), state)
     prometheus = Prometheus(properties["QueryUrl"], os.environ["AWS_REGION"])
@@ -313,13 +369,12 @@ def is_complete(event: dict, _context=None) -> dict:
             _apply_or_wait(kubectl, with_state(current, {k: v for k, v in state.items() if k != AMP_UNANSWERED}))
         return {"IsComplete": False}
     following = step + 1
+    applied = _state(event, following)
     try:
-        kubectl.apply(_document(target.with_weights(steps[following]), {"request": event["RequestId"], "step": following,
-                                                                         "since": time.time(), "owner": event["LogicalResourceId"]}))  # fmt: skip
-    except KubectlFailed as error:
-        if elapsed >= VOLUME_WAIT_FACTOR * settings.pause_s:
-            stop(f"step {following + 1} was not applied by the end of the step's wait ({elapsed:.0f} s): {error}")
-        return _wait_for_kubectl(event, error)
+        kubectl.apply(_document(target.with_weights(steps[following]), applied))
+    except KubectlError as error:
+        return _wait_for_kubectl(event, kubectl, steps, step, f"step {following + 1} was not applied", error)
+    KNOWN[request] = applied
     _log(step=following, applied=steps[following])
     if following == len(steps) - 1:
         _stop_load(kubectl, properties)
@@ -327,29 +382,59 @@ def is_complete(event: dict, _context=None) -> dict:
     return {"IsComplete": False}
 
 
+def _apply_first(event: dict, kubectl: Kubectl, target: MeshService, steps: list) -> dict:
+    """Step 1 (and a gated rollout's load) that on_event could not apply, tried again as a next step is."""
+    state = _state(event, 0)
+    try:
+        kubectl.apply(*_first(event, target, steps, state))
+    except KubectlError as error:
+        return _wait_for_kubectl(event, kubectl, steps, 0, "step 1 was not applied", error)
+    KNOWN[event["RequestId"]] = state
+    _log(step=0, applied=steps[0])
+    return {"IsComplete": False}  # the next poll reads it, as it reads what on_event applied
+
+
 def _stop(event: dict, kubectl: Kubectl, where: str, reason: str) -> NoReturn:
     """Restore the previous weights, then fail the update with the one line."""
     previous = _policy(event["OldResourceProperties"])
-    stopped = {"request": event["RequestId"], "step": -1, "since": time.time(), "stopped": reason, "owner": event["LogicalResourceId"]}
     _stop_load(kubectl, event["ResourceProperties"])
     try:
-        kubectl.apply(_document(previous, stopped))
-    except KubectlFailed as error:
-        raise RolloutStopped(f"{where}: {reason}; could not restore {describe(previous.weights)} ({error}): CloudFormation's rollback applies them") from None
+        kubectl.apply(_document(previous, _state(event, -1, stopped=reason)))
+    except KubectlError as error:
+        cause = "" if str(error) in reason else f" ({error})"  # a refused invoke refuses the restore too
+        raise RolloutStopped(f"{where}: {reason}; could not restore {describe(previous.weights)}{cause}: CloudFormation's rollback applies them") from None
     raise RolloutStopped(f"{where}: {reason}; restored {describe(previous.weights)}")
 
 
+def _end(event: dict, kubectl: Kubectl, steps: list, where: str, reason: str) -> NoReturn:
+    """Stop as a breach stops. Without steps there is nothing to restore (a Create, an unchanged split,
+    CloudFormation's rollback): the update fails with the line, and the rollback applies the old policy."""
+    if len(steps) > 1:
+        _stop(event, kubectl, where, reason)
+    raise RolloutStopped(f"{where}: {reason}")
+
+
 def _apply_or_wait(kubectl: Kubectl, document: dict) -> None:
-    """An apply only of the rollout's notes: if it fails, the next poll writes them again."""
+    """An apply only of the rollout's notes: if it fails, the next poll writes them again (or meets the refusal)."""
     try:
         kubectl.apply(document)
-    except KubectlFailed as error:
+    except KubectlError as error:
         _log(kubectl_failed=str(error))
 
 
-def _wait_for_kubectl(event: dict, error: KubectlFailed) -> dict:
+def _wait_for_kubectl(event: dict, kubectl: Kubectl, steps: list, step: int | None, what: str, error: KubectlError) -> dict:
+    """A refused call stops at once. A failed one waits for the next poll until the step's own wait is over,
+    counted from the step's start as this Lambda knows it (else from its first failed call), or until the
+    rollout's deadline if that comes first; then the rollout stops, naming the step (if known) and the call."""
+    now = time.time()
+    since = KNOWN.setdefault(event["RequestId"], {"since": now})["since"]
     deadline = json.loads(event["Data"]["Deadline"])
-    _log(kubectl_failed=str(error), deadline=deadline)
-    if time.time() >= deadline:
-        raise RolloutStopped(f"rollout stopped: the kubectl provider still fails at the rollout's deadline ({error})")
+    _log(step=step, kubectl_failed=str(error), waited_s=round(now - since, 3), deadline=deadline)
+    where = _where(steps, step)
+    if isinstance(error, KubectlRefused):
+        _end(event, kubectl, steps, where, f"{what}: {error}")
+    if len(steps) > 1 and now - since >= VOLUME_WAIT_FACTOR * _settings(event["ResourceProperties"]).pause_s:
+        _end(event, kubectl, steps, where, f"{what} by the end of the step's wait ({now - since:.0f} s): {error}")
+    if now >= deadline:
+        _end(event, kubectl, steps, where, f"{what} by the rollout's deadline: {error}")
     return {"IsComplete": False}
