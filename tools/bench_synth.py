@@ -104,6 +104,10 @@ def rule_usage(template: dict) -> tuple[int, int]:
     return rule_file_usage(rules["Properties"]["Data"])
 
 
+
+def _services_app(count: int) -> str:
+    return f"{count} service" + ("" if count == 1 else "s")
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -121,7 +125,7 @@ def main() -> int:
     python = sys.executable
     sample_off = {"sample_app": "false", "traffic_weights": "null"}
     apps = {"bare EKS stack": (f"{python} tools/bench_synth.py --bare-app", None), "this app (sample)": (f"{python} app.py", None)}
-    apps |= {f"{n} services": (f"{python} app.py", {**sample_off, "services": declared_services(n)}) for n in SERVICE_COUNTS}
+    apps |= {_services_app(n): (f"{python} app.py", {**sample_off, "services": declared_services(n)}) for n in SERVICE_COUNTS}
     times: dict[str, list[float]] = {name: [] for name in apps}
     templates: dict[str, dict] = {}
     for _ in range(args.runs):
@@ -143,10 +147,10 @@ def main() -> int:
               f" {steps:>9} | {len(template['Resources']):>9} | {size_text:>18} | {rules_text:>10} |")  # fmt: skip
     ratio = statistics.median(times["this app (sample)"]) / bare
     print(f"goal: the sample app at most {GOAL}x the bare stack: {'met' if ratio <= GOAL else 'NOT met'} ({ratio:.2f}x)")
-    most = f"{SERVICE_COUNTS[-1]} services"
+    most = _services_app(SERVICE_COUNTS[-1])
     ratio = statistics.median(times[most]) / bare
     print(f"goal: {most} at most {SERVICES_GOAL}x the bare stack: {'met' if ratio <= SERVICES_GOAL else 'NOT met'} ({ratio:.2f}x)")
-    chains = {kubernetes_chain(templates[f"{n} services"]) for n in SERVICE_COUNTS}
+    chains = {kubernetes_chain(templates[_services_app(n)]) for n in SERVICE_COUNTS}
     print(f"goal: the same Kubernetes steps in sequence for any number of services: {'met' if len(chains) == 1 else 'NOT met'} ({sorted(chains)})")
     biggest = len(templates[most]["Resources"])
     print(f"goal: within CloudFormation's {MAX_RESOURCES} resources: {'met' if biggest <= MAX_RESOURCES else 'NOT met'} ({biggest} at {most})")
