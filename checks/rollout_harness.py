@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib
 import io
 import json
@@ -113,13 +114,17 @@ def rollout_lambda():
         yield module
 
 
+@functools.cache
+def _session() -> botocore.session.Session:
+    """One botocore session, so that each service's model is read once (each client's events are its own)."""
+    return botocore.session.get_session()
+
+
 def _answering(service: str, operation: str, answer):
     """A botocore client of ``service`` (its real model validates every call) whose ``operation`` is
     answered by ``answer(params) -> parsed response`` instead of AWS (an error answer, as ``invoke_error``
     makes one, raises the model's exception for it; an exception ``answer`` raises, the client raises)."""
-    client = botocore.session.get_session().create_client(
-        service, region_name=REGION, aws_access_key_id="AKIDLOCALHARNESS", aws_secret_access_key="local"
-    )
+    client = _session().create_client(service, region_name=REGION, aws_access_key_id="AKIDLOCALHARNESS", aws_secret_access_key="local")
 
     def before_call(params, **_):
         parsed = answer(params)
