@@ -244,9 +244,10 @@ def refuse_slow_tools():
 
 
 # --- runs that mostly wait ----------------------------------------------------------------------
-# The local alert run (about 50 s, most of it the alerts' `for: 30s`) and the rollout runs (about 60 s,
-# most of it their pauses) start in their own processes once the tests are collected, if a selected test
-# reads them, and those tests run last: the rest of the suite runs while they wait.
+# The local alert run (about 50 s, most of it the alerts' `for: 30s`), the rollout runs (about 90 s, most
+# of it their pauses) and the preview's (about 9 s, most of it Prometheus' scrapes) start in their own
+# processes once the tests are collected, if a selected test reads them, and those tests run last: the
+# rest of the suite runs while they wait.
 BACKGROUND_TIMEOUT_S = 300
 # Requests per second per alert scenario: enough for every alert, half of tools.measure's, for the suite's CPU.
 ALERT_RUN_RATE = 20
@@ -254,6 +255,7 @@ CDK_CLI = ROOT / "node_modules" / ".bin" / "cdk"
 BACKGROUND = {
     "alert_observations": lambda d: ["-m", "checks.metrics_harness", "--json", str(d / "observations.json"), "--rate", str(ALERT_RUN_RATE)],
     "rollout_runs": lambda d: ["-m", "checks.rollout_harness", *ROLLOUT_SCENARIOS],
+    "preview_run": lambda d: ["-m", "tools.preview", "--requests", "200", "--fault", "v2=empty", "--compare"],
 }
 _STARTED: dict[str, tuple[Path, subprocess.Popen]] = {}
 
@@ -308,8 +310,7 @@ def rollout_runs() -> dict[str, dict]:
 @pytest.fixture(scope="session")
 def preview_run() -> subprocess.CompletedProcess:
     """`python -m tools.preview --requests 200 --fault v2=empty --compare`, as it ran."""
-    return subprocess.run([sys.executable, "-m", "tools.preview", "--requests", "200", "--fault", "v2=empty", "--compare"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=BACKGROUND_TIMEOUT_S, check=False)  # fmt: skip
+    return _finished("preview_run")[1]
 
 
 @pytest.fixture(scope="session")
