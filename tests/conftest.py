@@ -245,9 +245,9 @@ def refuse_slow_tools():
 
 # --- runs that mostly wait ----------------------------------------------------------------------
 # The local alert run (about 50 s, most of it the alerts' `for: 30s`), the rollout runs (about 90 s, most
-# of it their pauses), the preview's (about 9 s, most of it Prometheus' scrapes) and the CDK CLI's synths
-# (about 8 s, most of it Node.js and jsii starting) start in their own processes once the tests are
-# collected, if a selected test reads them, and those tests run last: the rest of the suite runs while they wait.
+# of it their pauses) and the preview's (about 9 s, most of it Prometheus' scrapes) start in their own
+# processes once the tests are collected, if a selected test reads them, and those tests run last: the
+# rest of the suite runs while they wait.
 BACKGROUND_TIMEOUT_S = 300
 # Requests per second per alert scenario: enough for every alert, half of tools.measure's, for the suite's CPU.
 ALERT_RUN_RATE = 20
@@ -265,11 +265,8 @@ def pytest_collection_finish(session):
     """After -m and -k have deselected: start the background runs the selected tests read, and put their readers last."""
     if session.items and all(item.get_closest_marker("fast") for item in session.items):
         refuse_slow_tools()
-    started_early = {*BACKGROUND, "cli_synths"}
-    reading = [item for item in session.items if started_early & set(getattr(item, "fixturenames", ()))]
+    reading = [item for item in session.items if set(BACKGROUND) & set(getattr(item, "fixturenames", ()))]
     session.items[:] = [item for item in session.items if item not in reading] + reading
-    if any("cli_synths" in item.fixturenames for item in reading):
-        _start_cli_synths()
     for name in sorted({n for item in reading for n in item.fixturenames if n in BACKGROUND}):
         directory = Path(tempfile.mkdtemp(prefix=f"{name}-"))
         # A process group of its own: stopping it stops the Envoys and Prometheus servers it started too.
@@ -316,15 +313,13 @@ def preview_run() -> subprocess.CompletedProcess:
     return _finished("preview_run")[1]
 
 
-# The CDK CLI's runs, each one's -c options: none, and the README's command for an existing cluster (its
-# JSON as one string). Chaining on a created cluster differs from eni only in what the app builds, which
-# the session's in-process synths check.
-CLI_RUNS = {"eni": [], "existing": ["-c", f"existing_cluster={json.dumps(PRIVATE_EXISTING_CLUSTER)}"]}
-
-
-def _start_cli_synths() -> None:
-    """The real CDK CLI on a copy of the app, each of CLI_RUNS at once, with no AWS credentials or config."""
-    directory = Path(tempfile.mkdtemp(prefix="cli_synths-"))
+@pytest.fixture(scope="session")
+def cli_synths(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
+    """The real CDK CLI on a copy of the app, with cdk.json as it is (datapath eni, created) and with the README's
+    command for an existing cluster (chaining), both at once, with no AWS credentials or config: (directory with
+    the app's copy and each output, results). Chaining on a created cluster differs from eni only in what the
+    app builds, which the session's in-process synths check."""
+    directory = tmp_path_factory.mktemp("cli")
     work = directory / "app"
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", "node_modules", "cdk.out", ".git", "__pycache__", ".tools"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and not k.startswith("CDK_")}
@@ -334,23 +329,22 @@ def _start_cli_synths() -> None:
         AWS_CONFIG_FILE=str(directory / "none"),
         PATH=f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}",
     )
-    for name, options in CLI_RUNS.items():
-        process = subprocess.Popen(
+    # Each run's -c options: none, and the README's command for an existing cluster (its JSON as one string).
+    runs = {"eni": [], "existing": ["-c", f"existing_cluster={json.dumps(PRIVATE_EXISTING_CLUSTER)}"]}
+    processes = {
+        name: subprocess.Popen(
             # --no-staging: the 57 MB of kubectl layer assets are not copied; what is checked here is the synth.
             [str(CDK_CLI), "synth", "--quiet", "--no-notices", "--no-staging", "--output", str(directory / name),
              "--app", f"{sys.executable} app.py", *options],
-            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        _STARTED[f"cli_synths:{name}"] = (directory, process)
-
-
-@pytest.fixture(scope="session")
-def cli_synths() -> tuple[Path, dict[str, subprocess.CompletedProcess]]:
-    """The CLI's runs of CLI_RUNS, started with the runs that mostly wait: (directory with the app's copy and
-    each output, results)."""
-    finished = {name: _finished(f"cli_synths:{name}") for name in CLI_RUNS}
-    (directory,) = {directory for directory, _ in finished.values()}
-    return directory, {name: result for name, (_, result) in finished.items()}
+        for name, options in runs.items()
+    }
+    results = {}
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=BACKGROUND_TIMEOUT_S)
+        results[name] = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
+    return directory, results
 
 
 def helm_values(resource: dict) -> dict:
