@@ -3,6 +3,7 @@ the tiers (fast, and the slow tools' markers); and the two runs that mostly wait
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from aws_cdk.assertions import Template  # noqa: E402
 from cdk_nag import AwsSolutionsChecks  # noqa: E402
 from stacks.cilium_eks_stack import CiliumEksStack  # noqa: E402
 from stacks.config import load_config  # noqa: E402
+from cilium_mesh.traffic import MeshService  # noqa: E402
 from checks.deploy_graph import logical_id  # noqa: E402
 from checks.template import TOKEN, manifest_documents, resolve_join  # noqa: E402, F401  (the tests import them from here)
 from checks.provider_dry_run import dry_run  # noqa: E402
@@ -345,6 +347,21 @@ def cli_synths(tmp_path_factory) -> tuple[Path, dict[str, subprocess.CompletedPr
         _, stderr = process.communicate(timeout=BACKGROUND_TIMEOUT_S)
         results[name] = subprocess.CompletedProcess(process.args, process.returncode, "", stderr)
     return directory, results
+
+
+class _WithHealthChecks(MeshService):
+    """A service with active health checks on its failover clusters (none ships)."""
+
+    def envoy_resources(self):
+        resources = super().envoy_resources()
+        for resource in resources:
+            if resource.get("type") == "STRICT_DNS":
+                resource["health_checks"] = [{"timeout": "1s", "interval": "5s", "http_health_check": {"path": "/ping"}}]
+        return resources
+
+
+def with_health_checks(service: MeshService) -> MeshService:
+    return _WithHealthChecks(**{f.name: getattr(service, f.name) for f in dataclasses.fields(service)})
 
 
 def helm_values(resource: dict) -> dict:

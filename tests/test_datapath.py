@@ -20,6 +20,7 @@ from cilium_mesh.declaration import services
 from cilium_mesh.manifests import DATAPATHS, NETWORK_POLICY_FILE, load_documents
 from cilium_mesh.traffic import Caller, MeshService
 from cilium_mesh.values import cilium_values
+from conftest import with_health_checks
 
 from stacks import cdk_json_context
 from stacks.config import load_config
@@ -283,18 +284,9 @@ def test_same_node_requests_carry_productcatalogs_identity_not_the_hosts():
     assert broken and all(line.startswith("kubelet -> catalogdetail") for line in broken)
 
 
-class _WithHealthChecks(MeshService):
-    def envoy_resources(self):
-        resources = super().envoy_resources()
-        for resource in resources:
-            if resource.get("type") == "STRICT_DNS":
-                resource["health_checks"] = [{"timeout": "1s", "interval": "5s", "http_health_check": {"path": "/ping"}}]
-        return resources
-
-
 def test_active_health_checks_would_come_from_the_node():
     """If added, they have no downstream connection: seen as remote-node across nodes, which nothing allows."""
-    policy = _WithHealthChecks(**{f.name: getattr(SAMPLE, f.name) for f in dataclasses.fields(SAMPLE)})
+    policy = with_health_checks(SAMPLE)
     broken = failing(deployed("eni", (policy,)))
     assert broken and all("active health check" in line and "other node]: denied" in line and "remote-node" in line for line in broken)
 

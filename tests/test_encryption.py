@@ -8,10 +8,9 @@ import json
 import pytest
 import yaml
 from cilium_mesh.declaration import services
-from cilium_mesh.traffic import MeshService
 from checks import datapath as model
 from checks.datapath import Deployed, evaluate_all, must_deny
-from conftest import CONTEXT, TWO_SERVICES
+from conftest import CONTEXT, TWO_SERVICES, with_health_checks
 from stacks.config import load_config
 from stacks.network import NODE_CIDR, VPC_CIDR, VPC_RESOLVER, WIREGUARD_PORT
 
@@ -112,23 +111,12 @@ def test_without_allow_remote_node_identities_strict_mode_would_drop_hubble_rela
     assert not [o for o in dropped if (o.hop.client, o.hop.target) == ("cilium-agent", model.CILIUM_AGENT)]
 
 
-class _WithHealthChecks(MeshService):
-    """The sample with active health checks on its failover clusters (none ships)."""
-
-    def envoy_resources(self):
-        resources = super().envoy_resources()
-        for resource in resources:
-            if resource.get("type") == "STRICT_DNS":
-                resource["health_checks"] = [{"timeout": "1s", "interval": "5s", "http_health_check": {"path": "/ping"}}]
-        return resources
-
-
 def test_active_health_checks_go_unencrypted_and_strict_mode_lets_them_and_their_replies_through():
     """cilium-envoy's active health checks leave from the node's address (no original source): across nodes not
     encrypted without node encryption, carrying no application data; strict mode lets the check out (the node's own
     address) and the pod's reply (allowRemoteNodeIdentities). Only the backend's policy may refuse them."""
     sample = CONFIG.service("workshop/catalogdetail")
-    checked = _WithHealthChecks(**{f.name: getattr(sample, f.name) for f in dataclasses.fields(sample)})
+    checked = with_health_checks(sample)
     checks = [o for o in evaluate_all(Deployed.of("eni", (checked,))) if o.hop.via == "health-check"]
     across = [o for o in checks if o.placement == "other node"]
     assert across and {o.encryption for o in across} == {"not encrypted"}
